@@ -1,0 +1,142 @@
+//! Admin listener: health, readiness, Prometheus metrics, the KEDA HTTP add-on `/queue`
+//! format, and the JSON state of every service. Never served on the proxy port.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use serde_json::{json, Map, Value};
+
+use crate::gate::Gate;
+use crate::metrics::Metrics;
+
+/// Namespace used in `/queue` keys for services that are not in Kubernetes.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// What the admin endpoints report on.
+pub struct AdminState {
+    /// Every service, in config order.
+    pub services: Vec<ServiceEntry>,
+    /// All metrics.
+    pub metrics: Metrics,
+    /// False once shutdown began: `/readyz` answers 503.
+    pub ready: AtomicBool,
+}
+
+/// One service as the admin API shows it.
+pub struct ServiceEntry {
+    /// Its gate (live counts).
+    pub gate: Arc<Gate>,
+    /// Configured hosts.
+    pub hosts: Vec<String>,
+    /// Configured path prefix.
+    pub path_prefix: Option<String>,
+    /// `process` or `static`.
+    pub backend: &'static str,
+}
+
+/// Answers one admin request.
+pub async fn handle<B>(
+    state: Arc<AdminState>,
+    req: Request<B>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
+    }
+    let resp = match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            if state.ready.load(Ordering::SeqCst) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            }
+        }
+        "/metrics" => {
+            let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        "/queue" => json_response(&queue(&state)),
+        "/api/services" => json_response(&services(&state)),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /healthz /readyz /metrics /queue /api/services\n",
+        ),
+    };
+    Ok(resp)
+}
+
+/// The KEDA HTTP add-on queue format: `{"ns/name": {"Concurrency": n, "RequestCount": n}}`.
+pub fn queue(state: &AdminState) -> Value {
+    let mut m = Map::new();
+    for s in &state.services {
+        let g = &s.gate;
+        m.insert(
+            format!("{DEFAULT_NAMESPACE}/{}", g.name()),
+            json!({
+                "Concurrency": g.held() + g.in_flight(),
+                "RequestCount": g.requests_total(),
+            }),
+        );
+    }
+    Value::Object(m)
+}
+
+/// Every service's live state.
+pub fn services(state: &AdminState) -> Value {
+    let list: Vec<Value> = state
+        .services
+        .iter()
+        .map(|s| {
+            let g = &s.gate;
+            let eps: Vec<Value> = g
+                .endpoints()
+                .iter()
+                .map(|e| json!({"address": e.addr.to_string(), "in_flight": e.in_flight()}))
+                .collect();
+            json!({
+                "name": g.name().as_ref(),
+                "state": g.state().as_str(),
+                "held": g.held(),
+                "in_flight": g.in_flight(),
+                "requests_total": g.requests_total(),
+                "ready_endpoints": eps,
+                "last_activation_seconds": g.last_activation().map(|d| d.as_secs_f64()),
+                "idle_for_seconds": g.idle_for().as_secs_f64(),
+                "hosts": s.hosts,
+                "path_prefix": s.path_prefix,
+                "backend": s.backend,
+                "queue_capacity": g.settings().capacity,
+                "concurrency": g.settings().concurrency,
+            })
+        })
+        .collect();
+    json!({ "services": list })
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json_response(v: &Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}

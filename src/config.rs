@@ -1,0 +1,805 @@
+//! Configuration: the YAML file a user writes, parsed into typed settings and validated as a
+//! whole. Everything downstream (router, gates, scalers, listeners) is built from [`Config`].
+//!
+//! Parsing happens in two steps. First serde reads the file into the raw shapes below, with
+//! unknown fields rejected and the failing field's path reported (`services[0].queue.capcity`).
+//! Then [`validate`] checks the meaning of every field and reports *every* problem at once, each
+//! with its path, so a user fixes a config in one round trip.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Default proxy listener.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default admin listener.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
+/// Default hold-queue capacity per service.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 1000;
+/// Default time a request may be held before it gets 504.
+pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time with nothing held or in flight before a service is stopped.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default time a process backend gets to become ready.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time between SIGTERM and SIGKILL when a process backend is stopped.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// Default interval between readiness probes of a starting process.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(2);
+/// Default number of start attempts when a process exits before it is ready.
+pub const DEFAULT_START_ATTEMPTS: u32 = 3;
+/// Default time to keep answering after SIGTERM before listeners close (`/readyz` is 503).
+pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::ZERO;
+/// Default bound on how long held and in-flight requests may finish after SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default bound on reading a client's request headers (slowloris protection).
+pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound on connecting to a backend.
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time an idle pooled upstream connection is kept.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Proxy listener address.
+    pub listen: SocketAddr,
+    /// Admin listener address (health, metrics, state).
+    pub admin: SocketAddr,
+    /// Shutdown behaviour.
+    pub shutdown: Shutdown,
+    /// Timeouts of the proxy's phases.
+    pub timeouts: Timeouts,
+    /// The services, in file order.
+    pub services: Vec<Service>,
+}
+
+/// What happens on SIGTERM/SIGINT.
+#[derive(Debug, Clone, Copy)]
+pub struct Shutdown {
+    /// Keep accepting with `/readyz` at 503 this long, so load balancers stop sending first.
+    pub delay: Duration,
+    /// Upper bound for held and in-flight requests to finish after the listeners close.
+    pub grace: Duration,
+}
+
+/// Timeouts of each phase of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Reading a client's request headers.
+    pub client_header: Duration,
+    /// Connecting to a backend.
+    pub upstream_connect: Duration,
+    /// Keeping an idle pooled connection to a backend.
+    pub upstream_idle: Duration,
+}
+
+/// One service: where its requests come from and how its backend is woken.
+#[derive(Debug, Clone)]
+pub struct Service {
+    /// Unique name (used in metrics, logs and the admin API).
+    pub name: String,
+    /// Hosts that select this service: exact names, or `*.suffix` wildcards.
+    pub hosts: Vec<String>,
+    /// Optional path prefix (segment-aware: `/api` matches `/api` and `/api/x`, not `/apix`).
+    pub path_prefix: Option<String>,
+    /// The backend and how it is woken.
+    pub backend: Backend,
+    /// Hold-queue bound and per-request hold deadline.
+    pub queue: Queue,
+    /// With nothing held or in flight this long, the backend is stopped.
+    pub idle_timeout: Duration,
+    /// In-flight limit per endpoint; `None` is unlimited.
+    pub concurrency: Option<usize>,
+}
+
+/// Hold-queue settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Queue {
+    /// Maximum requests held at once; more get 503.
+    pub capacity: usize,
+    /// Maximum time one request is held; then it gets 504.
+    pub timeout: Duration,
+}
+
+/// How a service's backend is reached and woken.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// A local command started on demand.
+    Process(ProcessBackend),
+    /// Fixed addresses, always ready.
+    Static(StaticBackend),
+}
+
+/// A local command started on demand and stopped when idle.
+#[derive(Debug, Clone)]
+pub struct ProcessBackend {
+    /// Program and arguments (`${VAR}` expanded from the environment at load time).
+    pub command: Vec<String>,
+    /// Where the process listens once started.
+    pub address: SocketAddr,
+    /// Extra environment variables for the process.
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the process.
+    pub cwd: Option<PathBuf>,
+    /// HTTP path that must answer 2xx before the backend counts as ready (else: TCP accept).
+    pub readiness_path: Option<String>,
+    /// Interval between readiness probes while starting.
+    pub probe_interval: Duration,
+    /// Time the process gets to become ready.
+    pub start_timeout: Duration,
+    /// Time between SIGTERM and SIGKILL on stop.
+    pub stop_grace: Duration,
+    /// Starts tried when the process exits before it is ready.
+    pub start_attempts: u32,
+}
+
+/// Fixed upstream addresses, always ready.
+#[derive(Debug, Clone)]
+pub struct StaticBackend {
+    /// The addresses, balanced by least in-flight.
+    pub addresses: Vec<SocketAddr>,
+}
+
+/// Every problem found in a config file, each with its field path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// `field.path: reason` lines.
+    pub problems: Vec<Problem>,
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Field path like `services[1].queue.capacity` (empty for the document itself).
+    pub path: String,
+    /// Why the value is wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.reason)
+        } else {
+            write!(f, "{}: {}", self.path, self.reason)
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn one(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            problems: vec![Problem {
+                path: path.into(),
+                reason: reason.into(),
+            }],
+        }
+    }
+}
+
+/// A duration written like `500ms`, `30s`, `5m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {s:?} ({e}); write durations like 500ms, 30s, 5m"
+                ))
+            })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw shapes, as written in YAML.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    #[serde(default)]
+    shutdown: RawShutdown,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    delay: Option<HumanDuration>,
+    grace: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    client_header: Option<HumanDuration>,
+    upstream_connect: Option<HumanDuration>,
+    upstream_idle: Option<HumanDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    #[serde(default)]
+    hosts: Vec<String>,
+    path_prefix: Option<String>,
+    backend: RawBackend,
+    #[serde(default)]
+    queue: RawQueue,
+    idle_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    concurrency: usize,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    capacity: Option<i64>,
+    timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    process: Option<RawProcess>,
+    #[serde(rename = "static")]
+    fixed: Option<RawStatic>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProcess {
+    #[serde(default)]
+    command: Vec<String>,
+    address: SocketAddr,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    cwd: Option<PathBuf>,
+    #[serde(default)]
+    readiness: RawReadiness,
+    start_timeout: Option<HumanDuration>,
+    stop_grace: Option<HumanDuration>,
+    start_attempts: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReadiness {
+    path: Option<String>,
+    interval: Option<HumanDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStatic {
+    #[serde(default)]
+    addresses: Vec<SocketAddr>,
+}
+
+// ---------------------------------------------------------------------------------------------
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::one("", format!("cannot read {}: {e}", path.display())))?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates config text. `${REVEILLE_EXE}` in a process command is the path of
+    /// the running binary (handy for `demo-backend`); other `${VAR}`s come from the environment.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse_with_env(text, &|k| {
+            if k == "REVEILLE_EXE" {
+                if let Ok(exe) = std::env::current_exe() {
+                    return Some(exe.to_string_lossy().into_owned());
+                }
+            }
+            std::env::var(k).ok()
+        })
+    }
+
+    /// Parses and validates config text, expanding `${VAR}` in process commands through `env`.
+    pub fn parse_with_env(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let de = serde_norway::Deserializer::from_str(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            let mut msg = e.into_inner().to_string();
+            // The YAML parser prefixes the parent's path itself; ours is the full one.
+            if let Some((head, rest)) = msg.split_once(": ") {
+                if !head.contains(' ') && path.starts_with(head) {
+                    msg = rest.to_string();
+                }
+            }
+            ConfigError::one(path, msg)
+        })?;
+        validate(raw, env)
+    }
+}
+
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+fn dur(d: Option<HumanDuration>, default: Duration) -> Duration {
+    d.map(|d| d.0).unwrap_or(default)
+}
+
+fn positive(p: &mut Problems, path: String, d: Duration) {
+    if d.is_zero() {
+        p.add(path, "must be greater than 0");
+    }
+}
+
+fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    let mut p = Problems(Vec::new());
+    let listen = raw
+        .listen
+        .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("constant"));
+    let admin = raw
+        .admin
+        .unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("constant"));
+    if listen == admin && listen.port() != 0 {
+        p.add("admin", format!("must differ from listen ({listen})"));
+    }
+    let shutdown = Shutdown {
+        delay: dur(raw.shutdown.delay, DEFAULT_SHUTDOWN_DELAY),
+        grace: dur(raw.shutdown.grace, DEFAULT_SHUTDOWN_GRACE),
+    };
+    let timeouts = Timeouts {
+        client_header: dur(raw.timeouts.client_header, DEFAULT_CLIENT_HEADER_TIMEOUT),
+        upstream_connect: dur(
+            raw.timeouts.upstream_connect,
+            DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+        ),
+        upstream_idle: dur(raw.timeouts.upstream_idle, DEFAULT_UPSTREAM_IDLE_TIMEOUT),
+    };
+    positive(
+        &mut p,
+        "timeouts.client_header".into(),
+        timeouts.client_header,
+    );
+    positive(
+        &mut p,
+        "timeouts.upstream_connect".into(),
+        timeouts.upstream_connect,
+    );
+
+    if raw.services.is_empty() {
+        p.add("services", "at least one service is required");
+    }
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut routes: HashMap<(String, String), usize> = HashMap::new();
+    let mut process_addrs: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut services = Vec::with_capacity(raw.services.len());
+    for (i, s) in raw.services.into_iter().enumerate() {
+        let at = format!("services[{i}]");
+        if let Err(why) = check_name(&s.name) {
+            p.add(format!("{at}.name"), why);
+        } else if let Some(j) = names.insert(s.name.clone(), i) {
+            p.add(
+                format!("{at}.name"),
+                format!("duplicate name {:?} (also services[{j}])", s.name),
+            );
+        }
+        if s.hosts.is_empty() {
+            p.add(format!("{at}.hosts"), "at least one host is required");
+        }
+        let mut hosts = Vec::with_capacity(s.hosts.len());
+        for (h, host) in s.hosts.iter().enumerate() {
+            match normalize_host(host) {
+                Ok(host) => hosts.push(host),
+                Err(why) => p.add(format!("{at}.hosts[{h}]"), why),
+            }
+        }
+        if let Some(prefix) = &s.path_prefix {
+            if !prefix.starts_with('/') {
+                p.add(format!("{at}.path_prefix"), "must start with '/'");
+            }
+        }
+        let prefix = s
+            .path_prefix
+            .clone()
+            .map(|x| x.trim_end_matches('/').to_string())
+            .filter(|x| !x.is_empty());
+        for (h, host) in hosts.iter().enumerate() {
+            let key = (host.clone(), prefix.clone().unwrap_or_default());
+            if let Some(j) = routes.insert(key, i) {
+                if j != i {
+                    p.add(
+                        format!("{at}.hosts[{h}]"),
+                        format!(
+                            "host {host:?} with path_prefix {:?} is already routed to services[{j}]",
+                            prefix.as_deref().unwrap_or("/")
+                        ),
+                    );
+                }
+            }
+        }
+
+        let capacity = match s.queue.capacity {
+            None => DEFAULT_QUEUE_CAPACITY,
+            Some(c) if c < 1 => {
+                p.add(format!("{at}.queue.capacity"), "must be at least 1");
+                1
+            }
+            Some(c) => c as usize,
+        };
+        let queue = Queue {
+            capacity,
+            timeout: dur(s.queue.timeout, DEFAULT_HOLD_TIMEOUT),
+        };
+        positive(&mut p, format!("{at}.queue.timeout"), queue.timeout);
+        let idle_timeout = dur(s.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        positive(&mut p, format!("{at}.idle_timeout"), idle_timeout);
+
+        let backend = match (s.backend.process, s.backend.fixed) {
+            (Some(proc_), None) => {
+                let b = validate_process(&mut p, &format!("{at}.backend.process"), proc_, env);
+                if let Some(j) = process_addrs.insert(b.address, i) {
+                    p.add(
+                        format!("{at}.backend.process.address"),
+                        format!("{} is already used by services[{j}]", b.address),
+                    );
+                }
+                if b.address == listen || b.address == admin {
+                    p.add(
+                        format!("{at}.backend.process.address"),
+                        format!("{} is Reveille's own listener", b.address),
+                    );
+                }
+                Backend::Process(b)
+            }
+            (None, Some(st)) => {
+                if st.addresses.is_empty() {
+                    p.add(
+                        format!("{at}.backend.static.addresses"),
+                        "at least one address is required",
+                    );
+                }
+                Backend::Static(StaticBackend {
+                    addresses: st.addresses,
+                })
+            }
+            _ => {
+                p.add(
+                    format!("{at}.backend"),
+                    "exactly one of `process` or `static` is required",
+                );
+                Backend::Static(StaticBackend { addresses: vec![] })
+            }
+        };
+        services.push(Service {
+            name: s.name,
+            hosts,
+            path_prefix: prefix,
+            backend,
+            queue,
+            idle_timeout,
+            concurrency: (s.concurrency > 0).then_some(s.concurrency),
+        });
+    }
+    if p.0.is_empty() {
+        Ok(Config {
+            listen,
+            admin,
+            shutdown,
+            timeouts,
+            services,
+        })
+    } else {
+        Err(ConfigError { problems: p.0 })
+    }
+}
+
+fn validate_process(
+    p: &mut Problems,
+    at: &str,
+    raw: RawProcess,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> ProcessBackend {
+    if raw.command.is_empty() {
+        p.add(
+            format!("{at}.command"),
+            "must name a program, like [prog, arg1]",
+        );
+    }
+    let mut command = Vec::with_capacity(raw.command.len());
+    for (k, arg) in raw.command.iter().enumerate() {
+        match expand_env(arg, env) {
+            Ok(a) => command.push(a),
+            Err(why) => p.add(format!("{at}.command[{k}]"), why),
+        }
+    }
+    if command.first().is_some_and(|c| c.is_empty()) {
+        p.add(format!("{at}.command[0]"), "must not be empty");
+    }
+    if raw.address.port() == 0 {
+        p.add(format!("{at}.address"), "port must not be 0");
+    }
+    if let Some(path) = &raw.readiness.path {
+        if !path.starts_with('/') {
+            p.add(format!("{at}.readiness.path"), "must start with '/'");
+        }
+    }
+    let b = ProcessBackend {
+        command,
+        address: raw.address,
+        env: raw.env,
+        cwd: raw.cwd,
+        readiness_path: raw.readiness.path,
+        probe_interval: dur(raw.readiness.interval, DEFAULT_PROBE_INTERVAL),
+        start_timeout: dur(raw.start_timeout, DEFAULT_START_TIMEOUT),
+        stop_grace: dur(raw.stop_grace, DEFAULT_STOP_GRACE),
+        start_attempts: raw.start_attempts.unwrap_or(DEFAULT_START_ATTEMPTS),
+    };
+    positive(p, format!("{at}.readiness.interval"), b.probe_interval);
+    positive(p, format!("{at}.start_timeout"), b.start_timeout);
+    if b.start_attempts == 0 {
+        p.add(format!("{at}.start_attempts"), "must be at least 1");
+    }
+    b
+}
+
+/// Expands `${NAME}` from the environment; `$$` is a literal `$`.
+fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(stripped) = after.strip_prefix('$') {
+            out.push('$');
+            rest = stripped;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let end = body
+                .find('}')
+                .ok_or_else(|| format!("unclosed ${{ in {s:?}"))?;
+            let name = &body[..end];
+            let value = env(name)
+                .ok_or_else(|| format!("environment variable {name} is not set (in {s:?})"))?;
+            out.push_str(&value);
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > 63 {
+        return Err("must be at most 63 characters".into());
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
+        return Err(format!(
+            "{name:?} may use only lowercase letters, digits, '-' and '_'"
+        ));
+    }
+    Ok(())
+}
+
+/// Lowercases a configured host and checks its shape (`name`, or `*.suffix`).
+fn normalize_host(host: &str) -> Result<String, String> {
+    let h = host.trim().to_ascii_lowercase();
+    if h.is_empty() {
+        return Err("must not be empty".into());
+    }
+    let name = h.strip_prefix("*.").unwrap_or(&h);
+    if name.is_empty() || name.contains('*') {
+        return Err(format!(
+            "{host:?}: a wildcard is only allowed as a leading \"*.\" label"
+        ));
+    }
+    if name.contains(':') || name.contains('/') || name.contains(' ') {
+        return Err(format!("{host:?}: write a host name without port or path"));
+    }
+    if name.split('.').any(|l| l.is_empty()) {
+        return Err(format!("{host:?}: empty label"));
+    }
+    Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errs(text: &str) -> Vec<String> {
+        match Config::parse_with_env(text, &|_| None) {
+            Ok(_) => panic!("expected errors"),
+            Err(e) => e.problems.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    const GOOD: &str = r#"
+listen: 127.0.0.1:8080
+admin: 127.0.0.1:9090
+services:
+  - name: hello
+    hosts: [hello.localhost, "*.hello.test"]
+    path_prefix: /api/
+    backend:
+      process:
+        command: [demo, "--x"]
+        address: 127.0.0.1:18081
+        readiness: { path: /healthz, interval: 10ms }
+    queue: { capacity: 5, timeout: 2s }
+    idle_timeout: 5m
+    concurrency: 3
+  - name: fixed
+    hosts: [fixed.localhost]
+    backend:
+      static: { addresses: [127.0.0.1:18082] }
+"#;
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = Config::parse_with_env(GOOD, &|_| None).unwrap();
+        assert_eq!(c.services.len(), 2);
+        let s = &c.services[0];
+        assert_eq!(s.hosts, vec!["hello.localhost", "*.hello.test"]);
+        assert_eq!(s.path_prefix.as_deref(), Some("/api"));
+        assert_eq!(s.queue.capacity, 5);
+        assert_eq!(s.queue.timeout, Duration::from_secs(2));
+        assert_eq!(s.idle_timeout, Duration::from_secs(300));
+        assert_eq!(s.concurrency, Some(3));
+        match &s.backend {
+            Backend::Process(p) => {
+                assert_eq!(p.readiness_path.as_deref(), Some("/healthz"));
+                assert_eq!(p.probe_interval, Duration::from_millis(10));
+                assert_eq!(p.start_attempts, DEFAULT_START_ATTEMPTS);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.services[1].concurrency, None);
+        assert_eq!(c.services[1].queue.capacity, DEFAULT_QUEUE_CAPACITY);
+    }
+
+    #[test]
+    fn unknown_field_names_its_path() {
+        let e = errs(
+            "services:\n  - name: a\n    hosts: [a]\n    backend: { static: { addresses: [127.0.0.1:1] } }\n    queue: { capcity: 3 }\n",
+        );
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].starts_with("services[0].queue.capcity: unknown field `capcity`"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn bad_duration_names_its_path_and_the_format() {
+        let e = errs(
+            "services:\n  - name: a\n    hosts: [a]\n    backend: { static: { addresses: [127.0.0.1:1] } }\n    idle_timeout: 5 minutes please\n",
+        );
+        assert!(
+            e[0].starts_with("services[0].idle_timeout: invalid duration"),
+            "{e:?}"
+        );
+        assert!(e[0].contains("500ms, 30s, 5m"), "{e:?}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_at_once() {
+        let e = errs(
+            r#"
+services:
+  - name: Bad Name
+    hosts: []
+    backend: { static: { addresses: [] } }
+    queue: { capacity: 0, timeout: 0s }
+  - name: b
+    hosts: ["a.*.com"]
+    path_prefix: api
+    backend:
+      process: { command: [], address: 127.0.0.1:0 }
+  - name: b
+    hosts: [x]
+    backend: {}
+"#,
+        );
+        let want = [
+            "services[0].name: \"Bad Name\" may use only lowercase letters, digits, '-' and '_'",
+            "services[0].hosts: at least one host is required",
+            "services[0].queue.capacity: must be at least 1",
+            "services[0].queue.timeout: must be greater than 0",
+            "services[0].backend.static.addresses: at least one address is required",
+            "services[1].hosts[0]: \"a.*.com\": a wildcard is only allowed as a leading \"*.\" label",
+            "services[1].path_prefix: must start with '/'",
+            "services[1].backend.process.command: must name a program, like [prog, arg1]",
+            "services[1].backend.process.address: port must not be 0",
+            "services[2].name: duplicate name \"b\" (also services[1])",
+            "services[2].backend: exactly one of `process` or `static` is required",
+        ];
+        for w in want {
+            assert!(e.iter().any(|x| x == w), "missing {w:?} in {e:#?}");
+        }
+        assert_eq!(e.len(), want.len(), "{e:#?}");
+    }
+
+    #[test]
+    fn duplicate_route_is_an_error() {
+        let e = errs(
+            r#"
+services:
+  - { name: a, hosts: [x.test], backend: { static: { addresses: [127.0.0.1:1] } } }
+  - { name: b, hosts: [X.test], backend: { static: { addresses: [127.0.0.1:2] } } }
+"#,
+        );
+        assert_eq!(
+            e,
+            vec!["services[1].hosts[0]: host \"x.test\" with path_prefix \"/\" is already routed to services[0]"]
+        );
+    }
+
+    #[test]
+    fn env_expansion_in_commands() {
+        let text = "services:\n  - name: a\n    hosts: [a]\n    backend: { process: { command: [\"${EXE}\", \"$$HOME\", \"${MISSING}\"], address: 127.0.0.1:5 } }\n";
+        let e = Config::parse_with_env(text, &|k| (k == "EXE").then(|| "/bin/x".to_string()))
+            .unwrap_err();
+        assert_eq!(e.problems.len(), 1);
+        assert_eq!(
+            e.problems[0].to_string(),
+            "services[0].backend.process.command[2]: environment variable MISSING is not set (in \"${MISSING}\")"
+        );
+        assert_eq!(
+            expand_env("${EXE} $$x $y", &|_| Some("v".into())).unwrap(),
+            "v $x $y"
+        );
+    }
+
+    #[test]
+    fn no_services_is_an_error() {
+        assert_eq!(
+            errs("listen: 127.0.0.1:1\n"),
+            vec!["services: at least one service is required"]
+        );
+    }
+}

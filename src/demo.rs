@@ -1,0 +1,141 @@
+//! A small demo backend, built into the binary (`reveille demo-backend`) so the example config
+//! works with nothing else installed. It waits `--startup-delay` before it listens, which makes
+//! a cold start visible, and has a few endpoints tests use to see what reached it:
+//!
+//! - `/_demo/log`: every request it served so far, one `METHOD path` per line, in order;
+//! - `/_demo/sleep?ms=N`: answers after N milliseconds;
+//! - `/_demo/echo`: streams the request body back;
+//! - `/_demo/exit`: answers, then exits with status 3 (a crash);
+//! - anything else: `hello from NAME (pid P): METHOD PATH`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+
+/// Options of `reveille demo-backend`.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Time to wait before listening (a slow start).
+    pub startup_delay: Duration,
+    /// Name shown in answers.
+    pub name: String,
+}
+
+type DemoBody = BoxBody<Bytes, hyper::Error>;
+
+/// Runs the demo backend until the process is stopped.
+pub async fn run(opts: DemoOptions) -> std::io::Result<()> {
+    tokio::time::sleep(opts.startup_delay).await;
+    let listener = TcpListener::bind(opts.listen).await?;
+    eprintln!(
+        "demo backend {:?} (pid {}) listening on {}",
+        opts.name,
+        std::process::id(),
+        listener.local_addr()?
+    );
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let name: Arc<str> = opts.name.into();
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let log = log.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| answer(req, log.clone(), name.clone()));
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn full(s: impl Into<Bytes>) -> DemoBody {
+    Full::new(s.into()).map_err(|never| match never {}).boxed()
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    log: Arc<Mutex<Vec<String>>>,
+    name: Arc<str>,
+) -> Result<Response<DemoBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    if !path.starts_with("/_demo/") {
+        log.lock().push(format!("{method} {}", req.uri()));
+    }
+    let resp = match path.as_str() {
+        "/_demo/log" => {
+            let mut text = log.lock().join("\n");
+            text.push('\n');
+            Response::new(full(text))
+        }
+        "/_demo/sleep" => {
+            let ms = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("ms="))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(100);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Response::new(full(format!("slept {ms}ms\n")))
+        }
+        "/_demo/echo" => Response::new(req.into_body().boxed()),
+        "/_demo/exit" => {
+            tokio::spawn(async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                std::process::exit(3);
+            });
+            Response::new(full("exiting\n"))
+        }
+        _ => {
+            let host = req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let xff = req
+                .headers()
+                .get("x-forwarded-for")
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let mut r = Response::new(full(format!(
+                "hello from {name} (pid {}): {method} {path}\n",
+                std::process::id()
+            )));
+            let h = r.headers_mut();
+            h.insert("x-demo-pid", std::process::id().into());
+            if let Ok(v) = host.parse() {
+                h.insert("x-demo-host", v);
+            }
+            if let Ok(v) = xff.parse() {
+                h.insert("x-demo-forwarded-for", v);
+            }
+            r
+        }
+    };
+    let mut resp = resp;
+    if resp.status() == StatusCode::OK {
+        resp.headers_mut().insert(
+            "x-demo-name",
+            name.as_ref()
+                .parse()
+                .unwrap_or(http::HeaderValue::from_static("demo")),
+        );
+    }
+    Ok(resp)
+}

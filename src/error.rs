@@ -1,0 +1,237 @@
+//! Errors of the request path, and the one place that turns them into responses.
+//!
+//! Every part of the proxy returns a [`ProxyError`]; [`ProxyError::status`],
+//! [`ProxyError::kind`] and [`ProxyError::retry_after`] decide what the client sees and which
+//! metric label counts it. Nothing else writes error responses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// Why Reveille answered a request itself instead of the backend.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    /// The request carried no Host header or authority.
+    #[error("request has no Host header")]
+    MissingHost,
+    /// No service is configured for the request's host and path.
+    #[error("no service for host {host:?}")]
+    NoRoute {
+        /// The host as sent (truncated).
+        host: Box<str>,
+    },
+    /// The service's hold queue is at capacity.
+    #[error("service {service:?}: hold queue is full ({capacity} requests held); retry later")]
+    QueueFull {
+        /// Service name.
+        service: Arc<str>,
+        /// The queue's capacity.
+        capacity: usize,
+    },
+    /// The request was held until its deadline without a ready backend.
+    #[error("service {service:?}: no ready backend within the hold timeout of {}", humantime::format_duration(*.waited))]
+    HoldTimeout {
+        /// Service name.
+        service: Arc<str>,
+        /// How long it was held.
+        waited: Duration,
+    },
+    /// The backend could not be started.
+    #[error("service {service:?}: backend failed to start: {reason}")]
+    ActivationFailed {
+        /// Service name.
+        service: Arc<str>,
+        /// What went wrong (exit status, spawn error).
+        reason: Arc<str>,
+    },
+    /// The backend was started but did not become ready in time.
+    #[error("service {service:?}: backend did not become ready: {reason}")]
+    ActivationTimeout {
+        /// Service name.
+        service: Arc<str>,
+        /// What was waited for.
+        reason: Arc<str>,
+    },
+    /// Reveille is shutting down and the service's backend is being stopped.
+    #[error("service {service:?}: Reveille is shutting down")]
+    ShuttingDown {
+        /// Service name.
+        service: Arc<str>,
+    },
+    /// The service was removed from the configuration while the request was held.
+    #[error("service {service:?} was removed")]
+    ServiceRemoved {
+        /// Service name.
+        service: Arc<str>,
+    },
+    /// Connecting to the backend failed.
+    #[error("service {service:?}: backend unreachable")]
+    UpstreamConnect {
+        /// Service name.
+        service: Arc<str>,
+    },
+    /// The backend failed while the request was sent or the response read.
+    #[error("service {service:?}: backend failed to answer")]
+    Upstream {
+        /// Service name.
+        service: Arc<str>,
+    },
+}
+
+impl ProxyError {
+    /// The HTTP status the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::MissingHost => StatusCode::BAD_REQUEST,
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::QueueFull { .. }
+            | ProxyError::ShuttingDown { .. }
+            | ProxyError::ServiceRemoved { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::HoldTimeout { .. } | ProxyError::ActivationTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::ActivationFailed { .. }
+            | ProxyError::UpstreamConnect { .. }
+            | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// A stable, bounded label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::MissingHost => "missing_host",
+            ProxyError::NoRoute { .. } => "no_route",
+            ProxyError::QueueFull { .. } => "queue_full",
+            ProxyError::HoldTimeout { .. } => "hold_timeout",
+            ProxyError::ActivationFailed { .. } => "activation_failed",
+            ProxyError::ActivationTimeout { .. } => "activation_timeout",
+            ProxyError::ShuttingDown { .. } => "shutting_down",
+            ProxyError::ServiceRemoved { .. } => "service_removed",
+            ProxyError::UpstreamConnect { .. } => "upstream_connect",
+            ProxyError::Upstream { .. } => "upstream_error",
+        }
+    }
+
+    /// `Retry-After` seconds, for errors a client should retry.
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            ProxyError::QueueFull { .. }
+            | ProxyError::ShuttingDown { .. }
+            | ProxyError::ServiceRemoved { .. } => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The response body: one line naming the service and the reason.
+    pub fn body(&self) -> String {
+        format!("reveille: {self}\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc() -> Arc<str> {
+        Arc::from("hello")
+    }
+
+    #[test]
+    fn each_error_maps_to_its_status_kind_and_retry_after() {
+        let cases: Vec<(ProxyError, u16, &str, Option<u32>)> = vec![
+            (ProxyError::MissingHost, 400, "missing_host", None),
+            (
+                ProxyError::NoRoute { host: "x".into() },
+                404,
+                "no_route",
+                None,
+            ),
+            (
+                ProxyError::QueueFull {
+                    service: svc(),
+                    capacity: 3,
+                },
+                503,
+                "queue_full",
+                Some(1),
+            ),
+            (
+                ProxyError::HoldTimeout {
+                    service: svc(),
+                    waited: Duration::from_secs(30),
+                },
+                504,
+                "hold_timeout",
+                None,
+            ),
+            (
+                ProxyError::ActivationFailed {
+                    service: svc(),
+                    reason: "exit 1".into(),
+                },
+                502,
+                "activation_failed",
+                None,
+            ),
+            (
+                ProxyError::ActivationTimeout {
+                    service: svc(),
+                    reason: "60s".into(),
+                },
+                504,
+                "activation_timeout",
+                None,
+            ),
+            (
+                ProxyError::ShuttingDown { service: svc() },
+                503,
+                "shutting_down",
+                Some(1),
+            ),
+            (
+                ProxyError::ServiceRemoved { service: svc() },
+                503,
+                "service_removed",
+                Some(1),
+            ),
+            (
+                ProxyError::UpstreamConnect { service: svc() },
+                502,
+                "upstream_connect",
+                None,
+            ),
+            (
+                ProxyError::Upstream { service: svc() },
+                502,
+                "upstream_error",
+                None,
+            ),
+        ];
+        for (e, status, kind, retry) in cases {
+            assert_eq!(e.status().as_u16(), status, "{e}");
+            assert_eq!(e.kind(), kind, "{e}");
+            assert_eq!(e.retry_after(), retry, "{e}");
+        }
+    }
+
+    #[test]
+    fn bodies_name_the_service_and_reason() {
+        let e = ProxyError::QueueFull {
+            service: svc(),
+            capacity: 7,
+        };
+        assert_eq!(
+            e.body(),
+            "reveille: service \"hello\": hold queue is full (7 requests held); retry later\n"
+        );
+        let e = ProxyError::HoldTimeout {
+            service: svc(),
+            waited: Duration::from_millis(1500),
+        };
+        assert_eq!(
+            e.body(),
+            "reveille: service \"hello\": no ready backend within the hold timeout of 1s 500ms\n"
+        );
+    }
+}

@@ -1,0 +1,755 @@
+//! Gate: one per service, between the router and the upstream client. It owns the service's
+//! ready endpoints, the per-endpoint in-flight limits, and the bounded FIFO hold queue.
+//!
+//! A request asks the gate for a [`Permit`] (an endpoint slot). When the service is ready and no
+//! request is held, the permit is taken without a lock: two random endpoints are compared and
+//! the one with fewer requests in flight is used (power of two choices). Otherwise the request
+//! joins the hold queue and waits for a permit, its hold deadline, or an activation failure.
+//! A permit released by a finished request, or endpoints becoming ready, drains the queue in
+//! arrival order, no faster than the endpoints' limits allow.
+//!
+//! The gate does not start or stop anything: a driver (see [`crate::scaler`]) watches demand
+//! ([`Gate::wait_for_demand`]) and idleness ([`Gate::wait_idle`]), and publishes endpoints and
+//! the activation state.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+
+use crate::error::ProxyError;
+use crate::metrics::ServiceMetrics;
+
+/// A service's activation state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// No backend running; the next request wakes it.
+    Idle = 0,
+    /// The backend is being started; requests are held.
+    Waking = 1,
+    /// At least one endpoint is ready.
+    Ready = 2,
+    /// Idle period passed; in-flight requests finish, then the backend stops.
+    Stopping = 3,
+}
+
+impl State {
+    /// Every state, for metrics.
+    pub const ALL: [State; 4] = [State::Idle, State::Waking, State::Ready, State::Stopping];
+
+    /// The state's name in metrics and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Idle => "idle",
+            State::Waking => "waking",
+            State::Ready => "ready",
+            State::Stopping => "stopping",
+        }
+    }
+
+    fn from_u8(v: u8) -> State {
+        match v {
+            1 => State::Waking,
+            2 => State::Ready,
+            3 => State::Stopping,
+            _ => State::Idle,
+        }
+    }
+}
+
+/// The settings a gate needs.
+#[derive(Debug, Clone, Copy)]
+pub struct GateSettings {
+    /// Hold-queue capacity.
+    pub capacity: usize,
+    /// Per-request hold deadline.
+    pub hold_timeout: Duration,
+    /// In-flight limit per endpoint.
+    pub concurrency: Option<usize>,
+}
+
+/// A backend address with its in-flight count.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Where requests go.
+    pub addr: SocketAddr,
+    /// `host:port` for the upstream request URI.
+    pub authority: http::uri::Authority,
+    in_flight: AtomicUsize,
+}
+
+impl Endpoint {
+    fn new(addr: SocketAddr) -> Self {
+        let authority = addr
+            .to_string()
+            .parse()
+            .expect("a socket address is a valid authority");
+        Endpoint {
+            addr,
+            authority,
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    /// Requests in flight to this endpoint.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self, limit: Option<usize>) -> bool {
+        match limit {
+            None => {
+                self.in_flight.fetch_add(1, Ordering::SeqCst);
+                true
+            }
+            Some(limit) => self
+                .in_flight
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < limit).then_some(n + 1)
+                })
+                .is_ok(),
+        }
+    }
+}
+
+type Grant = Result<Permit, ProxyError>;
+
+struct Queue {
+    next_id: u64,
+    /// Ordered by arrival; removal by id is O(log n) when a client leaves.
+    waiters: BTreeMap<u64, Waiter>,
+}
+
+struct Waiter {
+    tx: oneshot::Sender<Grant>,
+    since: Instant,
+}
+
+/// One service's gate.
+pub struct Gate {
+    name: Arc<str>,
+    settings: GateSettings,
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    queue: Mutex<Queue>,
+    held: AtomicUsize,
+    in_flight: AtomicUsize,
+    state: AtomicU8,
+    demand: Notify,
+    quiet: Notify,
+    epoch: Instant,
+    last_active_ms: AtomicU64,
+    requests_total: AtomicU64,
+    last_activation_us: AtomicU64,
+    metrics: ServiceMetrics,
+}
+
+/// What a request got from [`Gate::acquire`].
+pub struct Acquired {
+    /// The endpoint slot; release by dropping.
+    pub permit: Permit,
+    /// How long the request was held, if it was.
+    pub held_for: Option<Duration>,
+    /// Whether it was held while the service had no ready endpoint (a cold start).
+    pub cold: bool,
+}
+
+impl Gate {
+    /// A new gate in state `Idle`, with no endpoints.
+    pub fn new(name: &str, settings: GateSettings, metrics: ServiceMetrics) -> Arc<Gate> {
+        metrics.state(State::Idle);
+        let now = Instant::now();
+        Arc::new(Gate {
+            name: name.into(),
+            settings,
+            endpoints: ArcSwap::from_pointee(Vec::new()),
+            queue: Mutex::new(Queue {
+                next_id: 0,
+                waiters: BTreeMap::new(),
+            }),
+            held: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            state: AtomicU8::new(State::Idle as u8),
+            demand: Notify::new(),
+            quiet: Notify::new(),
+            epoch: now,
+            last_active_ms: AtomicU64::new(0),
+            requests_total: AtomicU64::new(0),
+            last_activation_us: AtomicU64::new(u64::MAX),
+            metrics,
+        })
+    }
+
+    /// The service's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The gate's settings.
+    pub fn settings(&self) -> &GateSettings {
+        &self.settings
+    }
+
+    /// The service's metric handles.
+    pub fn metrics(&self) -> &ServiceMetrics {
+        &self.metrics
+    }
+
+    /// Requests held now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Requests that arrived since start (monotonic).
+    pub fn requests_total(&self) -> u64 {
+        self.requests_total.load(Ordering::Relaxed)
+    }
+
+    /// The activation state.
+    pub fn state(&self) -> State {
+        State::from_u8(self.state.load(Ordering::SeqCst))
+    }
+
+    /// The ready endpoints now.
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
+    }
+
+    /// Duration of the last successful activation, if any.
+    pub fn last_activation(&self) -> Option<Duration> {
+        match self.last_activation_us.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ms => Some(Duration::from_micros(ms)),
+        }
+    }
+
+    /// Time since the last request arrived or finished.
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_active_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Gets an endpoint slot: at once when one is free and nobody is held, else after holding
+    /// in the queue until `deadline`.
+    pub async fn acquire(self: &Arc<Self>, deadline: Instant) -> Result<Acquired, ProxyError> {
+        self.requests_total.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        if self.held.load(Ordering::SeqCst) == 0 {
+            if let Some(ep) = self.pick() {
+                return Ok(Acquired {
+                    permit: self.permit(ep),
+                    held_for: None,
+                    cold: false,
+                });
+            }
+        }
+        let since = Instant::now();
+        let cold = self.endpoints.load().is_empty();
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut q = self.queue.lock();
+            if q.waiters.len() >= self.settings.capacity {
+                return Err(ProxyError::QueueFull {
+                    service: self.name.clone(),
+                    capacity: self.settings.capacity,
+                });
+            }
+            let id = q.next_id;
+            q.next_id += 1;
+            q.waiters.insert(id, Waiter { tx, since });
+            self.set_held(q.waiters.len());
+            self.dispatch_locked(&mut q);
+            id
+        };
+        if cold {
+            self.demand.notify_one();
+        }
+        let mut held = Held {
+            gate: self,
+            id,
+            rx: Some(rx),
+        };
+        let rx = held.rx.as_mut().expect("set above");
+        let grant = match tokio::time::timeout_at(deadline, &mut *rx).await {
+            Ok(Ok(grant)) => grant,
+            Ok(Err(_)) => Err(ProxyError::ServiceRemoved {
+                service: self.name.clone(),
+            }),
+            // A permit sent at the last instant is still used.
+            Err(_) => rx.try_recv().unwrap_or_else(|_| {
+                Err(ProxyError::HoldTimeout {
+                    service: self.name.clone(),
+                    waited: deadline.saturating_duration_since(since),
+                })
+            }),
+        };
+        drop(held);
+        let held_for = since.elapsed();
+        self.metrics.held_for(held_for.as_secs_f64());
+        grant.map(|permit| Acquired {
+            permit,
+            held_for: Some(held_for),
+            cold,
+        })
+    }
+
+    /// Picks an endpoint with a free slot and takes the slot: power of two choices on in-flight
+    /// count, then (with a limit) a scan so a free slot is never missed.
+    fn pick(&self) -> Option<Arc<Endpoint>> {
+        let eps = self.endpoints.load();
+        let limit = self.settings.concurrency;
+        match eps.len() {
+            0 => None,
+            1 => eps[0].try_take(limit).then(|| eps[0].clone()),
+            n => {
+                let r = fast_rand();
+                let a = (r % n as u64) as usize;
+                let mut b = ((r >> 32) % (n as u64 - 1)) as usize;
+                if b >= a {
+                    b += 1;
+                }
+                let (first, second) = if eps[a].in_flight() <= eps[b].in_flight() {
+                    (a, b)
+                } else {
+                    (b, a)
+                };
+                for i in [first, second] {
+                    if eps[i].try_take(limit) {
+                        return Some(eps[i].clone());
+                    }
+                }
+                limit?;
+                (0..n)
+                    .map(|k| &eps[(a + k) % n])
+                    .find(|ep| ep.try_take(limit))
+                    .cloned()
+            }
+        }
+    }
+
+    fn permit(self: &Arc<Self>, endpoint: Arc<Endpoint>) -> Permit {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.metrics.in_flight.inc();
+        Permit {
+            gate: self.clone(),
+            endpoint: Some(endpoint),
+        }
+    }
+
+    fn set_held(&self, n: usize) {
+        self.held.store(n, Ordering::SeqCst);
+        self.metrics.held.set(n as i64);
+    }
+
+    /// Hands free slots to held requests, oldest first. Runs under the queue lock.
+    fn dispatch_locked(self: &Arc<Self>, q: &mut Queue) {
+        while let Some(entry) = q.waiters.first_entry() {
+            if entry.get().tx.is_closed() {
+                entry.remove();
+                continue;
+            }
+            let Some(ep) = self.pick() else { break };
+            let waiter = entry.remove();
+            if let Err(Ok(permit)) = waiter.tx.send(Ok(self.permit(ep))) {
+                // The client left between the check and the send: give the slot back without
+                // re-entering dispatch (we hold the queue lock).
+                permit.release_quietly();
+            }
+        }
+        self.set_held(q.waiters.len());
+        if q.waiters.is_empty() {
+            self.quiet.notify_waiters();
+        }
+    }
+
+    fn release(self: &Arc<Self>, ep: &Endpoint) {
+        ep.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let left = self.in_flight.fetch_sub(1, Ordering::SeqCst) - 1;
+        self.metrics.in_flight.dec();
+        self.touch();
+        if self.held.load(Ordering::SeqCst) > 0 {
+            let mut q = self.queue.lock();
+            self.dispatch_locked(&mut q);
+        }
+        if left == 0 {
+            self.quiet.notify_waiters();
+        }
+    }
+
+    // ---- driver side -----------------------------------------------------------------------
+
+    /// Publishes the activation state.
+    pub fn set_state(&self, state: State) {
+        self.state.store(state as u8, Ordering::SeqCst);
+        self.metrics.state(state);
+    }
+
+    /// Replaces the ready endpoints (keeping in-flight counts of addresses that stay) and
+    /// drains held requests onto them.
+    pub fn set_endpoints(self: &Arc<Self>, addrs: &[SocketAddr]) {
+        let old = self.endpoints.load();
+        let new: Vec<Arc<Endpoint>> = addrs
+            .iter()
+            .map(|a| {
+                old.iter()
+                    .find(|e| e.addr == *a)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(*a)))
+            })
+            .collect();
+        self.metrics.ready_endpoints.set(new.len() as i64);
+        self.endpoints.store(Arc::new(new));
+        let mut q = self.queue.lock();
+        self.dispatch_locked(&mut q);
+    }
+
+    /// Answers every held request with `err` (activation failed, shutting down).
+    pub fn fail_held(&self, err: ProxyError) {
+        let mut q = self.queue.lock();
+        let waiters = std::mem::take(&mut q.waiters);
+        self.set_held(0);
+        drop(q);
+        for (_, w) in waiters {
+            let _ = w.tx.send(Err(err.clone()));
+        }
+        self.quiet.notify_waiters();
+    }
+
+    /// The arrival time of the oldest held request.
+    pub fn oldest_held_since(&self) -> Option<Instant> {
+        self.queue.lock().waiters.values().next().map(|w| w.since)
+    }
+
+    /// Resolves when at least one request is held (the service should be woken).
+    pub async fn wait_for_demand(&self) {
+        loop {
+            let notified = self.demand.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.held() > 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Resolves once nothing has been held or in flight for `idle`.
+    pub async fn wait_idle(&self, idle: Duration) {
+        loop {
+            let quiet = self.quiet.notified();
+            tokio::pin!(quiet);
+            quiet.as_mut().enable();
+            if self.held() == 0 && self.in_flight() == 0 {
+                let idle_for = self.idle_for();
+                if idle_for >= idle {
+                    return;
+                }
+                tokio::time::sleep(idle - idle_for).await;
+            } else {
+                quiet.await;
+            }
+        }
+    }
+
+    /// Resolves when no request is in flight.
+    pub async fn wait_drained(&self) {
+        loop {
+            let quiet = self.quiet.notified();
+            tokio::pin!(quiet);
+            quiet.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            quiet.await;
+        }
+    }
+
+    /// Records a successful activation's duration.
+    pub fn activated(&self, took: Duration) {
+        self.last_activation_us
+            .store(took.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// A held request's place in the queue; leaving (client gone, deadline) removes it at once.
+struct Held<'a> {
+    gate: &'a Arc<Gate>,
+    id: u64,
+    rx: Option<oneshot::Receiver<Grant>>,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        // Drop the receiver first: a permit sent into it is released (and may go to the next
+        // held request) before we take the queue lock.
+        drop(self.rx.take());
+        let mut q = self.gate.queue.lock();
+        if q.waiters.remove(&self.id).is_some() {
+            self.gate.set_held(q.waiters.len());
+            if q.waiters.is_empty() {
+                self.gate.quiet.notify_waiters();
+            }
+        }
+    }
+}
+
+/// One request's slot on an endpoint. Dropping it frees the slot and lets the next held
+/// request go.
+pub struct Permit {
+    gate: Arc<Gate>,
+    endpoint: Option<Arc<Endpoint>>,
+}
+
+impl Permit {
+    /// The endpoint this request goes to.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        self.endpoint.as_ref().expect("present until drop")
+    }
+
+    /// The gate that granted it.
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    fn release_quietly(mut self) {
+        if let Some(ep) = self.endpoint.take() {
+            ep.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.gate.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.gate.metrics.in_flight.dec();
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(ep) = self.endpoint.take() {
+            self.gate.release(&ep);
+        }
+    }
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("service", &self.gate.name)
+            .field("endpoint", &self.endpoint.as_ref().map(|e| e.addr))
+            .finish()
+    }
+}
+
+/// A cheap per-thread xorshift; balancing needs spread, not cryptographic randomness.
+fn fast_rand() -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_usize(&h as *const _ as usize);
+            h.finish() | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn gate(capacity: usize, concurrency: Option<usize>) -> Arc<Gate> {
+        Gate::new(
+            "svc",
+            GateSettings {
+                capacity,
+                hold_timeout: Duration::from_secs(5),
+                concurrency,
+            },
+            Metrics::new().service("svc"),
+        )
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn deadline() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn warm_path_takes_a_permit_without_holding() {
+        let g = gate(10, None);
+        g.set_endpoints(&[addr(1)]);
+        let a = g.acquire(deadline()).await.unwrap();
+        assert!(a.held_for.is_none());
+        assert!(!a.cold);
+        assert_eq!(g.in_flight(), 1);
+        drop(a);
+        assert_eq!(g.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_requests_drain_in_arrival_order_within_the_limit() {
+        let g = gate(100, Some(1));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..5 {
+            let g = g.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let a = g.acquire(deadline()).await.unwrap();
+                assert!(a.cold);
+                tx.send((i, a.permit)).unwrap();
+            });
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(g.held(), 5);
+        g.set_endpoints(&[addr(1)]);
+        for want in 0..5 {
+            let (i, permit) = rx.recv().await.unwrap();
+            assert_eq!(i, want);
+            // Only one in flight at a time: the next waits for this permit.
+            tokio::task::yield_now().await;
+            assert!(rx.try_recv().is_err());
+            assert_eq!(g.in_flight(), 1);
+            drop(permit);
+        }
+        assert_eq!(g.held(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_queue_rejects_at_once() {
+        let g = gate(2, None);
+        let mut tasks = Vec::new();
+        for _ in 0..2 {
+            let g = g.clone();
+            tasks.push(tokio::spawn(async move {
+                g.acquire(deadline()).await.map(|_| ())
+            }));
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(g.held(), 2);
+        let e = g.acquire(deadline()).await.err().unwrap();
+        assert_eq!(e.kind(), "queue_full");
+        g.set_endpoints(&[addr(1)]);
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_gives_hold_timeout_and_frees_the_slot() {
+        let g = gate(1, None);
+        let e = g
+            .acquire(Instant::now() + Duration::from_millis(300))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), "hold_timeout");
+        assert_eq!(g.held(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_waiter_leaves_the_queue_at_once() {
+        let g = gate(1, None);
+        let g2 = g.clone();
+        let t = tokio::spawn(async move { g2.acquire(deadline()).await.map(|_| ()) });
+        tokio::task::yield_now().await;
+        assert_eq!(g.held(), 1);
+        t.abort();
+        let _ = t.await;
+        assert_eq!(g.held(), 0);
+        // The slot is free again.
+        let g3 = g.clone();
+        let t = tokio::spawn(async move { g3.acquire(deadline()).await.map(|_| ()) });
+        tokio::task::yield_now().await;
+        assert_eq!(g.held(), 1);
+        g.set_endpoints(&[addr(1)]);
+        t.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fail_held_answers_every_waiter() {
+        let g = gate(10, None);
+        let mut tasks = Vec::new();
+        for _ in 0..3 {
+            let g = g.clone();
+            tasks.push(tokio::spawn(async move {
+                g.acquire(deadline()).await.map(|_| ())
+            }));
+        }
+        tokio::task::yield_now().await;
+        g.fail_held(ProxyError::ActivationFailed {
+            service: "svc".into(),
+            reason: "boom".into(),
+        });
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap_err().kind(), "activation_failed");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn demand_and_idle_signals() {
+        let g = gate(10, None);
+        let g2 = g.clone();
+        let waiter = tokio::spawn(async move { g2.acquire(deadline()).await.map(|a| a.permit) });
+        tokio::time::timeout(Duration::from_secs(1), g.wait_for_demand())
+            .await
+            .expect("demand signalled");
+        g.set_endpoints(&[addr(1)]);
+        let permit = waiter.await.unwrap().unwrap();
+        // Not idle while in flight.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(10), g.wait_idle(Duration::from_secs(1)))
+                .await
+                .is_err()
+        );
+        drop(permit);
+        let t0 = Instant::now();
+        g.wait_idle(Duration::from_secs(2)).await;
+        assert!(t0.elapsed() >= Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn p2c_spreads_over_endpoints_within_limits() {
+        let g = gate(100, Some(2));
+        g.set_endpoints(&[addr(1), addr(2), addr(3)]);
+        let mut permits = Vec::new();
+        for _ in 0..6 {
+            permits.push(g.acquire(deadline()).await.unwrap().permit);
+        }
+        for ep in g.endpoints().iter() {
+            assert_eq!(ep.in_flight(), 2, "{}", ep.addr);
+        }
+        // The seventh must wait.
+        let g2 = g.clone();
+        let t = tokio::spawn(async move { g2.acquire(deadline()).await.map(|a| a.permit) });
+        tokio::task::yield_now().await;
+        assert_eq!(g.held(), 1);
+        permits.pop();
+        let p = t.await.unwrap().unwrap();
+        assert_eq!(p.endpoint().in_flight(), 2);
+    }
+}

@@ -1,0 +1,174 @@
+//! The `reveille` binary: parses the command line, sets up logging and the runtime, and starts
+//! the library's server. Nothing else lives here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use reveille::config::{Config, ConfigError};
+use tracing::{error, info};
+
+#[derive(Parser)]
+#[command(
+    name = "reveille",
+    version,
+    about = "An HTTP activator for services scaled to zero"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the activating proxy.
+    Serve {
+        /// Config file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Runtime worker threads (default: the CPU count).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Validate a config file: exit 0, or print every problem and exit 2.
+    Check {
+        /// Config file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the built-in demo backend (used by examples/local.yaml and the tests).
+    DemoBackend {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Wait this long before listening, like a slow-starting service (e.g. 2s).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        startup_delay: Duration,
+        /// Name shown in answers.
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REVEILLE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+    Config::load(path)
+}
+
+fn report(path: &std::path::Path, e: &ConfigError) {
+    eprintln!("{}: invalid configuration:", path.display());
+    for p in &e.problems {
+        eprintln!("  {p}");
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.cmd {
+        Cmd::Check { config } => match load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} service{})",
+                    config.display(),
+                    c.services.len(),
+                    if c.services.len() == 1 { "" } else { "s" }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                report(&config, &e);
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Serve { config, workers } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    report(&config, &e);
+                    return ExitCode::from(2);
+                }
+            };
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = workers {
+                rt.worker_threads(n.max(1));
+            }
+            let rt = match rt.enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(serve(cfg))
+        }
+        Cmd::DemoBackend {
+            listen,
+            startup_delay,
+            name,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            match rt.block_on(reveille::demo::run(reveille::demo::DemoOptions {
+                listen,
+                startup_delay,
+                name,
+            })) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo backend: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> ExitCode {
+    let running = match reveille::start(cfg).await {
+        Ok(r) => r,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot watch SIGTERM: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    }
+    running.shutdown();
+    running.wait().await;
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,275 @@
+//! Metrics: one struct owns every Prometheus metric. It is created at start and passed down;
+//! each service gets a [`ServiceMetrics`] with its label values bound once, so the request path
+//! never formats labels or looks up a metric family.
+
+use parking_lot::RwLock;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+const ACTIVATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// Every metric Reveille exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    held: IntGaugeVec,
+    in_flight: IntGaugeVec,
+    ready_endpoints: IntGaugeVec,
+    state: IntGaugeVec,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    hold_duration: HistogramVec,
+    activations: IntCounterVec,
+    activation_duration: HistogramVec,
+    rejected: IntCounterVec,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    // Metric names and label sets are constants; a failure is a programming error.
+    r.expect("metric definition")
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = must(IntGaugeVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = must(IntCounterVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            let h = must(HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                &["service"],
+            ));
+            must(registry.register(Box::new(h.clone())));
+            h
+        };
+        let build = gauge(
+            "reveille_build_info",
+            "Reveille's version; always 1.",
+            &["version"],
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Metrics {
+            held: gauge(
+                "reveille_requests_held",
+                "Requests held in the service's queue, waiting for a ready endpoint.",
+                &["service"],
+            ),
+            in_flight: gauge(
+                "reveille_requests_in_flight",
+                "Requests forwarded to the service's backend and not yet finished.",
+                &["service"],
+            ),
+            ready_endpoints: gauge(
+                "reveille_ready_endpoints",
+                "Ready backend endpoints of the service.",
+                &["service"],
+            ),
+            state: gauge(
+                "reveille_service_state",
+                "1 for the service's current activation state, 0 for the others.",
+                &["service", "state"],
+            ),
+            requests: counter(
+                "reveille_requests_total",
+                "Requests answered, by HTTP status code.",
+                &["service", "code"],
+            ),
+            request_duration: histogram(
+                "reveille_request_duration_seconds",
+                "Time from a request's arrival to its response headers, holding included.",
+                LATENCY_BUCKETS,
+            ),
+            hold_duration: histogram(
+                "reveille_hold_duration_seconds",
+                "Time requests spent held in the queue (only requests that were held).",
+                LATENCY_BUCKETS,
+            ),
+            activations: counter(
+                "reveille_activations_total",
+                "Wake-ups of a service, by outcome (ready, failed, timeout).",
+                &["service", "outcome"],
+            ),
+            activation_duration: histogram(
+                "reveille_activation_duration_seconds",
+                "Time from the wake call to the first ready endpoint.",
+                ACTIVATION_BUCKETS,
+            ),
+            rejected: counter(
+                "reveille_rejected_total",
+                "Requests answered with an error by Reveille itself, by reason.",
+                &["service", "reason"],
+            ),
+            registry,
+        }
+    }
+
+    /// Binds the per-service label values once.
+    pub fn service(&self, name: &str) -> ServiceMetrics {
+        let held = self.held.with_label_values(&[name]);
+        let in_flight = self.in_flight.with_label_values(&[name]);
+        let ready_endpoints = self.ready_endpoints.with_label_values(&[name]);
+        held.set(0);
+        in_flight.set(0);
+        ready_endpoints.set(0);
+        ServiceMetrics {
+            name: name.into(),
+            held,
+            in_flight,
+            ready_endpoints,
+            request_duration: self.request_duration.with_label_values(&[name]),
+            hold_duration: self.hold_duration.with_label_values(&[name]),
+            activation_duration: self.activation_duration.with_label_values(&[name]),
+            codes: RwLock::new(Vec::new()),
+            parent: self.clone(),
+        }
+    }
+
+    /// Removes every series of a service (after it was removed from the config).
+    pub fn forget_service(&self, name: &str) {
+        let _ = self.held.remove_label_values(&[name]);
+        let _ = self.in_flight.remove_label_values(&[name]);
+        let _ = self.ready_endpoints.remove_label_values(&[name]);
+        let _ = self.request_duration.remove_label_values(&[name]);
+        let _ = self.hold_duration.remove_label_values(&[name]);
+        let _ = self.activation_duration.remove_label_values(&[name]);
+        for state in crate::gate::State::ALL {
+            let _ = self.state.remove_label_values(&[name, state.as_str()]);
+        }
+    }
+
+    /// Counts a rejection that happened before any service was chosen (e.g. unknown host).
+    pub fn reject_unrouted(&self, reason: &str, code: u16) {
+        self.rejected.with_label_values(&["", reason]).inc();
+        self.requests
+            .with_label_values(&["", code.to_string().as_str()])
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail on I/O; a failure would be a malformed metric.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// One service's metric handles, label values bound.
+pub struct ServiceMetrics {
+    name: Box<str>,
+    /// Held requests.
+    pub held: prometheus::IntGauge,
+    /// In-flight requests.
+    pub in_flight: prometheus::IntGauge,
+    /// Ready endpoints.
+    pub ready_endpoints: prometheus::IntGauge,
+    request_duration: prometheus::Histogram,
+    hold_duration: prometheus::Histogram,
+    activation_duration: prometheus::Histogram,
+    codes: RwLock<Vec<(u16, IntCounter)>>,
+    parent: Metrics,
+}
+
+impl ServiceMetrics {
+    /// Counts a finished request and its duration up to the response headers.
+    pub fn request(&self, code: u16, seconds: f64) {
+        self.request_duration.observe(seconds);
+        if let Some((_, c)) = self.codes.read().iter().find(|(k, _)| *k == code) {
+            c.inc();
+            return;
+        }
+        let c = self
+            .parent
+            .requests
+            .with_label_values(&[self.name.as_ref(), code.to_string().as_str()]);
+        c.inc();
+        self.codes.write().push((code, c));
+    }
+
+    /// Records how long a request was held.
+    pub fn held_for(&self, seconds: f64) {
+        self.hold_duration.observe(seconds);
+    }
+
+    /// Counts a rejection by Reveille (queue full, hold timeout, ...).
+    pub fn rejected(&self, reason: &str) {
+        self.parent
+            .rejected
+            .with_label_values(&[self.name.as_ref(), reason])
+            .inc();
+    }
+
+    /// Records a wake-up's outcome and, when it became ready, its duration.
+    pub fn activation(&self, outcome: &str, seconds: Option<f64>) {
+        self.parent
+            .activations
+            .with_label_values(&[self.name.as_ref(), outcome])
+            .inc();
+        if let Some(s) = seconds {
+            self.activation_duration.observe(s);
+        }
+    }
+
+    /// Publishes the service's activation state.
+    pub fn state(&self, state: crate::gate::State) {
+        for s in crate::gate::State::ALL {
+            self.parent
+                .state
+                .with_label_values(&[self.name.as_ref(), s.as_str()])
+                .set(i64::from(s == state));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_bound_series() {
+        let m = Metrics::new();
+        let s = m.service("hello");
+        s.held.set(3);
+        s.request(200, 0.01);
+        s.request(200, 0.02);
+        s.request(503, 0.0);
+        s.rejected("queue_full");
+        s.activation("ready", Some(1.5));
+        let text = m.render();
+        assert!(
+            text.contains("reveille_requests_held{service=\"hello\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("reveille_requests_total{code=\"200\",service=\"hello\"} 2"));
+        assert!(text.contains("reveille_requests_total{code=\"503\",service=\"hello\"} 1"));
+        assert!(text.contains("reveille_rejected_total{reason=\"queue_full\",service=\"hello\"} 1"));
+        assert!(text.contains("reveille_activation_duration_seconds_count{service=\"hello\"} 1"));
+        m.forget_service("hello");
+        assert!(!m
+            .render()
+            .contains("reveille_requests_held{service=\"hello\"}"));
+    }
+}

@@ -1,0 +1,16 @@
+//! The static scaler: fixed upstream addresses, always ready. Plain proxying, and the warm path
+//! in benchmarks.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::gate::{Gate, State};
+
+/// Publishes the addresses as ready and keeps them until shutdown.
+pub async fn run(gate: Arc<Gate>, addresses: Vec<SocketAddr>, mut stop: watch::Receiver<bool>) {
+    gate.set_endpoints(&addresses);
+    gate.set_state(State::Ready);
+    super::stopped(&mut stop).await;
+}

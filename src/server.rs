@@ -1,0 +1,251 @@
+//! Server: builds everything from a [`Config`], binds the proxy and admin listeners, serves
+//! connections, and runs the graceful shutdown:
+//!
+//! 1. `/readyz` turns 503; connections are still accepted for `shutdown.delay`.
+//! 2. The listeners close; open connections finish their requests (keep-alive ends, HTTP/2
+//!    gets GOAWAY). Held requests keep waiting for their backend, bounded by `shutdown.grace`.
+//! 3. Whatever is still held then is answered 503; backends are stopped; `run` returns.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminState, ServiceEntry};
+use crate::config::{Backend, Config};
+use crate::error::ProxyError;
+use crate::gate::{Gate, GateSettings};
+use crate::metrics::Metrics;
+use crate::proxy::{Proxy, Shared};
+use crate::router::Router;
+use crate::{scaler, upstream};
+
+/// Extra time after the grace for the 503s of still-held requests to be written.
+const FINAL_FLUSH: Duration = Duration::from_secs(2);
+
+/// A running Reveille.
+pub struct Running {
+    /// Where the proxy listens.
+    pub proxy_addr: SocketAddr,
+    /// Where the admin endpoints listen.
+    pub admin_addr: SocketAddr,
+    /// Every service's gate, in config order.
+    pub gates: Vec<Arc<Gate>>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Begins a graceful shutdown.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until the shutdown has completed.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Builds the services, binds both listeners, and starts serving.
+pub async fn start(config: Config) -> io::Result<Running> {
+    let metrics = Metrics::new();
+    let (stop_drivers, stop_rx) = watch::channel(false);
+    let mut router = Router::new();
+    let mut entries = Vec::with_capacity(config.services.len());
+    let mut drivers = Vec::with_capacity(config.services.len());
+    for s in &config.services {
+        let gate = Gate::new(
+            &s.name,
+            GateSettings {
+                capacity: s.queue.capacity,
+                hold_timeout: s.queue.timeout,
+                concurrency: s.concurrency,
+            },
+            metrics.service(&s.name),
+        );
+        for host in &s.hosts {
+            router.insert(host, s.path_prefix.as_deref(), gate.clone());
+        }
+        drivers.push(scaler::spawn_driver(gate.clone(), s, stop_rx.clone()));
+        entries.push(ServiceEntry {
+            gate,
+            hosts: s.hosts.clone(),
+            path_prefix: s.path_prefix.clone(),
+            backend: match s.backend {
+                Backend::Process(_) => "process",
+                Backend::Static(_) => "static",
+            },
+        });
+    }
+    let gates: Vec<Arc<Gate>> = entries.iter().map(|e| e.gate.clone()).collect();
+    let shared = Arc::new(Shared {
+        router: ArcSwap::from_pointee(router),
+        client: upstream::client(&config.timeouts),
+        metrics: metrics.clone(),
+    });
+    let admin_state = Arc::new(AdminState {
+        services: entries,
+        metrics,
+        ready: true.into(),
+    });
+
+    let proxy_listener = TcpListener::bind(config.listen).await.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot listen on {} (listen): {e}", config.listen),
+        )
+    })?;
+    let admin_listener = TcpListener::bind(config.admin).await.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot listen on {} (admin): {e}", config.admin),
+        )
+    })?;
+    let proxy_addr = proxy_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    info!(%proxy_addr, %admin_addr, services = config.services.len(), "reveille listening");
+
+    let (shutdown, mut shutdown_rx) = watch::channel(false);
+    let (close_listeners, close_rx) = watch::channel(false);
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.timeouts.client_header)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+
+    let proxy_task = tokio::spawn(accept_proxy(
+        proxy_listener,
+        shared,
+        builder,
+        graceful,
+        close_rx,
+    ));
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
+    let admin_task = tokio::spawn(accept_admin(
+        admin_listener,
+        admin_state.clone(),
+        admin_stop_rx,
+    ));
+
+    let shutdown_cfg = config.shutdown;
+    let gates_for_task = gates.clone();
+    let task = tokio::spawn(async move {
+        scaler::stopped(&mut shutdown_rx).await;
+        info!(delay = ?shutdown_cfg.delay, grace = ?shutdown_cfg.grace, "shutting down");
+        admin_state.ready.store(false, Ordering::SeqCst);
+        tokio::time::sleep(shutdown_cfg.delay).await;
+        let _ = close_listeners.send(true);
+        let graceful = match proxy_task.await {
+            Ok(g) => g,
+            Err(_) => GracefulShutdown::new(),
+        };
+        let drained = graceful.shutdown();
+        tokio::pin!(drained);
+        if tokio::time::timeout(shutdown_cfg.grace, &mut drained)
+            .await
+            .is_err()
+        {
+            let held: usize = gates_for_task.iter().map(|g| g.held()).sum();
+            warn!(
+                held,
+                "shutdown grace passed; answering held requests with 503"
+            );
+            for g in &gates_for_task {
+                g.fail_held(ProxyError::ShuttingDown {
+                    service: g.name().clone(),
+                });
+            }
+            let _ = tokio::time::timeout(FINAL_FLUSH, &mut drained).await;
+        }
+        let _ = stop_drivers.send(true);
+        for d in drivers {
+            let _ = d.await;
+        }
+        let _ = admin_stop.send(true);
+        let _ = admin_task.await;
+        info!("shutdown complete");
+    });
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        gates,
+        shutdown,
+        task,
+    })
+}
+
+async fn accept_proxy(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    builder: auto::Builder<TokioExecutor>,
+    graceful: GracefulShutdown,
+    mut close: watch::Receiver<bool>,
+) -> GracefulShutdown {
+    loop {
+        let (stream, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = scaler::stopped(&mut close) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = Proxy::new(shared.clone(), remote, "http");
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    graceful
+}
+
+async fn accept_admin(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let builder = hyper::server::conn::http1::Builder::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = scaler::stopped(&mut stop) => break,
+        };
+        let state = state.clone();
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |req| admin::handle(state.clone(), req)),
+        );
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
