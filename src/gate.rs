@@ -296,7 +296,7 @@ impl Gate {
             Err(_) => rx.try_recv().unwrap_or_else(|_| {
                 Err(ProxyError::HoldTimeout {
                     service: self.name.clone(),
-                    waited: deadline.saturating_duration_since(since),
+                    waited: self.settings.hold_timeout,
                 })
             }),
         };

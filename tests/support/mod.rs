@@ -1,0 +1,149 @@
+//! Builders for integration tests: a Reveille started in-process on port 0, the built-in demo
+//! backend as a real child process, and a small HTTP client.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+pub use reveille::Running;
+
+/// The reveille binary built for this test run.
+pub const BIN: &str = env!("CARGO_BIN_EXE_reveille");
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The YAML flow list of a demo backend command.
+pub fn demo_command(port: u16, startup_delay: &str) -> String {
+    format!(
+        "[\"{BIN}\", demo-backend, --listen, \"127.0.0.1:{port}\", --startup-delay, \"{startup_delay}\"]"
+    )
+}
+
+/// A one-service config with a demo process backend; `extra` is appended to the service
+/// (indented under it, e.g. `"queue: { capacity: 5 }"` lines).
+pub fn process_config(port: u16, startup_delay: &str, extra: &[&str]) -> String {
+    let mut s = format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: hello\n    hosts: [hello.test]\n    backend:\n      process:\n        command: {}\n        address: 127.0.0.1:{port}\n        stop_grace: 2s\n",
+        demo_command(port, startup_delay)
+    );
+    for line in extra {
+        s.push_str("    ");
+        s.push_str(line);
+        s.push('\n');
+    }
+    s
+}
+
+/// Starts Reveille in-process.
+pub async fn start(yaml: &str) -> Running {
+    let cfg =
+        reveille::Config::parse(yaml).unwrap_or_else(|e| panic!("bad test config: {e}\n{yaml}"));
+    reveille::start(cfg).await.expect("start reveille")
+}
+
+/// Shuts Reveille down and waits (stops its child processes).
+pub async fn stop(r: Running) {
+    r.shutdown();
+    tokio::time::timeout(Duration::from_secs(30), r.wait())
+        .await
+        .expect("shutdown within 30s");
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+    pub raw: Bytes,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A pooled HTTP/1.1 client.
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build_http()
+}
+
+/// Sends a request to `addr` with Host `host`.
+pub async fn send(
+    c: &TestClient,
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    body: impl Into<Bytes>,
+) -> Resp {
+    let req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("host", host)
+        .body(Full::new(body.into()))
+        .unwrap();
+    let resp = c.request(req).await.expect("request");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Resp {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        raw: body,
+    }
+}
+
+/// GET with Host `host`.
+pub async fn get(c: &TestClient, addr: SocketAddr, host: &str, path: &str) -> Resp {
+    send(c, addr, "GET", host, path, Bytes::new()).await
+}
+
+/// Polls `cond` every 5 ms until it holds, or panics after `within`.
+pub async fn wait_until<F, Fut>(what: &str, within: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Whether a process with this pid is alive (signal 0).
+pub fn alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// The value of a metric line (exact series) in Prometheus text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
