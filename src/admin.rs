@@ -14,9 +14,6 @@ use serde_json::{json, Map, Value};
 use crate::gate::Gate;
 use crate::metrics::Metrics;
 
-/// Namespace used in `/queue` keys for services that are not in Kubernetes.
-pub const DEFAULT_NAMESPACE: &str = "default";
-
 /// What the admin endpoints report on.
 pub struct AdminState {
     /// Every service, in config order.
@@ -31,6 +28,8 @@ pub struct AdminState {
 pub struct ServiceEntry {
     /// Its gate (live counts).
     pub gate: Arc<Gate>,
+    /// Its namespace (the `/queue` key is `namespace/name`).
+    pub namespace: String,
     /// Configured hosts.
     pub hosts: Vec<String>,
     /// Configured path prefix.
@@ -80,7 +79,7 @@ pub fn queue(state: &AdminState) -> Value {
     for s in &state.services {
         let g = &s.gate;
         m.insert(
-            format!("{DEFAULT_NAMESPACE}/{}", g.name()),
+            format!("{}/{}", s.namespace, g.name()),
             json!({
                 "Concurrency": g.held() + g.in_flight(),
                 "RequestCount": g.requests_total(),
@@ -104,6 +103,7 @@ pub fn services(state: &AdminState) -> Value {
                 .collect();
             json!({
                 "name": g.name().as_ref(),
+                "namespace": s.namespace,
                 "state": g.state().as_str(),
                 "held": g.held(),
                 "in_flight": g.in_flight(),

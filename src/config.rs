@@ -42,6 +42,14 @@ pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time an idle pooled upstream connection is kept.
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Default bound on waiting for a backend's response headers (Knative's revision timeout).
+pub const DEFAULT_UPSTREAM_RESPONSE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default bound on open client connections; more are closed at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+/// Default bound on requests held across all services (a memory bound).
+pub const DEFAULT_MAX_HELD: usize = 100_000;
+/// Namespace of services that do not name one (used in `/queue` keys and Knative routing).
+pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// The whole, validated configuration.
 #[derive(Debug, Clone)]
@@ -54,6 +62,8 @@ pub struct Config {
     pub shutdown: Shutdown,
     /// Timeouts of the proxy's phases.
     pub timeouts: Timeouts,
+    /// Global bounds.
+    pub limits: Limits,
     /// The services, in file order.
     pub services: Vec<Service>,
 }
@@ -76,6 +86,28 @@ pub struct Timeouts {
     pub upstream_connect: Duration,
     /// Keeping an idle pooled connection to a backend.
     pub upstream_idle: Duration,
+    /// Waiting for a backend's response headers once the request is sent.
+    pub upstream_response: Duration,
+}
+
+/// Bounds across all services.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Open client connections at most (plain and TLS listeners together).
+    pub max_connections: usize,
+    /// Requests held at most, all services together.
+    pub max_held: usize,
+}
+
+/// The protocol Reveille speaks to a service's backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 (default).
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge (gRPC backends).
+    H2c,
 }
 
 /// One service: where its requests come from and how its backend is woken.
@@ -83,6 +115,10 @@ pub struct Timeouts {
 pub struct Service {
     /// Unique name (used in metrics, logs and the admin API).
     pub name: String,
+    /// Namespace (Kubernetes namespace; `/queue` keys and Knative routing).
+    pub namespace: String,
+    /// Protocol to the backend.
+    pub protocol: Protocol,
     /// Hosts that select this service: exact names, or `*.suffix` wildcards.
     pub hosts: Vec<String>,
     /// Optional path prefix (segment-aware: `/api` matches `/api` and `/api/x`, not `/apix`).
@@ -226,6 +262,8 @@ struct RawConfig {
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
     services: Vec<RawService>,
 }
 
@@ -242,12 +280,23 @@ struct RawTimeouts {
     client_header: Option<HumanDuration>,
     upstream_connect: Option<HumanDuration>,
     upstream_idle: Option<HumanDuration>,
+    upstream_response: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<usize>,
+    max_held: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawService {
     name: String,
+    namespace: Option<String>,
+    #[serde(default)]
+    protocol: Protocol,
     #[serde(default)]
     hosts: Vec<String>,
     path_prefix: Option<String>,
@@ -392,7 +441,29 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
         ),
         upstream_idle: dur(raw.timeouts.upstream_idle, DEFAULT_UPSTREAM_IDLE_TIMEOUT),
+        upstream_response: dur(
+            raw.timeouts.upstream_response,
+            DEFAULT_UPSTREAM_RESPONSE_TIMEOUT,
+        ),
     };
+    positive(
+        &mut p,
+        "timeouts.upstream_response".into(),
+        timeouts.upstream_response,
+    );
+    let limits = Limits {
+        max_connections: raw
+            .limits
+            .max_connections
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        max_held: raw.limits.max_held.unwrap_or(DEFAULT_MAX_HELD),
+    };
+    if limits.max_connections == 0 {
+        p.add("limits.max_connections", "must be at least 1");
+    }
+    if limits.max_held == 0 {
+        p.add("limits.max_held", "must be at least 1");
+    }
     positive(
         &mut p,
         "timeouts.client_header".into(),
@@ -413,6 +484,10 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let mut services = Vec::with_capacity(raw.services.len());
     for (i, s) in raw.services.into_iter().enumerate() {
         let at = format!("services[{i}]");
+        let namespace = s.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+        if let Err(why) = check_name(&namespace) {
+            p.add(format!("{at}.namespace"), why);
+        }
         if let Err(why) = check_name(&s.name) {
             p.add(format!("{at}.name"), why);
         } else if let Some(j) = names.insert(s.name.clone(), i) {
@@ -510,6 +585,8 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         };
         services.push(Service {
             name: s.name,
+            namespace,
+            protocol: s.protocol,
             hosts,
             path_prefix: prefix,
             backend,
@@ -524,6 +601,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             admin,
             shutdown,
             timeouts,
+            limits,
             services,
         })
     } else {

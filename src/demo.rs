@@ -2,10 +2,12 @@
 //! works with nothing else installed. It waits `--startup-delay` before it listens, which makes
 //! a cold start visible, and has a few endpoints tests use to see what reached it:
 //!
-//! - `/_demo/log`: every request it served so far, one `METHOD path` per line, in order;
+//! - `/_demo/log`: every other request it served so far, one `METHOD path` per line, in order;
 //! - `/_demo/sleep?ms=N`: answers after N milliseconds;
 //! - `/_demo/echo`: streams the request body back;
+//! - `/_demo/headers`: the request's headers, one `name: value` per line;
 //! - `/_demo/exit`: answers, then exits with status 3 (a crash);
+//! - `/_demo/upgrade` with `Connection: upgrade`: switches protocols and echoes raw bytes;
 //! - anything else: `hello from NAME (pid P): METHOD PATH`.
 
 use std::convert::Infallible;
@@ -73,7 +75,7 @@ async fn answer(
 ) -> Result<Response<DemoBody>, Infallible> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    if !path.starts_with("/_demo/") {
+    if path != "/_demo/log" {
         log.lock().push(format!("{method} {}", req.uri()));
     }
     let resp = match path.as_str() {
@@ -93,6 +95,32 @@ async fn answer(
             Response::new(full(format!("slept {ms}ms\n")))
         }
         "/_demo/echo" => Response::new(req.into_body().boxed()),
+        "/_demo/headers" => {
+            let mut text = String::new();
+            for (k, v) in req.headers() {
+                text.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+            }
+            Response::new(full(text))
+        }
+        "/_demo/upgrade" if req.headers().contains_key(http::header::UPGRADE) => {
+            let proto = req.headers()[http::header::UPGRADE].clone();
+            let mut req = req;
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(io) = on.await {
+                    let (mut r, mut w) = tokio::io::split(TokioIo::new(io));
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+            let mut r = Response::new(full(""));
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            r.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("upgrade"),
+            );
+            r.headers_mut().insert(http::header::UPGRADE, proto);
+            return Ok(r);
+        }
         "/_demo/exit" => {
             tokio::spawn(async {
                 tokio::time::sleep(Duration::from_millis(20)).await;

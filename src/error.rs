@@ -29,6 +29,14 @@ pub enum ProxyError {
         /// The queue's capacity.
         capacity: usize,
     },
+    /// Reveille holds as many requests as `limits.max_held` allows, all services together.
+    #[error("service {service:?}: Reveille holds its limit of {limit} requests; retry later")]
+    HeldLimit {
+        /// Service name.
+        service: Arc<str>,
+        /// The global limit.
+        limit: usize,
+    },
     /// The request was held until its deadline without a ready backend.
     #[error("service {service:?}: no ready backend within the hold timeout of {}", humantime::format_duration(*.waited))]
     HoldTimeout {
@@ -71,6 +79,14 @@ pub enum ProxyError {
         /// Service name.
         service: Arc<str>,
     },
+    /// The backend did not send response headers within `timeouts.upstream_response`.
+    #[error("service {service:?}: backend did not answer within {}", humantime::format_duration(*.after))]
+    UpstreamTimeout {
+        /// Service name.
+        service: Arc<str>,
+        /// The timeout.
+        after: Duration,
+    },
     /// The backend failed while the request was sent or the response read.
     #[error("service {service:?}: backend failed to answer")]
     Upstream {
@@ -86,11 +102,12 @@ impl ProxyError {
             ProxyError::MissingHost => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::QueueFull { .. }
+            | ProxyError::HeldLimit { .. }
             | ProxyError::ShuttingDown { .. }
             | ProxyError::ServiceRemoved { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::HoldTimeout { .. } | ProxyError::ActivationTimeout { .. } => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            ProxyError::HoldTimeout { .. }
+            | ProxyError::ActivationTimeout { .. }
+            | ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ActivationFailed { .. }
             | ProxyError::UpstreamConnect { .. }
             | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -103,6 +120,8 @@ impl ProxyError {
             ProxyError::MissingHost => "missing_host",
             ProxyError::NoRoute { .. } => "no_route",
             ProxyError::QueueFull { .. } => "queue_full",
+            ProxyError::HeldLimit { .. } => "held_limit",
+            ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::HoldTimeout { .. } => "hold_timeout",
             ProxyError::ActivationFailed { .. } => "activation_failed",
             ProxyError::ActivationTimeout { .. } => "activation_timeout",
@@ -117,6 +136,7 @@ impl ProxyError {
     pub fn retry_after(&self) -> Option<u32> {
         match self {
             ProxyError::QueueFull { .. }
+            | ProxyError::HeldLimit { .. }
             | ProxyError::ShuttingDown { .. }
             | ProxyError::ServiceRemoved { .. } => Some(1),
             _ => None,
@@ -205,6 +225,24 @@ mod tests {
                 ProxyError::Upstream { service: svc() },
                 502,
                 "upstream_error",
+                None,
+            ),
+            (
+                ProxyError::HeldLimit {
+                    service: svc(),
+                    limit: 9,
+                },
+                503,
+                "held_limit",
+                Some(1),
+            ),
+            (
+                ProxyError::UpstreamTimeout {
+                    service: svc(),
+                    after: Duration::from_secs(1),
+                },
+                504,
+                "upstream_timeout",
                 None,
             ),
         ];

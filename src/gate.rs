@@ -24,6 +24,7 @@ use parking_lot::Mutex;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
+use crate::config::Protocol;
 use crate::error::ProxyError;
 use crate::metrics::ServiceMetrics;
 
@@ -65,8 +66,30 @@ impl State {
     }
 }
 
+/// A bound on held requests shared by every gate (a memory bound).
+#[derive(Debug)]
+pub struct HeldLimit {
+    max: usize,
+    held: AtomicUsize,
+}
+
+impl HeldLimit {
+    /// At most `max` requests held across the gates sharing it.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(HeldLimit {
+            max,
+            held: AtomicUsize::new(0),
+        })
+    }
+
+    /// Requests held now, all gates together.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
 /// The settings a gate needs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct GateSettings {
     /// Hold-queue capacity.
     pub capacity: usize,
@@ -74,6 +97,10 @@ pub struct GateSettings {
     pub hold_timeout: Duration,
     /// In-flight limit per endpoint.
     pub concurrency: Option<usize>,
+    /// Protocol to the backend.
+    pub protocol: Protocol,
+    /// The global bound on held requests.
+    pub held_limit: Arc<HeldLimit>,
 }
 
 /// A backend address with its in-flight count.
@@ -84,6 +111,8 @@ pub struct Endpoint {
     /// `host:port` for the upstream request URI.
     pub authority: http::uri::Authority,
     in_flight: AtomicUsize,
+    /// Gate-epoch milliseconds until which the endpoint is skipped (0: never ejected).
+    ejected_until: AtomicU64,
 }
 
 impl Endpoint {
@@ -96,6 +125,7 @@ impl Endpoint {
             addr,
             authority,
             in_flight: AtomicUsize::new(0),
+            ejected_until: AtomicU64::new(0),
         }
     }
 
@@ -146,6 +176,9 @@ pub struct Gate {
     quiet: Notify,
     epoch: Instant,
     last_active_ms: AtomicU64,
+    /// The latest ejection deadline of any endpoint (0: none), so `pick` reads no clock
+    /// while nothing is ejected.
+    ejections_until: AtomicU64,
     requests_total: AtomicU64,
     last_activation_us: AtomicU64,
     metrics: ServiceMetrics,
@@ -181,6 +214,7 @@ impl Gate {
             quiet: Notify::new(),
             epoch: now,
             last_active_ms: AtomicU64::new(0),
+            ejections_until: AtomicU64::new(0),
             requests_total: AtomicU64::new(0),
             last_activation_us: AtomicU64::new(u64::MAX),
             metrics,
@@ -250,6 +284,14 @@ impl Gate {
     /// in the queue until `deadline`.
     pub async fn acquire(self: &Arc<Self>, deadline: Instant) -> Result<Acquired, ProxyError> {
         self.requests_total.fetch_add(1, Ordering::Relaxed);
+        self.acquire_again(deadline).await
+    }
+
+    /// Like [`Gate::acquire`], for a retry of a request already counted.
+    pub async fn acquire_again(
+        self: &Arc<Self>,
+        deadline: Instant,
+    ) -> Result<Acquired, ProxyError> {
         self.touch();
         if self.held.load(Ordering::SeqCst) == 0 {
             if let Some(ep) = self.pick() {
@@ -269,6 +311,13 @@ impl Gate {
                 return Err(ProxyError::QueueFull {
                     service: self.name.clone(),
                     capacity: self.settings.capacity,
+                });
+            }
+            let limit = &self.settings.held_limit;
+            if limit.held() >= limit.max {
+                return Err(ProxyError::HeldLimit {
+                    service: self.name.clone(),
+                    limit: limit.max,
                 });
             }
             let id = q.next_id;
@@ -315,33 +364,67 @@ impl Gate {
     fn pick(&self) -> Option<Arc<Endpoint>> {
         let eps = self.endpoints.load();
         let limit = self.settings.concurrency;
-        match eps.len() {
-            0 => None,
-            1 => eps[0].try_take(limit).then(|| eps[0].clone()),
-            n => {
-                let r = fast_rand();
-                let a = (r % n as u64) as usize;
-                let mut b = ((r >> 32) % (n as u64 - 1)) as usize;
-                if b >= a {
-                    b += 1;
-                }
-                let (first, second) = if eps[a].in_flight() <= eps[b].in_flight() {
-                    (a, b)
-                } else {
-                    (b, a)
-                };
-                for i in [first, second] {
-                    if eps[i].try_take(limit) {
-                        return Some(eps[i].clone());
-                    }
-                }
-                limit?;
-                (0..n)
-                    .map(|k| &eps[(a + k) % n])
-                    .find(|ep| ep.try_take(limit))
-                    .cloned()
+        let n = eps.len();
+        if n <= 1 {
+            return eps.first().filter(|e| e.try_take(limit)).cloned();
+        }
+        let now = self.ejection_clock();
+        let usable =
+            |e: &Endpoint| now.is_none_or(|t| e.ejected_until.load(Ordering::Relaxed) <= t);
+        let r = fast_rand();
+        let a = (r % n as u64) as usize;
+        let mut b = ((r >> 32) % (n as u64 - 1)) as usize;
+        if b >= a {
+            b += 1;
+        }
+        let (first, second) = if eps[a].in_flight() <= eps[b].in_flight() {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        for i in [first, second] {
+            if usable(&eps[i]) && eps[i].try_take(limit) {
+                return Some(eps[i].clone());
             }
         }
+        if limit.is_none() && now.is_none() {
+            return None;
+        }
+        // A free, healthy slot anywhere; failing that, a recently failed endpoint rather than
+        // nothing (it may be back, and a held request is better tried than starved).
+        let ring = (0..n).map(|k| &eps[(a + k) % n]);
+        ring.clone()
+            .find(|e| usable(e) && e.try_take(limit))
+            .or_else(|| ring.clone().find(|e| e.try_take(limit)))
+            .cloned()
+    }
+
+    /// Milliseconds since the gate's epoch while some endpoint is ejected; `None` (and no clock
+    /// read) otherwise.
+    fn ejection_clock(&self) -> Option<u64> {
+        let until = self.ejections_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return None;
+        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        if now >= until {
+            let _ = self.ejections_until.compare_exchange(
+                until,
+                0,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            return None;
+        }
+        Some(now)
+    }
+
+    /// Keeps `endpoint` out of the balancer for a moment after a failed connect, so retries and
+    /// the next requests go elsewhere (unless nothing else is left).
+    pub fn eject(&self, endpoint: &Endpoint, for_: Duration) {
+        let until = (self.epoch.elapsed() + for_).as_millis() as u64;
+        endpoint.ejected_until.store(until, Ordering::Relaxed);
+        self.ejections_until.fetch_max(until, Ordering::Relaxed);
     }
 
     fn permit(self: &Arc<Self>, endpoint: Arc<Endpoint>) -> Permit {
@@ -354,7 +437,13 @@ impl Gate {
     }
 
     fn set_held(&self, n: usize) {
-        self.held.store(n, Ordering::SeqCst);
+        let old = self.held.swap(n, Ordering::SeqCst);
+        let global = &self.settings.held_limit.held;
+        if n >= old {
+            global.fetch_add(n - old, Ordering::Relaxed);
+        } else {
+            global.fetch_sub(old - n, Ordering::Relaxed);
+        }
         self.metrics.held.set(n as i64);
     }
 
@@ -580,12 +669,22 @@ mod tests {
     use crate::metrics::Metrics;
 
     fn gate(capacity: usize, concurrency: Option<usize>) -> Arc<Gate> {
+        gate_with_limit(capacity, concurrency, HeldLimit::new(1000))
+    }
+
+    fn gate_with_limit(
+        capacity: usize,
+        concurrency: Option<usize>,
+        held_limit: Arc<HeldLimit>,
+    ) -> Arc<Gate> {
         Gate::new(
             "svc",
             GateSettings {
                 capacity,
                 hold_timeout: Duration::from_secs(5),
                 concurrency,
+                protocol: Protocol::Http1,
+                held_limit,
             },
             Metrics::new().service("svc"),
         )
@@ -751,5 +850,55 @@ mod tests {
         permits.pop();
         let p = t.await.unwrap().unwrap();
         assert_eq!(p.endpoint().in_flight(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_global_held_limit_spans_gates() {
+        let limit = HeldLimit::new(3);
+        let a = gate_with_limit(10, None, limit.clone());
+        let b = gate_with_limit(10, None, limit.clone());
+        let mut tasks = Vec::new();
+        for g in [&a, &a, &b] {
+            let g = g.clone();
+            tasks.push(tokio::spawn(async move {
+                g.acquire(deadline()).await.map(|_| ())
+            }));
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(limit.held(), 3);
+        assert_eq!(
+            b.acquire(deadline()).await.err().unwrap().kind(),
+            "held_limit"
+        );
+        a.set_endpoints(&[addr(1)]);
+        tokio::task::yield_now().await;
+        assert_eq!(limit.held(), 1);
+        b.fail_held(ProxyError::ShuttingDown {
+            service: "svc".into(),
+        });
+        assert_eq!(limit.held(), 0);
+        for t in tasks {
+            let _ = t.await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejected_endpoint_is_skipped_until_its_time_is_up() {
+        let g = gate(100, None);
+        g.set_endpoints(&[addr(1), addr(2)]);
+        let bad = g.endpoints()[0].clone();
+        g.eject(&bad, Duration::from_secs(1));
+        let mut permits = Vec::new();
+        for _ in 0..20 {
+            permits.push(g.acquire(deadline()).await.unwrap().permit);
+        }
+        assert!(permits.iter().all(|p| p.endpoint().addr == addr(2)));
+        drop(permits);
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..50 {
+            seen.insert(g.acquire(deadline()).await.unwrap().permit.endpoint().addr);
+        }
+        assert_eq!(seen.len(), 2, "both endpoints in use again");
     }
 }

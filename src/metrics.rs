@@ -168,6 +168,11 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a connection closed at once by Reveille (e.g. over `limits.max_connections`).
+    pub fn reject_connection(&self, reason: &str) {
+        self.rejected.with_label_values(&["", reason]).inc();
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::with_capacity(16 * 1024);

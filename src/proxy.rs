@@ -1,17 +1,24 @@
 //! The proxy: one request's whole way. Router → gate (warm permit, or hold while the service
 //! wakes) → upstream client → response streamed back. Errors from every step are turned into
 //! responses here, in [`error_response`], and counted once.
+//!
+//! Retries never duplicate work: a failed connect (nothing was sent) is retried on another
+//! endpoint, holding again if none is ready, within the request's hold deadline; a request whose
+//! bytes may have reached a backend is retried only when its method is idempotent and its body
+//! was never sent.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -19,17 +26,32 @@ use crate::error::ProxyError;
 use crate::gate::{Acquired, Gate};
 use crate::metrics::Metrics;
 use crate::router::Router;
-use crate::upstream::{self, ProxyBody, UpstreamClient};
+use crate::upstream::{self, BodySlot, Outgoing, ProxyBody, Upstreams};
 
 /// Header on responses to requests that were held during a cold start.
 pub const COLD_START_HEADER: &str = "x-reveille-cold-start";
+/// Attempts at most for one request (connect failures, safe retries).
+const MAX_ATTEMPTS: u32 = 5;
+/// First pause before a retry; doubles each time.
+const RETRY_BACKOFF: Duration = Duration::from_millis(10);
+/// How long an endpoint that refused a connection is skipped by the balancer.
+const PASSIVE_EJECTION: Duration = Duration::from_secs(1);
+
+static KNATIVE_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
+static KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-namespace");
+static K_ORIGINAL_HOST: HeaderName = HeaderName::from_static("k-original-host");
+static K_PROXY_REQUEST: HeaderName = HeaderName::from_static("k-proxy-request");
+static K_NETWORK_PROBE: HeaderName = HeaderName::from_static("k-network-probe");
+static K_NETWORK_HASH: HeaderName = HeaderName::from_static("k-network-hash");
 
 /// State shared by every connection.
 pub struct Shared {
     /// The current routing table; swapped whole on reload.
     pub router: ArcSwap<Router<Arc<Gate>>>,
-    /// The pooled upstream client.
-    pub client: UpstreamClient,
+    /// The pooled upstream clients.
+    pub upstreams: Upstreams,
+    /// Bound on waiting for a backend's response headers.
+    pub response_timeout: Duration,
     /// All metrics.
     pub metrics: Metrics,
 }
@@ -43,7 +65,7 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// A service for one client connection.
+    /// A service for one client connection; `proto` is `http` or `https`.
     pub fn new(shared: Arc<Shared>, remote: SocketAddr, proto: &'static str) -> Self {
         Proxy {
             shared,
@@ -64,28 +86,40 @@ impl hyper::service::Service<Request<Incoming>> for Proxy {
     }
 }
 
+/// How the service was chosen.
+struct Routed {
+    gate: Arc<Gate>,
+    knative: bool,
+}
+
 impl Proxy {
-    async fn handle(self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let arrived = Instant::now();
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()));
-        let Some(host) = host else {
-            return self.unrouted(ProxyError::MissingHost);
+        if let Some(resp) = knative_probe(&req) {
+            return resp;
+        }
+        let routed = match self.route(&req) {
+            Ok(r) => r,
+            Err(e) => {
+                self.shared
+                    .metrics
+                    .reject_unrouted(e.kind(), e.status().as_u16());
+                return error_response(&e);
+            }
         };
-        let router = self.shared.router.load();
-        let Some(gate) = router.lookup(host, req.uri().path()) else {
-            let mut shown: String = host.chars().take(256).collect();
-            shown.shrink_to_fit();
-            return self.unrouted(ProxyError::NoRoute { host: shown.into() });
-        };
-        let gate = gate.clone();
-        drop(router);
+        let gate = routed.gate;
+        if routed.knative {
+            let h = req.headers_mut();
+            h.remove(&KNATIVE_REVISION);
+            h.remove(&KNATIVE_NAMESPACE);
+            if let Some(host) = h.get(header::HOST).cloned() {
+                h.insert(&K_ORIGINAL_HOST, host);
+            }
+            h.insert(&K_PROXY_REQUEST, HeaderValue::from_static("activator"));
+        }
         let deadline = arrived + gate.settings().hold_timeout;
         let resp = match gate.acquire(deadline).await {
-            Ok(acquired) => self.forward(req, acquired, &gate).await,
+            Ok(acquired) => self.forward(req, acquired, &gate, deadline).await,
             Err(e) => Err(e),
         };
         let resp = resp.unwrap_or_else(|e| {
@@ -98,54 +132,184 @@ impl Proxy {
         resp
     }
 
+    fn route(&self, req: &Request<Incoming>) -> Result<Routed, ProxyError> {
+        let router = self.shared.router.load();
+        let headers = req.headers();
+        if let (Some(rev), Some(ns)) = (
+            headers.get(&KNATIVE_REVISION),
+            headers.get(&KNATIVE_NAMESPACE),
+        ) {
+            let (rev, ns) = (
+                rev.to_str().unwrap_or_default(),
+                ns.to_str().unwrap_or_default(),
+            );
+            return router
+                .lookup_revision(ns, rev)
+                .map(|g| Routed {
+                    gate: g.clone(),
+                    knative: true,
+                })
+                .ok_or_else(|| ProxyError::NoRoute {
+                    host: truncate(&format!("{rev}.{ns} (Knative revision)")),
+                });
+        }
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .ok_or(ProxyError::MissingHost)?;
+        if let Some(g) = router.lookup(host, req.uri().path()) {
+            return Ok(Routed {
+                gate: g.clone(),
+                knative: false,
+            });
+        }
+        if let Some(g) = router.lookup_revision_host(host) {
+            return Ok(Routed {
+                gate: g.clone(),
+                knative: true,
+            });
+        }
+        Err(ProxyError::NoRoute {
+            host: truncate(host),
+        })
+    }
+
     async fn forward(
         &self,
         mut req: Request<Incoming>,
         acquired: Acquired,
-        gate: &Gate,
+        gate: &Arc<Gate>,
+        deadline: Instant,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let Acquired {
-            permit,
-            held_for,
-            cold,
-        } = acquired;
-        upstream::prepare_request(
-            &mut req,
-            &permit.endpoint().authority,
-            self.remote,
-            self.proto,
-        );
-        let resp = match self.shared.client.request(req).await {
-            Ok(resp) => resp,
-            Err(e) => {
+        let upgrade = upgrade_requested(&req);
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let body_was_empty = http_body::Body::is_end_stream(&body);
+        let out = Outgoing::new(parts, self.remote, self.proto, upgrade);
+        let slot = BodySlot::new(body);
+        let protocol = gate.settings().protocol;
+        let client = self.shared.upstreams.for_protocol(protocol);
+        let timeout = self.shared.response_timeout;
+        let cold = acquired.cold && acquired.held_for.is_some();
+        let mut permit = acquired.permit;
+        let mut attempt = 1;
+        let mut resp = loop {
+            let req = out.request(&permit.endpoint().authority, protocol, slot.body());
+            let err = match tokio::time::timeout(timeout, client.request(req)).await {
+                Ok(Ok(resp)) => break resp,
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    return Err(ProxyError::UpstreamTimeout {
+                        service: gate.name().clone(),
+                        after: timeout,
+                    })
+                }
+            };
+            let unsent = body_was_empty || slot.untouched();
+            let retry = err.is_connect() || (idempotent(out.method()) && unsent);
+            debug!(service = %gate.name(), endpoint = %permit.endpoint().addr, attempt, retry, error = ?err, "upstream failed");
+            if !retry || attempt >= MAX_ATTEMPTS || Instant::now() >= deadline {
                 let service = gate.name().clone();
-                debug!(service = %service, endpoint = %permit.endpoint().addr, error = ?e, "upstream failed");
-                return Err(if e.is_connect() {
+                return Err(if err.is_connect() {
                     ProxyError::UpstreamConnect { service }
                 } else {
                     ProxyError::Upstream { service }
                 });
             }
+            if err.is_connect() {
+                gate.eject(permit.endpoint(), PASSIVE_EJECTION);
+            }
+            drop(permit);
+            tokio::time::sleep(RETRY_BACKOFF * 2u32.pow(attempt - 1)).await;
+            permit = gate.acquire_again(deadline).await?.permit;
+            attempt += 1;
         };
-        let (mut parts, body) = resp.into_parts();
-        upstream::strip_hop_by_hop(&mut parts.headers);
-        if held_for.is_some() && cold {
-            parts
-                .headers
+        if cold {
+            resp.headers_mut()
                 .insert(COLD_START_HEADER, HeaderValue::from_static("true"));
         }
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                return Ok(splice(resp, client_upgrade, permit));
+            }
+        }
+        upstream::strip_hop_by_hop(resp.headers_mut());
+        let (parts, body) = resp.into_parts();
         Ok(Response::from_parts(
             parts,
             ProxyBody::upstream(body, permit),
         ))
     }
+}
 
-    fn unrouted(&self, e: ProxyError) -> Response<ProxyBody> {
-        self.shared
-            .metrics
-            .reject_unrouted(e.kind(), e.status().as_u16());
-        error_response(&e)
+/// Answers Knative's network probes as its activator does.
+fn knative_probe(req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+    let probe = req.headers().get(&K_NETWORK_PROBE)?;
+    let mut resp = Response::new(ProxyBody::local(""));
+    match probe.as_bytes() {
+        b"activator" => *resp.body_mut() = ProxyBody::local("activator"),
+        b"probe" => {
+            if let Some(hash) = req.headers().get(&K_NETWORK_HASH) {
+                resp.headers_mut().insert(&K_NETWORK_HASH, hash.clone());
+            }
+        }
+        _ => return None,
     }
+    Some(resp)
+}
+
+/// The `Upgrade` value of an HTTP/1.1 upgrade request (WebSocket and others).
+fn upgrade_requested(req: &Request<Incoming>) -> Option<HeaderValue> {
+    let conn = req.headers().get(header::CONNECTION)?.to_str().ok()?;
+    if !conn
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+    {
+        return None;
+    }
+    req.headers().get(header::UPGRADE).cloned()
+}
+
+/// Returns the backend's 101 to the client and splices the two upgraded connections. The
+/// endpoint slot is held for the whole session, so an open WebSocket keeps the service awake.
+fn splice(
+    mut resp: Response<Incoming>,
+    client: hyper::upgrade::OnUpgrade,
+    permit: crate::gate::Permit,
+) -> Response<ProxyBody> {
+    let backend = hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    let protocol = parts.headers.get(header::UPGRADE).cloned();
+    upstream::strip_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(p) = protocol {
+        parts.headers.insert(header::UPGRADE, p);
+    }
+    tokio::spawn(async move {
+        let _permit = permit;
+        match tokio::try_join!(client, backend) {
+            Ok((c, b)) => {
+                let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+            }
+            Err(e) => debug!(error = %e, "upgrade failed"),
+        }
+    });
+    Response::from_parts(parts, ProxyBody::local(""))
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn truncate(host: &str) -> Box<str> {
+    host.chars().take(256).collect::<String>().into()
 }
 
 /// The one place an error becomes a response: status, one-line body naming the service and the

@@ -13,6 +13,8 @@ pub struct Router<T> {
     exact: HashMap<Box<str>, Routes<T>>,
     /// Keyed by the suffix after `*.`.
     wildcard: HashMap<Box<str>, Routes<T>>,
+    /// Knative revisions, keyed by `namespace/revision`.
+    revisions: HashMap<Box<str>, T>,
 }
 
 #[derive(Debug)]
@@ -46,6 +48,7 @@ impl<T> Default for Router<T> {
         Router {
             exact: HashMap::new(),
             wildcard: HashMap::new(),
+            revisions: HashMap::new(),
         }
     }
 }
@@ -73,6 +76,39 @@ impl<T> Router<T> {
         routes
             .entries
             .sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+    }
+
+    /// Makes a value reachable as a Knative revision: by the `Knative-Serving-Namespace` and
+    /// `Knative-Serving-Revision` headers, or a host `<revision>.<namespace>.svc.<domain>`.
+    pub fn insert_revision(&mut self, namespace: &str, revision: &str, value: T) {
+        self.revisions
+            .insert(format!("{namespace}/{revision}").into(), value);
+    }
+
+    /// The value for a Knative revision.
+    pub fn lookup_revision(&self, namespace: &str, revision: &str) -> Option<&T> {
+        if self.revisions.is_empty() {
+            return None;
+        }
+        let mut key = String::with_capacity(namespace.len() + revision.len() + 1);
+        key.push_str(namespace);
+        key.push('/');
+        key.push_str(revision);
+        self.revisions.get(key.as_str())
+    }
+
+    /// The value for a host of the form `<revision>.<namespace>.svc.<domain>`.
+    pub fn lookup_revision_host(&self, host: &str) -> Option<&T> {
+        if self.revisions.is_empty() {
+            return None;
+        }
+        let host = normalize_request_host(host)?;
+        let mut labels = host.split('.');
+        let (rev, ns, svc) = (labels.next()?, labels.next()?, labels.next()?);
+        if svc != "svc" {
+            return None;
+        }
+        self.lookup_revision(ns, rev)
     }
 
     /// Number of distinct host keys.
@@ -179,6 +215,25 @@ mod tests {
         assert_eq!(r.lookup("nope.localhost", "/"), None);
         assert_eq!(r.lookup("", "/"), None);
         assert_eq!(r.lookup(":80", "/"), None);
+    }
+
+    #[test]
+    fn knative_revisions_by_name_and_by_host() {
+        let mut r = router();
+        r.insert_revision("integrations", "order-sync-00001", "order");
+        assert_eq!(
+            r.lookup_revision("integrations", "order-sync-00001"),
+            Some(&"order")
+        );
+        assert_eq!(r.lookup_revision("other", "order-sync-00001"), None);
+        assert_eq!(
+            r.lookup_revision_host("order-sync-00001.integrations.svc.cluster.local:80"),
+            Some(&"order")
+        );
+        assert_eq!(
+            r.lookup_revision_host("order-sync-00001.integrations.example.com"),
+            None
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::admin::{self, AdminState, ServiceEntry};
 use crate::config::{Backend, Config};
 use crate::error::ProxyError;
-use crate::gate::{Gate, GateSettings};
+use crate::gate::{Gate, GateSettings, HeldLimit};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Shared};
 use crate::router::Router;
@@ -63,6 +63,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
     let metrics = Metrics::new();
     let (stop_drivers, stop_rx) = watch::channel(false);
     let mut router = Router::new();
+    let held_limit = HeldLimit::new(config.limits.max_held);
     let mut entries = Vec::with_capacity(config.services.len());
     let mut drivers = Vec::with_capacity(config.services.len());
     for s in &config.services {
@@ -72,15 +73,19 @@ pub async fn start(config: Config) -> io::Result<Running> {
                 capacity: s.queue.capacity,
                 hold_timeout: s.queue.timeout,
                 concurrency: s.concurrency,
+                protocol: s.protocol,
+                held_limit: held_limit.clone(),
             },
             metrics.service(&s.name),
         );
         for host in &s.hosts {
             router.insert(host, s.path_prefix.as_deref(), gate.clone());
         }
+        router.insert_revision(&s.namespace, &s.name, gate.clone());
         drivers.push(scaler::spawn_driver(gate.clone(), s, stop_rx.clone()));
         entries.push(ServiceEntry {
             gate,
+            namespace: s.namespace.clone(),
             hosts: s.hosts.clone(),
             path_prefix: s.path_prefix.clone(),
             backend: match s.backend {
@@ -92,7 +97,8 @@ pub async fn start(config: Config) -> io::Result<Running> {
     let gates: Vec<Arc<Gate>> = entries.iter().map(|e| e.gate.clone()).collect();
     let shared = Arc::new(Shared {
         router: ArcSwap::from_pointee(router),
-        client: upstream::client(&config.timeouts),
+        upstreams: upstream::Upstreams::new(&config.timeouts),
+        response_timeout: config.timeouts.upstream_response,
         metrics: metrics.clone(),
     });
     let admin_state = Arc::new(AdminState {
@@ -134,6 +140,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
         builder,
         graceful,
         close_rx,
+        ConnectionLimit::new(config.limits.max_connections),
     ));
     let (admin_stop, admin_stop_rx) = watch::channel(false);
     let admin_task = tokio::spawn(accept_admin(
@@ -195,6 +202,7 @@ async fn accept_proxy(
     builder: auto::Builder<TokioExecutor>,
     graceful: GracefulShutdown,
     mut close: watch::Receiver<bool>,
+    limit: Arc<ConnectionLimit>,
 ) -> GracefulShutdown {
     loop {
         let (stream, remote) = tokio::select! {
@@ -209,6 +217,12 @@ async fn accept_proxy(
             },
             _ = scaler::stopped(&mut close) => break,
         };
+        let Some(guard) = limit.try_open() else {
+            // Over the limit: close at once rather than let memory grow.
+            shared.metrics.reject_connection("max_connections");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let svc = Proxy::new(shared.clone(), remote, "http");
         let conn = builder
@@ -217,9 +231,50 @@ async fn accept_proxy(
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(guard);
         });
     }
     graceful
+}
+
+/// Counts open client connections against `limits.max_connections`.
+pub struct ConnectionLimit {
+    max: usize,
+    open: std::sync::atomic::AtomicUsize,
+}
+
+impl ConnectionLimit {
+    /// A limit of `max` open connections.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(ConnectionLimit {
+            max,
+            open: 0.into(),
+        })
+    }
+
+    /// Takes a connection slot, or `None` when all are taken.
+    pub fn try_open(self: &Arc<Self>) -> Option<ConnectionGuard> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnectionGuard(self.clone()))
+    }
+
+    /// Open connections now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+/// One open connection's slot; released on drop.
+pub struct ConnectionGuard(Arc<ConnectionLimit>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 async fn accept_admin(

@@ -4,35 +4,138 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, Uri, Version};
+use http::{Request, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use parking_lot::Mutex;
 
-use crate::config::Timeouts;
+use crate::config::{Protocol, Timeouts};
 use crate::gate::Permit;
 
-/// The pooled client used for every backend.
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+/// The pooled client used for every backend of one protocol.
+pub type UpstreamClient = Client<HttpConnector, RequestBody>;
 
-/// Builds the shared upstream client.
-pub fn client(timeouts: &Timeouts) -> UpstreamClient {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(timeouts.upstream_connect));
-    http.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(timeouts.upstream_idle)
-        .pool_max_idle_per_host(usize::MAX)
-        .build(http)
+/// One pooled client per backend protocol.
+pub struct Upstreams {
+    /// HTTP/1.1 backends.
+    pub http1: UpstreamClient,
+    /// HTTP/2 cleartext (prior knowledge) backends, e.g. gRPC.
+    pub h2c: UpstreamClient,
+}
+
+impl Upstreams {
+    /// Builds the shared clients.
+    pub fn new(timeouts: &Timeouts) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(timeouts.upstream_connect));
+        http.enforce_http(true);
+        let build = |h2: bool| {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_timer(TokioTimer::new())
+                .pool_idle_timeout(timeouts.upstream_idle)
+                .pool_max_idle_per_host(usize::MAX)
+                .http2_only(h2);
+            if h2 {
+                b.timer(TokioTimer::new())
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .http2_keep_alive_while_idle(false);
+            }
+            b.build(http.clone())
+        };
+        Upstreams {
+            http1: build(false),
+            h2c: build(true),
+        }
+    }
+
+    /// The client for a protocol.
+    pub fn for_protocol(&self, p: Protocol) -> &UpstreamClient {
+        match p {
+            Protocol::Http1 => &self.http1,
+            Protocol::H2c => &self.h2c,
+        }
+    }
+}
+
+/// The client's request body, shared across attempts: the first attempt that actually sends
+/// the body takes it. A connect failure happens before the body is polled, so the body is still
+/// there for a retry on another endpoint.
+pub struct RequestBody {
+    slot: Arc<Mutex<Option<Incoming>>>,
+    taken: Option<Incoming>,
+}
+
+/// Where a request's body waits until an attempt sends it.
+#[derive(Clone)]
+pub struct BodySlot(Arc<Mutex<Option<Incoming>>>);
+
+impl BodySlot {
+    /// Holds `body` for the attempts.
+    pub fn new(body: Incoming) -> Self {
+        BodySlot(Arc::new(Mutex::new(Some(body))))
+    }
+
+    /// Whether no attempt has started sending the body.
+    pub fn untouched(&self) -> bool {
+        self.0.lock().is_some()
+    }
+
+    /// A body for one attempt.
+    pub fn body(&self) -> RequestBody {
+        RequestBody {
+            slot: self.0.clone(),
+            taken: None,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if this.taken.is_none() {
+            this.taken = this.slot.lock().take();
+        }
+        match this.taken.as_mut() {
+            Some(b) => Pin::new(b).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.taken {
+            Some(b) => b.is_end_stream(),
+            None => self.slot.lock().as_ref().is_none_or(|b| b.is_end_stream()),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.taken {
+            Some(b) => b.size_hint(),
+            None => self
+                .slot
+                .lock()
+                .as_ref()
+                .map(|b| b.size_hint())
+                .unwrap_or_else(|| SizeHint::with_exact(0)),
+        }
+    }
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -56,7 +159,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::CONNECTION);
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TE);
+    // `TE: trailers` is the one TE value HTTP/2 allows; gRPC needs it end to end.
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
     headers.remove(header::TRAILER);
     headers.remove(header::TRANSFER_ENCODING);
     headers.remove(header::UPGRADE);
@@ -64,50 +173,97 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::PROXY_AUTHENTICATE);
 }
 
-/// Rewrites a client request for the backend at `endpoint`: origin-form URI to the endpoint,
-/// hop-by-hop headers removed, Host kept, `X-Forwarded-*` set.
-pub fn prepare_request(
-    req: &mut Request<Incoming>,
-    authority: &http::uri::Authority,
-    client: SocketAddr,
-    proto: &'static str,
-) {
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(authority.clone())
-        .path_and_query(path)
-        .build()
-        .expect("valid parts make a valid URI");
-    let original_authority = req.uri().authority().cloned();
-    *req.uri_mut() = uri;
-    *req.version_mut() = Version::HTTP_11;
-    let headers = req.headers_mut();
-    strip_hop_by_hop(headers);
-    if !headers.contains_key(header::HOST) {
-        // HTTP/2 clients send :authority instead of Host.
-        if let Some(a) = original_authority {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                headers.insert(header::HOST, v);
+/// A client request rewritten for the backends: hop-by-hop headers removed (the upgrade pair
+/// kept for upgrades), Host kept, `X-Forwarded-*` set. Each attempt builds its request from it.
+pub struct Outgoing {
+    method: http::Method,
+    path_and_query: http::uri::PathAndQuery,
+    headers: HeaderMap,
+}
+
+impl Outgoing {
+    /// Rewrites the head of a client request. `upgrade` is the `Upgrade` value to pass on.
+    pub fn new(
+        parts: http::request::Parts,
+        client: SocketAddr,
+        proto: &'static str,
+        upgrade: Option<HeaderValue>,
+    ) -> Self {
+        let http::request::Parts {
+            method,
+            uri,
+            mut headers,
+            ..
+        } = parts;
+        strip_hop_by_hop(&mut headers);
+        if let Some(u) = upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, u);
+        }
+        if !headers.contains_key(header::HOST) {
+            // HTTP/2 clients send :authority instead of Host.
+            if let Some(a) = uri.authority() {
+                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                    headers.insert(header::HOST, v);
+                }
             }
         }
+        if let Some(host) = headers.get(header::HOST).cloned() {
+            headers.insert(&X_FORWARDED_HOST, host);
+        }
+        let ip = client.ip().to_string();
+        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            headers.insert(&X_FORWARDED_FOR, v);
+        }
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        let path_and_query = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        Outgoing {
+            method,
+            path_and_query,
+            headers,
+        }
     }
-    if let Some(host) = headers.get(header::HOST).cloned() {
-        headers.insert(&X_FORWARDED_HOST, host);
+
+    /// The method.
+    pub fn method(&self) -> &http::Method {
+        &self.method
     }
-    let ip = client.ip().to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(&X_FORWARDED_FOR, v);
+
+    /// The (rewritten) headers.
+    pub fn headers_mut(&mut self) -> &mut HeaderMap {
+        &mut self.headers
     }
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+
+    /// The request for one attempt at `authority`.
+    pub fn request(
+        &self,
+        authority: &http::uri::Authority,
+        protocol: Protocol,
+        body: RequestBody,
+    ) -> Request<RequestBody> {
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(authority.clone())
+            .path_and_query(self.path_and_query.clone())
+            .build()
+            .expect("valid parts make a valid URI");
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = match protocol {
+            Protocol::Http1 => Version::HTTP_11,
+            Protocol::H2c => Version::HTTP_2,
+        };
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -176,11 +332,6 @@ impl Body for ProxyBody {
     }
 }
 
-/// Strips hop-by-hop headers from a backend response.
-pub fn prepare_response<B>(resp: &mut Response<B>) {
-    strip_hop_by_hop(resp.headers_mut());
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,7 +349,7 @@ mod tests {
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),
         );
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("yes"));
         h.insert(header::HOST, HeaderValue::from_static("a.b"));
