@@ -6,7 +6,9 @@
 //! - `/_demo/sleep?ms=N`: answers after N milliseconds;
 //! - `/_demo/echo`: streams the request body back;
 //! - `/_demo/exit`: answers, then exits with status 3 (a crash);
-//! - anything else: `hello from NAME (pid P): METHOD PATH`.
+//! - anything else: `hello from NAME (pid P): METHOD PATH`, with headers showing what arrived:
+//!   `x-demo-host`, `x-demo-forwarded-for`, `x-demo-forwarded-proto`, and `x-demo-echo` (the
+//!   request's `x-demo-echo` value, byte for byte).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -113,6 +115,8 @@ async fn answer(
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or("")
                 .to_string();
+            let proto = req.headers().get("x-forwarded-proto").cloned();
+            let echo = req.headers().get("x-demo-echo").cloned();
             let mut r = Response::new(full(format!(
                 "hello from {name} (pid {}): {method} {path}\n",
                 std::process::id()
@@ -124,6 +128,12 @@ async fn answer(
             }
             if let Ok(v) = xff.parse() {
                 h.insert("x-demo-forwarded-for", v);
+            }
+            if let Some(v) = proto {
+                h.insert("x-demo-forwarded-proto", v);
+            }
+            if let Some(v) = echo {
+                h.insert("x-demo-echo", v);
             }
             r
         }
