@@ -66,6 +66,19 @@ pub struct Config {
     pub limits: Limits,
     /// The services, in file order.
     pub services: Vec<Service>,
+    /// Inbound TLS listener; `None` when off.
+    pub tls: Option<Tls>,
+}
+
+/// Inbound TLS: a second listener beside the plain one, same services.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// TLS listener address.
+    pub listen: SocketAddr,
+    /// PEM certificate chain, leaf first; reloaded when the file changes.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) matching the leaf certificate.
+    pub key: PathBuf,
 }
 
 /// What happens on SIGTERM/SIGINT.
@@ -265,6 +278,15 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     services: Vec<RawService>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: SocketAddr,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -595,6 +617,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             concurrency: (s.concurrency > 0).then_some(s.concurrency),
         });
     }
+    let tls = raw.tls.map(|t| validate_tls(&mut p, t, listen, admin));
     if p.0.is_empty() {
         Ok(Config {
             listen,
@@ -603,9 +626,31 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             timeouts,
             limits,
             services,
+            tls,
         })
     } else {
         Err(ConfigError { problems: p.0 })
+    }
+}
+
+/// Checks the TLS listener and loads its certificate and key, so a bad pair is reported by
+/// `reveille check` and before `serve` binds anything.
+fn validate_tls(p: &mut Problems, raw: RawTls, listen: SocketAddr, admin: SocketAddr) -> Tls {
+    if (raw.listen == listen || raw.listen == admin) && raw.listen.port() != 0 {
+        p.add(
+            "tls.listen",
+            format!("{} is already used by listen or admin", raw.listen),
+        );
+    }
+    if let Err(problems) = crate::tls::load(&raw.cert, &raw.key) {
+        for problem in problems {
+            p.add(problem.file.field(), problem.reason);
+        }
+    }
+    Tls {
+        listen: raw.listen,
+        cert: raw.cert,
+        key: raw.key,
     }
 }
 

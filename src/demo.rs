@@ -8,7 +8,9 @@
 //! - `/_demo/headers`: the request's headers, one `name: value` per line;
 //! - `/_demo/exit`: answers, then exits with status 3 (a crash);
 //! - `/_demo/upgrade` with `Connection: upgrade`: switches protocols and echoes raw bytes;
-//! - anything else: `hello from NAME (pid P): METHOD PATH`.
+//! - anything else: `hello from NAME (pid P): METHOD PATH`, with headers showing what arrived:
+//!   `x-demo-host`, `x-demo-forwarded-for`, `x-demo-forwarded-proto`, and `x-demo-echo` (the
+//!   request's `x-demo-echo` value, byte for byte).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -141,6 +143,8 @@ async fn answer(
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or("")
                 .to_string();
+            let proto = req.headers().get("x-forwarded-proto").cloned();
+            let echo = req.headers().get("x-demo-echo").cloned();
             let mut r = Response::new(full(format!(
                 "hello from {name} (pid {}): {method} {path}\n",
                 std::process::id()
@@ -152,6 +156,12 @@ async fn answer(
             }
             if let Ok(v) = xff.parse() {
                 h.insert("x-demo-forwarded-for", v);
+            }
+            if let Some(v) = proto {
+                h.insert("x-demo-forwarded-proto", v);
+            }
+            if let Some(v) = echo {
+                h.insert("x-demo-echo", v);
             }
             r
         }

@@ -1,10 +1,10 @@
 //! Reveille: an HTTP activator. It holds requests for services scaled to zero in bounded
 //! per-service queues, wakes the service, and forwards the held requests once it is ready.
 //!
-//! The modules follow a request's way: [`server`] accepts it, [`router`] picks the service,
-//! [`gate`] grants an endpoint slot at once or holds the request while a [`scaler`] driver wakes
-//! the backend, [`upstream`] forwards it, and [`proxy`] ties these together and maps every
-//! [`error`] to a response. [`config`] builds the typed settings, [`metrics`] and [`admin`]
+//! The modules follow a request's way: [`server`] accepts it ([`tls`] for HTTPS), [`router`]
+//! picks the service, [`gate`] grants an endpoint slot at once or holds the request while a
+//! [`scaler`] driver wakes the backend, [`upstream`] forwards it, and [`proxy`] ties these
+//! together and maps every [`error`] to a response. [`config`] builds the typed settings, [`metrics`] and [`admin`]
 //! report on it all, and [`demo`] is a small backend for trying it out.
 
 pub mod admin;
@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod router;
 pub mod scaler;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

@@ -29,7 +29,14 @@ use crate::gate::{Gate, GateSettings, HeldLimit};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Shared};
 use crate::router::Router;
+use crate::tls::TlsListener;
 use crate::{scaler, upstream};
+
+/// Largest request head (request line and headers) read from a client, in bytes; larger gets
+/// `431`. Bounds HTTP/1's read buffer and HTTP/2's header list.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most header fields in one HTTP/1 request; more gets `431`.
+pub const MAX_HEADERS: usize = 100;
 
 /// Extra time after the grace for the 503s of still-held requests to be written.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
@@ -40,6 +47,8 @@ pub struct Running {
     pub proxy_addr: SocketAddr,
     /// Where the admin endpoints listen.
     pub admin_addr: SocketAddr,
+    /// Where the TLS listener listens, when `tls` is configured.
+    pub tls_addr: Option<SocketAddr>,
     /// Every service's gate, in config order.
     pub gates: Vec<Arc<Gate>>,
     shutdown: watch::Sender<bool>,
@@ -119,9 +128,14 @@ pub async fn start(config: Config) -> io::Result<Running> {
             format!("cannot listen on {} (admin): {e}", config.admin),
         )
     })?;
+    let tls_listener = match &config.tls {
+        Some(t) => Some(TlsListener::bind(t).await?),
+        None => None,
+    };
     let proxy_addr = proxy_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    info!(%proxy_addr, %admin_addr, services = config.services.len(), "reveille listening");
+    let tls_addr = tls_listener.as_ref().map(|t| t.local_addr()).transpose()?;
+    info!(%proxy_addr, %admin_addr, ?tls_addr, services = config.services.len(), "reveille listening");
 
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let (close_listeners, close_rx) = watch::channel(false);
@@ -131,8 +145,22 @@ pub async fn start(config: Config) -> io::Result<Running> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.timeouts.client_header)
-        .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+        .keep_alive(true)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+
+    let tls_task = tls_listener.map(|t| {
+        t.serve(
+            shared.clone(),
+            builder.clone(),
+            config.timeouts.client_header,
+            close_rx.clone(),
+        )
+    });
 
     let proxy_task = tokio::spawn(accept_proxy(
         proxy_listener,
@@ -161,7 +189,13 @@ pub async fn start(config: Config) -> io::Result<Running> {
             Ok(g) => g,
             Err(_) => GracefulShutdown::new(),
         };
-        let drained = graceful.shutdown();
+        let tls_graceful = match tls_task {
+            Some(t) => t.await.unwrap_or_default(),
+            None => GracefulShutdown::new(),
+        };
+        let drained = async move {
+            tokio::join!(graceful.shutdown(), tls_graceful.shutdown());
+        };
         tokio::pin!(drained);
         if tokio::time::timeout(shutdown_cfg.grace, &mut drained)
             .await
@@ -190,6 +224,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
     Ok(Running {
         proxy_addr,
         admin_addr,
+        tls_addr,
         gates,
         shutdown,
         task,
