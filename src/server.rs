@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::FutureExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -40,6 +41,10 @@ pub const MAX_HEADERS: usize = 100;
 
 /// Extra time after the grace for the 503s of still-held requests to be written.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
+/// On shutdown, how long a connection may still send a request before it is closed once idle.
+/// A client that connected just before the shutdown has its request on the way; closing the
+/// connection at once would lose it.
+const LAST_REQUEST_GRACE: Duration = Duration::from_millis(500);
 
 /// A running Reveille.
 pub struct Running {
@@ -139,7 +144,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
 
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let (close_listeners, close_rx) = watch::channel(false);
-    let graceful = GracefulShutdown::new();
+    let conns = Connections::new(config.limits.max_connections);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -159,6 +164,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
             builder.clone(),
             config.timeouts.client_header,
             close_rx.clone(),
+            conns.clone(),
         )
     });
 
@@ -166,9 +172,8 @@ pub async fn start(config: Config) -> io::Result<Running> {
         proxy_listener,
         shared,
         builder,
-        graceful,
         close_rx,
-        ConnectionLimit::new(config.limits.max_connections),
+        conns.clone(),
     ));
     let (admin_stop, admin_stop_rx) = watch::channel(false);
     let admin_task = tokio::spawn(accept_admin(
@@ -185,17 +190,11 @@ pub async fn start(config: Config) -> io::Result<Running> {
         admin_state.ready.store(false, Ordering::SeqCst);
         tokio::time::sleep(shutdown_cfg.delay).await;
         let _ = close_listeners.send(true);
-        let graceful = match proxy_task.await {
-            Ok(g) => g,
-            Err(_) => GracefulShutdown::new(),
-        };
-        let tls_graceful = match tls_task {
-            Some(t) => t.await.unwrap_or_default(),
-            None => GracefulShutdown::new(),
-        };
-        let drained = async move {
-            tokio::join!(graceful.shutdown(), tls_graceful.shutdown());
-        };
+        let _ = proxy_task.await;
+        if let Some(t) = tls_task {
+            let _ = t.await;
+        }
+        let drained = conns.drained();
         tokio::pin!(drained);
         if tokio::time::timeout(shutdown_cfg.grace, &mut drained)
             .await
@@ -235,55 +234,79 @@ async fn accept_proxy(
     listener: TcpListener,
     shared: Arc<Shared>,
     builder: auto::Builder<TokioExecutor>,
-    graceful: GracefulShutdown,
-    mut close: watch::Receiver<bool>,
-    limit: Arc<ConnectionLimit>,
-) -> GracefulShutdown {
-    loop {
-        let (stream, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = scaler::stopped(&mut close) => break,
-        };
-        let Some(guard) = limit.try_open() else {
+    close: watch::Receiver<bool>,
+    conns: Arc<Connections>,
+) {
+    let conn_close = close.clone();
+    let mut close = close;
+    let serve = |stream: tokio::net::TcpStream, remote: SocketAddr| {
+        let Some(guard) = conns.try_open() else {
             // Over the limit: close at once rather than let memory grow.
             shared.metrics.reject_connection("max_connections");
-            drop(stream);
-            continue;
+            return;
         };
         let _ = stream.set_nodelay(true);
         let svc = Proxy::new(shared.clone(), remote, "http");
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
             .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(guard);
-        });
+        tokio::spawn(drive(conn, conn_close.clone(), guard));
+    };
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, remote)) => serve(stream, remote),
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            _ = scaler::stopped(&mut close) => break,
+        }
     }
-    graceful
+    // Connections the kernel completed but we had not accepted yet carry requests too.
+    while let Some(Ok((stream, remote))) = listener.accept().now_or_never() {
+        serve(stream, remote);
+    }
 }
 
-/// Counts open client connections against `limits.max_connections`.
-pub struct ConnectionLimit {
+/// Serves one connection until it ends; on shutdown, lets it send a last request, then closes
+/// it once its in-progress requests are answered.
+pub(crate) async fn drive<C: GracefulConnection>(
+    conn: C,
+    mut close: watch::Receiver<bool>,
+    guard: ConnectionGuard,
+) {
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = scaler::stopped(&mut close) => {}
+    }
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = tokio::time::sleep(LAST_REQUEST_GRACE) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+    drop(guard); // the connection slot is free only now
+}
+
+/// Open client connections, plain and TLS: bounded by `limits.max_connections`, and waited
+/// for on shutdown.
+pub struct Connections {
     max: usize,
     open: std::sync::atomic::AtomicUsize,
+    closed: tokio::sync::Notify,
 }
 
-impl ConnectionLimit {
-    /// A limit of `max` open connections.
+impl Connections {
+    /// At most `max` open connections.
     pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(ConnectionLimit {
+        Arc::new(Connections {
             max,
             open: 0.into(),
+            closed: tokio::sync::Notify::new(),
         })
     }
 
@@ -299,16 +322,31 @@ impl ConnectionLimit {
 
     /// Open connections now.
     pub fn open(&self) -> usize {
-        self.open.load(Ordering::Relaxed)
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Resolves when no connection is open.
+    pub async fn drained(&self) {
+        loop {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.open() == 0 {
+                return;
+            }
+            closed.await;
+        }
     }
 }
 
 /// One open connection's slot; released on drop.
-pub struct ConnectionGuard(Arc<ConnectionLimit>);
+pub struct ConnectionGuard(Arc<Connections>);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.closed.notify_waiters();
+        }
     }
 }
 

@@ -19,7 +19,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -36,6 +35,7 @@ use tracing::{debug, info, warn};
 use crate::config::Tls;
 use crate::proxy::{Proxy, Shared};
 use crate::scaler;
+use crate::server::{drive, Connections};
 
 /// ALPN protocols offered, in order of preference.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -228,7 +228,8 @@ impl TlsListener {
         builder: auto::Builder<TokioExecutor>,
         handshake_timeout: Duration,
         close: watch::Receiver<bool>,
-    ) -> JoinHandle<GracefulShutdown> {
+        conns: Arc<Connections>,
+    ) -> JoinHandle<()> {
         let reloader = tokio::spawn(reload_loop(
             self.store.clone(),
             self.cert,
@@ -238,17 +239,17 @@ impl TlsListener {
         ));
         let acceptor = TlsAcceptor::from(server_config(self.store));
         tokio::spawn(async move {
-            let graceful = accept_tls(
+            accept_tls(
                 self.listener,
                 acceptor,
                 shared,
                 builder,
                 handshake_timeout,
                 close,
+                conns,
             )
             .await;
             let _ = reloader.await;
-            graceful
         })
     }
 }
@@ -265,8 +266,8 @@ async fn accept_tls(
     builder: auto::Builder<TokioExecutor>,
     handshake_timeout: Duration,
     mut close: watch::Receiver<bool>,
-) -> GracefulShutdown {
-    let graceful = GracefulShutdown::new();
+    conns: Arc<Connections>,
+) {
     loop {
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {
@@ -279,9 +280,13 @@ async fn accept_tls(
             },
             _ = scaler::stopped(&mut close) => break,
         };
-        let _ = stream.set_nodelay(true);
         // Taken before the handshake, so a shutdown waits for connections still shaking hands.
-        let watcher = graceful.watcher();
+        let Some(guard) = conns.try_open() else {
+            shared.metrics.reject_connection("max_connections");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let close = close.clone();
         let acceptor = acceptor.clone();
         let shared = shared.clone();
         let builder = builder.clone();
@@ -302,14 +307,13 @@ async fn accept_tls(
             let io = TokioIo::new(tls);
             if h2 {
                 let conn = builder.http2_only().serve_connection(io, svc).into_owned();
-                let _ = watcher.watch(conn).await;
+                drive(conn, close, guard).await;
             } else {
                 let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
-                let _ = watcher.watch(conn).await;
+                drive(conn, close, guard).await;
             }
         });
     }
-    graceful
 }
 
 /// Sets up a filesystem watch on the directories of `paths`; each change wakes `wake`.

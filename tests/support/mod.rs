@@ -13,10 +13,16 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+pub mod load;
+
 pub use reveille::Running;
 
-/// The reveille binary built for this test run.
-pub const BIN: &str = env!("CARGO_BIN_EXE_reveille");
+/// The reveille binary built for this test run (for `loadtests/`, run as examples, the release
+/// build: `cargo build --release --bins --examples`).
+pub const BIN: &str = match option_env!("CARGO_BIN_EXE_reveille") {
+    Some(p) => p,
+    None => concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/reveille"),
+};
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
