@@ -1,9 +1,12 @@
 //! Admin listener: health, readiness, Prometheus metrics, the KEDA HTTP add-on `/queue`
-//! format, and the JSON state of every service. Never served on the proxy port.
+//! format, the JSON state of every service, the cluster-wide counts for KEDA's `metrics-api`
+//! trigger (`/api/scaling`), and this replica's own counts for its peers (`/api/local`, which
+//! also long-polls). Never served on the proxy port.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -12,7 +15,11 @@ use http_body_util::Full;
 use serde_json::{json, Map, Value};
 
 use crate::gate::Gate;
+use crate::keda::Cluster;
 use crate::metrics::Metrics;
+
+/// Upper bound on one `/api/local?wait=` long-poll.
+pub const MAX_LONG_POLL: Duration = Duration::from_secs(60);
 
 /// What the admin endpoints report on.
 pub struct AdminState {
@@ -22,6 +29,8 @@ pub struct AdminState {
     pub metrics: Metrics,
     /// False once shutdown began: `/readyz` answers 503.
     pub ready: AtomicBool,
+    /// This replica's counts and its peers'.
+    pub cluster: Arc<Cluster>,
 }
 
 /// One service as the admin API shows it.
@@ -65,9 +74,11 @@ pub async fn handle<B>(
         }
         "/queue" => json_response(&queue(&state)),
         "/api/services" => json_response(&services(&state)),
+        "/api/scaling" => json_response(&scaling(&state).await),
+        "/api/local" => local(&state, req.uri().query().unwrap_or("")).await,
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz /readyz /metrics /queue /api/services\n",
+            "not found; try /healthz /readyz /metrics /queue /api/services /api/scaling /api/local\n",
         ),
     };
     Ok(resp)
@@ -87,6 +98,44 @@ pub fn queue(state: &AdminState) -> Value {
         );
     }
     Value::Object(m)
+}
+
+/// Every service's counts summed over all replicas, for KEDA's `metrics-api` trigger:
+/// `{"services": {"<name>": {"concurrency": n, "held": n, "in_flight": n, "rate": x,
+/// "replicas": n, "stale": n}}}` (GJSON path `services.<name>.concurrency`).
+pub async fn scaling(state: &AdminState) -> Value {
+    let mut m = Map::new();
+    for (name, totals) in state.cluster.all_totals().await {
+        m.insert(name, json!(totals));
+    }
+    json!({ "services": Value::Object(m) })
+}
+
+/// This replica's own counts (what peers read). With `wait=<service>&held=<0|1>` it answers
+/// once the service's held state (anything held or not) differs from `held`, or after
+/// `timeout_ms` (at most [`MAX_LONG_POLL`]).
+async fn local(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
+    let param = |key: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    };
+    let local = state.cluster.local();
+    if let Some(service) = param("wait") {
+        let Some(gate) = local.gate(service) else {
+            return text(StatusCode::NOT_FOUND, "unknown service\n");
+        };
+        let held = param("held") == Some("1");
+        let wait = param("timeout_ms")
+            .and_then(|v| v.parse().ok())
+            .map_or(MAX_LONG_POLL, Duration::from_millis)
+            .min(MAX_LONG_POLL);
+        let mut rx = gate.subscribe_held();
+        let _ = tokio::time::timeout(wait, rx.wait_for(|n| (*n > 0) != held)).await;
+    }
+    json_response(&json!(local.all()))
 }
 
 /// Every service's live state.

@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod keda;
+pub use keda::*;
+
 /// Default proxy listener.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default admin listener.
@@ -68,6 +71,8 @@ pub struct Config {
     pub services: Vec<Service>,
     /// Inbound TLS listener; `None` when off.
     pub tls: Option<Tls>,
+    /// KEDA external scaler and peer replicas (`keda:`; absent: no gRPC listener, no peers).
+    pub keda: Keda,
 }
 
 /// Inbound TLS: a second listener beside the plain one, same services.
@@ -144,6 +149,8 @@ pub struct Service {
     pub idle_timeout: Duration,
     /// In-flight limit per endpoint; `None` is unlimited.
     pub concurrency: Option<usize>,
+    /// What KEDA scales this service on.
+    pub keda: ServiceKeda,
 }
 
 /// Hold-queue settings.
@@ -279,6 +286,8 @@ struct RawConfig {
     #[serde(default)]
     services: Vec<RawService>,
     tls: Option<RawTls>,
+    #[serde(default)]
+    keda: keda::RawKeda,
 }
 
 #[derive(Debug, Deserialize)]
@@ -328,6 +337,8 @@ struct RawService {
     idle_timeout: Option<HumanDuration>,
     #[serde(default)]
     concurrency: usize,
+    #[serde(default)]
+    keda: keda::RawServiceKeda,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -468,6 +479,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             DEFAULT_UPSTREAM_RESPONSE_TIMEOUT,
         ),
     };
+    let keda = keda::validate(&mut p, raw.keda, &[("listen", listen), ("admin", admin)]);
     positive(
         &mut p,
         "timeouts.upstream_response".into(),
@@ -605,6 +617,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
                 Backend::Static(StaticBackend { addresses: vec![] })
             }
         };
+        let keda = keda::validate_service(&mut p, &format!("{at}.keda"), s.keda);
         services.push(Service {
             name: s.name,
             namespace,
@@ -615,6 +628,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             queue,
             idle_timeout,
             concurrency: (s.concurrency > 0).then_some(s.concurrency),
+            keda,
         });
     }
     let tls = raw.tls.map(|t| validate_tls(&mut p, t, listen, admin));
@@ -627,6 +641,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             limits,
             services,
             tls,
+            keda,
         })
     } else {
         Err(ConfigError { problems: p.0 })
@@ -916,6 +931,61 @@ services:
             expand_env("${EXE} $$x $y", &|_| Some("v".into())).unwrap(),
             "v $x $y"
         );
+    }
+
+    #[test]
+    fn keda_block_parses_with_defaults() {
+        let c = Config::parse_with_env(GOOD, &|_| None).unwrap();
+        assert_eq!(c.keda, Keda::default());
+        assert_eq!(c.services[0].keda, ServiceKeda::default());
+        let text = format!(
+            "{GOOD}keda:\n  listen: 127.0.0.1:9091\n  peers: [127.0.0.1:9190, 127.0.0.1:9191]\n  peer_timeout: 100ms\n"
+        )
+        .replace(
+            "    concurrency: 3\n",
+            "    concurrency: 3\n    keda: { metric: rate, target: 2.5 }\n",
+        );
+        let c = Config::parse_with_env(&text, &|_| None).unwrap();
+        assert_eq!(c.keda.listen, Some("127.0.0.1:9091".parse().unwrap()));
+        assert_eq!(c.keda.peers.len(), 2);
+        assert_eq!(c.keda.peer_timeout, Duration::from_millis(100));
+        assert_eq!(c.keda.peer_stale_after, DEFAULT_PEER_STALE_AFTER);
+        assert_eq!(c.services[0].keda.metric, ScalingMetric::Rate);
+        assert_eq!(c.services[0].keda.target, Some(2.5));
+    }
+
+    #[test]
+    fn keda_problems_name_their_fields() {
+        let e = errs(
+            r#"
+admin: 127.0.0.1:9090
+keda:
+  listen: 127.0.0.1:9090
+  peers: [127.0.0.1:9090, 127.0.0.1:0, 127.0.0.1:9300, 127.0.0.1:9300]
+  stream_interval: 0s
+  rate_window: 10ms
+services:
+  - name: a
+    hosts: [a]
+    backend: { static: { addresses: [127.0.0.1:1] } }
+    keda: { target: -1 }
+"#,
+        );
+        let want = [
+            "keda.listen: must differ from admin (127.0.0.1:9090)",
+            "keda.peers[0]: 127.0.0.1:9090 is this replica's own admin address (it would be counted twice)",
+            "keda.peers[1]: port must not be 0",
+            "keda.peers[3]: duplicate peer 127.0.0.1:9300",
+            "keda.stream_interval: must be greater than 0",
+            "keda.rate_window: must be at least 1s",
+            "services[0].keda.target: must be a number greater than 0",
+        ];
+        for w in want {
+            assert!(e.iter().any(|x| x == w), "missing {w:?} in {e:#?}");
+        }
+        assert_eq!(e.len(), want.len(), "{e:#?}");
+        let e = errs("services: []\nkeda: { lisen: 127.0.0.1:1 }\n");
+        assert!(e[0].starts_with("keda.lisen: unknown field"), "{e:?}");
     }
 
     #[test]

@@ -21,12 +21,13 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use crate::config::Protocol;
 use crate::error::ProxyError;
 use crate::metrics::ServiceMetrics;
+use crate::wake::WakeTracker;
 
 /// A service's activation state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +171,9 @@ pub struct Gate {
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     queue: Mutex<Queue>,
     held: AtomicUsize,
+    /// Fires on every change of the held count (only the slow path holds, so the warm path
+    /// never touches it): KEDA streams push on it.
+    held_events: watch::Sender<usize>,
     in_flight: AtomicUsize,
     state: AtomicU8,
     demand: Notify,
@@ -181,6 +185,7 @@ pub struct Gate {
     ejections_until: AtomicU64,
     requests_total: AtomicU64,
     last_activation_us: AtomicU64,
+    wake: WakeTracker,
     metrics: ServiceMetrics,
 }
 
@@ -208,6 +213,7 @@ impl Gate {
                 waiters: BTreeMap::new(),
             }),
             held: AtomicUsize::new(0),
+            held_events: watch::Sender::new(0),
             in_flight: AtomicUsize::new(0),
             state: AtomicU8::new(State::Idle as u8),
             demand: Notify::new(),
@@ -217,6 +223,7 @@ impl Gate {
             ejections_until: AtomicU64::new(0),
             requests_total: AtomicU64::new(0),
             last_activation_us: AtomicU64::new(u64::MAX),
+            wake: WakeTracker::new(),
             metrics,
         })
     }
@@ -239,6 +246,16 @@ impl Gate {
     /// Requests held now.
     pub fn held(&self) -> usize {
         self.held.load(Ordering::SeqCst)
+    }
+
+    /// A receiver that sees every change of the held count, at once (no ticker).
+    pub fn subscribe_held(&self) -> watch::Receiver<usize> {
+        self.held_events.subscribe()
+    }
+
+    /// The cold-start timer of the current wake-up (driven by the scaler and the gate).
+    pub fn wake(&self) -> &WakeTracker {
+        &self.wake
     }
 
     /// Requests in flight now.
@@ -352,6 +369,9 @@ impl Gate {
         drop(held);
         let held_for = since.elapsed();
         self.metrics.held_for(held_for.as_secs_f64());
+        if cold && grant.is_ok() {
+            self.wake.first_forwarded(&self.metrics);
+        }
         grant.map(|permit| Acquired {
             permit,
             held_for: Some(held_for),
@@ -438,13 +458,17 @@ impl Gate {
 
     fn set_held(&self, n: usize) {
         let old = self.held.swap(n, Ordering::SeqCst);
+        if old == n {
+            return;
+        }
         let global = &self.settings.held_limit.held;
-        if n >= old {
+        if n > old {
             global.fetch_add(n - old, Ordering::Relaxed);
         } else {
             global.fetch_sub(old - n, Ordering::Relaxed);
         }
         self.metrics.held.set(n as i64);
+        self.held_events.send_replace(n);
     }
 
     /// Hands free slots to held requests, oldest first. Runs under the queue lock.
@@ -900,5 +924,27 @@ mod tests {
             seen.insert(g.acquire(deadline()).await.unwrap().permit.endpoint().addr);
         }
         assert_eq!(seen.len(), 2, "both endpoints in use again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_changes_fire_the_event_source() {
+        let g = gate(10, None);
+        let mut rx = g.subscribe_held();
+        assert_eq!(*rx.borrow_and_update(), 0);
+        let g2 = g.clone();
+        let t = tokio::spawn(async move { g2.acquire(deadline()).await.map(|a| a.permit) });
+        tokio::time::timeout(Duration::from_secs(1), rx.changed())
+            .await
+            .expect("held event")
+            .unwrap();
+        assert_eq!(*rx.borrow_and_update(), 1);
+        g.set_endpoints(&[addr(1)]);
+        let permit = t.await.unwrap().unwrap();
+        rx.changed().await.unwrap();
+        assert_eq!(*rx.borrow_and_update(), 0);
+        // The warm path (a free endpoint, nothing held) does not touch the event source.
+        drop(permit);
+        let _warm = g.acquire(deadline()).await.unwrap();
+        assert!(!rx.has_changed().unwrap());
     }
 }

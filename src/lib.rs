@@ -4,14 +4,16 @@
 //! The modules follow a request's way: [`server`] accepts it ([`tls`] for HTTPS), [`router`]
 //! picks the service, [`gate`] grants an endpoint slot at once or holds the request while a
 //! [`scaler`] driver wakes the backend, [`upstream`] forwards it, and [`proxy`] ties these
-//! together and maps every [`error`] to a response. [`config`] builds the typed settings, [`metrics`] and [`admin`]
-//! report on it all, and [`demo`] is a small backend for trying it out.
+//! together and maps every [`error`] to a response. [`config`] builds the typed settings,
+//! [`metrics`] and [`admin`] report on it all, [`keda`] answers KEDA's external scaler calls,
+//! [`wake`] times cold starts, and [`demo`] is a small backend for trying it out.
 
 pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod gate;
+pub mod keda;
 pub mod metrics;
 pub mod proxy;
 pub mod router;
@@ -19,6 +21,7 @@ pub mod scaler;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+pub mod wake;
 
 pub use config::Config;
 pub use server::{start, Running};

@@ -4,9 +4,11 @@
 
 use parking_lot::RwLock;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+use crate::wake::Phase;
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -30,6 +32,11 @@ pub struct Metrics {
     activations: IntCounterVec,
     activation_duration: HistogramVec,
     rejected: IntCounterVec,
+    wakeup: HistogramVec,
+    /// KEDA `StreamIsActive` streams open now.
+    pub keda_streams: IntGauge,
+    keda_pushes: IntCounterVec,
+    peer_fetches: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -71,6 +78,20 @@ impl Metrics {
             &["version"],
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let wakeup = must(HistogramVec::new(
+            HistogramOpts::new(
+                "reveille_wakeup_seconds",
+                "Time from a wake-up's start to each milestone: scale_accepted, endpoint_ready, first_forwarded.",
+            )
+            .buckets(ACTIVATION_BUCKETS.to_vec()),
+            &["service", "phase"],
+        ));
+        must(registry.register(Box::new(wakeup.clone())));
+        let keda_streams = must(IntGauge::new(
+            "reveille_keda_streams",
+            "KEDA StreamIsActive streams open on this replica.",
+        ));
+        must(registry.register(Box::new(keda_streams.clone())));
         Metrics {
             held: gauge(
                 "reveille_requests_held",
@@ -122,6 +143,18 @@ impl Metrics {
                 "Requests answered with an error by Reveille itself, by reason.",
                 &["service", "reason"],
             ),
+            wakeup,
+            keda_streams,
+            keda_pushes: counter(
+                "reveille_keda_pushes_total",
+                "Messages sent on KEDA StreamIsActive streams, by cause (event, interval) and value.",
+                &["service", "cause", "active"],
+            ),
+            peer_fetches: counter(
+                "reveille_peer_fetches_total",
+                "Reads of peer replicas' counts, by outcome (ok, stale: last value used, dropped: too old).",
+                &["outcome"],
+            ),
             registry,
         }
     }
@@ -142,6 +175,7 @@ impl Metrics {
             request_duration: self.request_duration.with_label_values(&[name]),
             hold_duration: self.hold_duration.with_label_values(&[name]),
             activation_duration: self.activation_duration.with_label_values(&[name]),
+            wakeup: Phase::ALL.map(|p| self.wakeup.with_label_values(&[name, p.as_str()])),
             codes: RwLock::new(Vec::new()),
             parent: self.clone(),
         }
@@ -155,6 +189,9 @@ impl Metrics {
         let _ = self.request_duration.remove_label_values(&[name]);
         let _ = self.hold_duration.remove_label_values(&[name]);
         let _ = self.activation_duration.remove_label_values(&[name]);
+        for p in Phase::ALL {
+            let _ = self.wakeup.remove_label_values(&[name, p.as_str()]);
+        }
         for state in crate::gate::State::ALL {
             let _ = self.state.remove_label_values(&[name, state.as_str()]);
         }
@@ -171,6 +208,18 @@ impl Metrics {
     /// Counts a connection closed at once by Reveille (e.g. over `limits.max_connections`).
     pub fn reject_connection(&self, reason: &str) {
         self.rejected.with_label_values(&["", reason]).inc();
+    }
+
+    /// Counts a message sent on a KEDA stream.
+    pub fn keda_push(&self, service: &str, cause: &'static str, active: bool) {
+        self.keda_pushes
+            .with_label_values(&[service, cause, if active { "true" } else { "false" }])
+            .inc();
+    }
+
+    /// Counts a read of a peer replica's counts by outcome (`ok`, `stale`, `dropped`).
+    pub fn peer_fetch(&self, outcome: &'static str) {
+        self.peer_fetches.with_label_values(&[outcome]).inc();
     }
 
     /// The Prometheus text exposition of every metric.
@@ -194,6 +243,7 @@ pub struct ServiceMetrics {
     request_duration: prometheus::Histogram,
     hold_duration: prometheus::Histogram,
     activation_duration: prometheus::Histogram,
+    wakeup: [prometheus::Histogram; 3],
     codes: RwLock<Vec<(u16, IntCounter)>>,
     parent: Metrics,
 }
@@ -236,6 +286,11 @@ impl ServiceMetrics {
         if let Some(s) = seconds {
             self.activation_duration.observe(s);
         }
+    }
+
+    /// Records the time from a wake-up's start to one of its milestones.
+    pub fn wake_phase(&self, phase: Phase, seconds: f64) {
+        self.wakeup[phase as usize].observe(seconds);
     }
 
     /// Publishes the service's activation state.

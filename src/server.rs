@@ -27,6 +27,7 @@ use crate::admin::{self, AdminState, ServiceEntry};
 use crate::config::{Backend, Config};
 use crate::error::ProxyError;
 use crate::gate::{Gate, GateSettings, HeldLimit};
+use crate::keda::{self, Cluster, Local, PeerSource, Scaler, ServiceTargets, StaticPeers};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Shared};
 use crate::router::Router;
@@ -54,6 +55,8 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// Where the TLS listener listens, when `tls` is configured.
     pub tls_addr: Option<SocketAddr>,
+    /// Where the KEDA external scaler listens, if enabled (`keda.listen`).
+    pub keda_addr: Option<SocketAddr>,
     /// Every service's gate, in config order.
     pub gates: Vec<Arc<Gate>>,
     shutdown: watch::Sender<bool>,
@@ -72,8 +75,15 @@ impl Running {
     }
 }
 
-/// Builds the services, binds both listeners, and starts serving.
+/// Builds the services, binds the listeners, and starts serving. Peers come from
+/// `keda.peers`.
 pub async fn start(config: Config) -> io::Result<Running> {
+    let peers = Arc::new(StaticPeers(config.keda.peers.clone()));
+    start_with_peers(config, peers).await
+}
+
+/// Like [`start`], with the peer replicas found by `peers` (e.g. a Kubernetes discovery).
+pub async fn start_with_peers(config: Config, peers: Arc<dyn PeerSource>) -> io::Result<Running> {
     let metrics = Metrics::new();
     let (stop_drivers, stop_rx) = watch::channel(false);
     let mut router = Router::new();
@@ -115,10 +125,29 @@ pub async fn start(config: Config) -> io::Result<Running> {
         response_timeout: config.timeouts.upstream_response,
         metrics: metrics.clone(),
     });
+    let local = Arc::new(Local::new(&gates, config.keda.rate_window));
+    let cluster = Arc::new(Cluster::new(
+        local.clone(),
+        peers,
+        &config.keda,
+        metrics.clone(),
+    ));
+    let targets = config
+        .services
+        .iter()
+        .map(|s| (s.name.clone(), ServiceTargets::from(s)))
+        .collect();
+    let scaler = Scaler::new(
+        cluster.clone(),
+        targets,
+        config.keda.stream_interval,
+        metrics.clone(),
+    );
     let admin_state = Arc::new(AdminState {
         services: entries,
         metrics,
         ready: true.into(),
+        cluster,
     });
 
     let proxy_listener = TcpListener::bind(config.listen).await.map_err(|e| {
@@ -137,10 +166,23 @@ pub async fn start(config: Config) -> io::Result<Running> {
         Some(t) => Some(TlsListener::bind(t).await?),
         None => None,
     };
+    let keda_listener = match config.keda.listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {addr} (keda.listen): {e}"),
+            )
+        })?),
+        None => None,
+    };
     let proxy_addr = proxy_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let tls_addr = tls_listener.as_ref().map(|t| t.local_addr()).transpose()?;
-    info!(%proxy_addr, %admin_addr, ?tls_addr, services = config.services.len(), "reveille listening");
+    let keda_addr = match &keda_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    info!(%proxy_addr, %admin_addr, ?tls_addr, ?keda_addr, services = config.services.len(), "reveille listening");
 
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let (close_listeners, close_rx) = watch::channel(false);
@@ -176,6 +218,9 @@ pub async fn start(config: Config) -> io::Result<Running> {
         conns.clone(),
     ));
     let (admin_stop, admin_stop_rx) = watch::channel(false);
+    let sampler = tokio::spawn(local.run_sampler(admin_stop_rx.clone()));
+    let keda_task =
+        keda_listener.map(|l| tokio::spawn(keda::serve(l, scaler, admin_stop_rx.clone())));
     let admin_task = tokio::spawn(accept_admin(
         admin_listener,
         admin_state.clone(),
@@ -218,12 +263,17 @@ pub async fn start(config: Config) -> io::Result<Running> {
         }
         let _ = admin_stop.send(true);
         let _ = admin_task.await;
+        let _ = sampler.await;
+        if let Some(t) = keda_task {
+            let _ = t.await;
+        }
         info!("shutdown complete");
     });
     Ok(Running {
         proxy_addr,
         admin_addr,
         tls_addr,
+        keda_addr,
         gates,
         shutdown,
         task,

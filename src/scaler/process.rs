@@ -18,12 +18,13 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{info, warn, Instrument};
 
 use super::stopped;
 use crate::config::ProcessBackend;
 use crate::error::ProxyError;
 use crate::gate::{Gate, State};
+use crate::wake::Phase;
 
 /// Bound on one readiness probe (connect plus HTTP answer).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -50,7 +51,8 @@ pub async fn run(
             _ = stopped(&mut stop) => return,
         }
         gate.set_state(State::Waking);
-        let span = info_span!("activation", service = %gate.name(), held = gate.held());
+        // One span per wake-up: its events are the milestones (spawned, ready, forwarded).
+        let span = gate.wake().begin(gate.name(), gate.held());
         let started = Instant::now();
         let result = start_until_ready(&gate, &cfg, &mut stop)
             .instrument(span.clone())
@@ -58,6 +60,7 @@ pub async fn run(
         let mut child = match result {
             Ok(child) => child,
             Err(StartError::Stopped) => {
+                gate.wake().abort("shutdown");
                 gate.fail_held(ProxyError::ShuttingDown {
                     service: gate.name().clone(),
                 });
@@ -65,6 +68,7 @@ pub async fn run(
             }
             Err(StartError::Failed(reason)) => {
                 span.in_scope(|| warn!(%reason, "backend failed to start"));
+                gate.wake().abort("failed");
                 gate.metrics().activation("failed", None);
                 gate.fail_held(ProxyError::ActivationFailed {
                     service: gate.name().clone(),
@@ -74,6 +78,7 @@ pub async fn run(
             }
             Err(StartError::NotReady(reason)) => {
                 span.in_scope(|| warn!(%reason, "backend did not become ready"));
+                gate.wake().abort("timeout");
                 gate.metrics().activation("timeout", None);
                 gate.fail_held(ProxyError::ActivationTimeout {
                     service: gate.name().clone(),
@@ -85,6 +90,7 @@ pub async fn run(
         let took = started.elapsed();
         gate.activated(took);
         gate.metrics().activation("ready", Some(took.as_secs_f64()));
+        gate.wake().mark(Phase::EndpointReady, gate.metrics());
         gate.set_endpoints(&[cfg.address]);
         gate.set_state(State::Ready);
         span.in_scope(|| info!(took_ms = took.as_secs_f64() * 1e3, "backend ready"));
@@ -127,6 +133,7 @@ async fn start_until_ready(
         let mut child = spawn(cfg)
             .map_err(|e| StartError::Failed(format!("cannot run {:?}: {e}", cfg.command[0])))?;
         info!(attempt, pid = child.id(), "backend started");
+        gate.wake().mark(Phase::ScaleAccepted, gate.metrics());
         tokio::select! {
             () = probe_until_ready(cfg) => return Ok(child),
             status = child.wait() => {

@@ -1,0 +1,190 @@
+//! This replica's own counts per service: held, in flight, the monotonic request total, and the
+//! request rate over a sliding window. Peers read these (admin `/api/local`); the [`Cluster`]
+//! adds them up.
+//!
+//! [`Cluster`]: super::Cluster
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::gate::Gate;
+
+/// How often the request totals are sampled for the rate.
+pub const RATE_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One service's counts on one replica (the peer wire format).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceCounts {
+    /// Requests held now.
+    pub held: u64,
+    /// Requests in flight now.
+    pub in_flight: u64,
+    /// Requests since the replica started.
+    pub requests_total: u64,
+    /// Requests per second over the rate window.
+    pub rate: f64,
+}
+
+/// Every service's counts on one replica (the body of admin `/api/local`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LocalCounts {
+    /// By service name.
+    pub services: BTreeMap<String, ServiceCounts>,
+}
+
+/// Request totals sampled over a window; the rate is the growth across it.
+#[derive(Debug)]
+pub struct RateTracker {
+    window: Duration,
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl RateTracker {
+    /// An empty tracker over `window`.
+    pub fn new(window: Duration) -> Self {
+        RateTracker {
+            window,
+            samples: VecDeque::new(),
+        }
+    }
+
+    /// Adds a sample of the monotonic total, dropping samples the window no longer needs (one
+    /// at or before the window's start is kept as the baseline).
+    pub fn sample(&mut self, now: Instant, total: u64) {
+        self.samples.push_back((now, total));
+        let start = now.checked_sub(self.window).unwrap_or(now);
+        while self.samples.len() > 1 && self.samples[1].0 <= start {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Requests per second from the oldest kept sample to `total` now.
+    pub fn rate(&self, now: Instant, total: u64) -> f64 {
+        let Some(&(t0, c0)) = self.samples.front() else {
+            return 0.0;
+        };
+        let secs = now.saturating_duration_since(t0).as_secs_f64();
+        if secs < 1e-3 {
+            return 0.0;
+        }
+        total.saturating_sub(c0) as f64 / secs
+    }
+}
+
+struct Entry {
+    gate: Arc<Gate>,
+    rate: Mutex<RateTracker>,
+}
+
+/// The local services and their rate trackers.
+pub struct Local {
+    services: BTreeMap<String, Entry>,
+}
+
+impl Local {
+    /// Tracks `gates` with a rate over `window`.
+    pub fn new(gates: &[Arc<Gate>], window: Duration) -> Self {
+        let now = Instant::now();
+        let services = gates
+            .iter()
+            .map(|g| {
+                let mut rate = RateTracker::new(window);
+                rate.sample(now, g.requests_total());
+                let entry = Entry {
+                    gate: g.clone(),
+                    rate: Mutex::new(rate),
+                };
+                (g.name().to_string(), entry)
+            })
+            .collect();
+        Local { services }
+    }
+
+    /// The gate of a local service.
+    pub fn gate(&self, service: &str) -> Option<&Arc<Gate>> {
+        self.services.get(service).map(|e| &e.gate)
+    }
+
+    /// The names of every local service.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.services.keys().map(String::as_str)
+    }
+
+    /// One service's counts now.
+    pub fn counts(&self, service: &str) -> Option<ServiceCounts> {
+        self.services.get(service).map(entry_counts)
+    }
+
+    /// Every service's counts now.
+    pub fn all(&self) -> LocalCounts {
+        LocalCounts {
+            services: self
+                .services
+                .iter()
+                .map(|(k, e)| (k.clone(), entry_counts(e)))
+                .collect(),
+        }
+    }
+
+    /// Takes one rate sample of every service.
+    pub fn sample(&self) {
+        let now = Instant::now();
+        for e in self.services.values() {
+            e.rate.lock().sample(now, e.gate.requests_total());
+        }
+    }
+
+    /// Samples every [`RATE_SAMPLE_INTERVAL`] until `stop` turns true.
+    pub async fn run_sampler(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(RATE_SAMPLE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.sample(),
+                _ = crate::scaler::stopped(&mut stop) => return,
+            }
+        }
+    }
+}
+
+fn entry_counts(e: &Entry) -> ServiceCounts {
+    let total = e.gate.requests_total();
+    ServiceCounts {
+        held: e.gate.held() as u64,
+        in_flight: e.gate.in_flight() as u64,
+        requests_total: total,
+        rate: e.rate.lock().rate(Instant::now(), total),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_is_growth_over_the_window() {
+        let mut r = RateTracker::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(r.rate(t0, 0), 0.0);
+        r.sample(t0, 0);
+        // 5 requests per second for 20 s, sampled every second.
+        for s in 1..=20u64 {
+            r.sample(t0 + Duration::from_secs(s), s * 5);
+        }
+        let now = t0 + Duration::from_secs(20);
+        assert!((r.rate(now, 100) - 5.0).abs() < 1e-9);
+        // Only the window's samples (plus the baseline) are kept.
+        assert!(r.samples.len() <= 12, "{}", r.samples.len());
+        // Traffic stops: the rate decays to 0 once the window has passed.
+        for s in 21..=31u64 {
+            r.sample(t0 + Duration::from_secs(s), 100);
+        }
+        assert_eq!(r.rate(t0 + Duration::from_secs(31), 100), 0.0);
+    }
+}

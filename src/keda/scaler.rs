@@ -1,0 +1,218 @@
+//! The `ExternalScaler` gRPC service KEDA calls. Every answer is for the whole cluster
+//! (see [`Cluster`]); `StreamIsActive` pushes `true` the moment a request is held, here (the
+//! gate's held-count event) or on a peer (its long-poll answers), and repeats the current state
+//! every `keda.stream_interval` while the stream is open.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::cluster::Cluster;
+use super::proto::external_scaler_server::ExternalScaler;
+use super::proto::{
+    GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
+    MetricValue, ScaledObjectRef,
+};
+use super::resolve::{resolve, Resolved, ServiceTargets};
+use crate::metrics::Metrics;
+
+type StreamItem = Result<IsActiveResponse, Status>;
+
+/// The external scaler service.
+#[derive(Clone)]
+pub struct Scaler {
+    cluster: Arc<Cluster>,
+    targets: Arc<HashMap<String, ServiceTargets>>,
+    interval: Duration,
+    metrics: Metrics,
+}
+
+impl Scaler {
+    /// A scaler answering from `cluster`; `targets` has each service's configured defaults.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        targets: HashMap<String, ServiceTargets>,
+        interval: Duration,
+        metrics: Metrics,
+    ) -> Self {
+        Scaler {
+            cluster,
+            targets: Arc::new(targets),
+            interval,
+            metrics,
+        }
+    }
+
+    fn resolve(&self, r: &ScaledObjectRef) -> Result<Resolved, Status> {
+        Ok(resolve(r, &self.targets)?)
+    }
+
+    async fn value(&self, r: &Resolved) -> Result<f64, Status> {
+        let t = self.cluster.totals(&r.service).await.ok_or_else(|| {
+            Status::not_found(format!("service {:?} is not configured", r.service))
+        })?;
+        Ok(match r.metric {
+            crate::config::ScalingMetric::Concurrency => t.concurrency as f64,
+            crate::config::ScalingMetric::Rate => t.rate,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl ExternalScaler for Scaler {
+    async fn is_active(
+        &self,
+        req: Request<ScaledObjectRef>,
+    ) -> Result<Response<IsActiveResponse>, Status> {
+        let r = self.resolve(req.get_ref())?;
+        let t = self.cluster.totals(&r.service).await.unwrap_or_default();
+        Ok(Response::new(IsActiveResponse { result: t.active() }))
+    }
+
+    type StreamIsActiveStream = ReceiverStream<StreamItem>;
+
+    async fn stream_is_active(
+        &self,
+        req: Request<ScaledObjectRef>,
+    ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
+        let r = self.resolve(req.get_ref())?;
+        let gate = self
+            .cluster
+            .local()
+            .gate(&r.service)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("service {:?}", r.service)))?;
+        let (tx, rx) = mpsc::channel(16);
+        let service: Arc<str> = r.service.into();
+        let streams = StreamGuard::new(&self.metrics);
+
+        // Events: a request held here or on a peer pushes `true` at once.
+        let events_tx = tx.clone();
+        let cluster = self.cluster.clone();
+        let metrics = self.metrics.clone();
+        let name = service.clone();
+        let mut held = gate.subscribe_held();
+        tokio::spawn(async move {
+            let _streams = streams;
+            let (peer_tx, mut peer_rx) = mpsc::channel(4);
+            let mut peers = cluster.watch_peers(&name, peer_tx);
+            let mut was_held = *held.borrow_and_update() > 0;
+            let mut resync = tokio::time::interval(PEER_RESYNC);
+            loop {
+                let push = tokio::select! {
+                    _ = events_tx.closed() => return,
+                    changed = held.changed() => {
+                        if changed.is_err() {
+                            return; // the service is gone
+                        }
+                        let now_held = *held.borrow_and_update() > 0;
+                        let push = now_held && !was_held;
+                        was_held = now_held;
+                        push
+                    }
+                    Some(()) = peer_rx.recv() => true,
+                    _ = resync.tick() => {
+                        peers.sync();
+                        false
+                    }
+                };
+                if push {
+                    metrics.keda_push(&name, "event", true);
+                    if events_tx
+                        .send(Ok(IsActiveResponse { result: true }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+
+        // The current state now and every interval (KEDA ignores `false`, but it tells a
+        // watching human, and `true` again while traffic lasts).
+        let cluster = self.cluster.clone();
+        let metrics = self.metrics.clone();
+        let interval = self.interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tick.tick() => {}
+                }
+                let active = cluster.totals(&service).await.is_some_and(|t| t.active());
+                metrics.keda_push(&service, "interval", active);
+                if tx
+                    .send(Ok(IsActiveResponse { result: active }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn get_metric_spec(
+        &self,
+        req: Request<ScaledObjectRef>,
+    ) -> Result<Response<GetMetricSpecResponse>, Status> {
+        let r = self.resolve(req.get_ref())?;
+        Ok(Response::new(GetMetricSpecResponse {
+            metric_specs: vec![MetricSpec {
+                metric_name: r.metric_name(),
+                target_size: r.target.ceil() as i64,
+                target_size_float: r.target,
+            }],
+        }))
+    }
+
+    async fn get_metrics(
+        &self,
+        req: Request<GetMetricsRequest>,
+    ) -> Result<Response<GetMetricsResponse>, Status> {
+        let req = req.into_inner();
+        let sor = req
+            .scaled_object_ref
+            .ok_or_else(|| Status::invalid_argument("scaledObjectRef is required"))?;
+        let r = self.resolve(&sor)?;
+        let value = self.value(&r).await?;
+        let metric_name = if req.metric_name.is_empty() {
+            r.metric_name()
+        } else {
+            req.metric_name
+        };
+        Ok(Response::new(GetMetricsResponse {
+            metric_values: vec![MetricValue {
+                metric_name,
+                metric_value: value.round() as i64,
+                metric_value_float: value,
+            }],
+        }))
+    }
+}
+
+/// How often a stream's peer watch follows changes of the peer list.
+const PEER_RESYNC: Duration = Duration::from_secs(10);
+
+/// Counts an open stream in `reveille_keda_streams` until dropped.
+struct StreamGuard(prometheus::IntGauge);
+
+impl StreamGuard {
+    fn new(m: &Metrics) -> Self {
+        m.keda_streams.inc();
+        StreamGuard(m.keda_streams.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,175 @@
+//! The KEDA external scaler end to end on one replica: Reveille in-process, a real gRPC client
+//! over loopback, a real demo backend woken by a held request.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use reveille::keda::proto::GetMetricsRequest;
+use support::keda::*;
+use support::*;
+
+/// One service with a backend that takes `delay` to start, KEDA on, long stream interval (so
+/// the only `true` a stream sees early is the pushed one).
+fn config(port: u16, delay: &str) -> String {
+    format!(
+        "{}keda: {{ listen: 127.0.0.1:0, stream_interval: 1h }}\n",
+        process_config(
+            port,
+            delay,
+            &["queue: { capacity: 100, timeout: 30s }", "concurrency: 4"]
+        )
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_pushes_true_on_the_first_held_request() {
+    let port = free_port();
+    let r = start(&config(port, "1500ms")).await;
+    let mut g = grpc(r.keda_addr.expect("keda listener"));
+
+    // Nothing held: inactive, concurrency 0, the target from the service's concurrency.
+    assert!(!is_active(&mut g, "hello").await);
+    assert_eq!(metric_value(&mut g, "hello").await, 0.0);
+    let spec = g
+        .get_metric_spec(sor("hello", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        spec.metric_specs[0].metric_name,
+        "reveille-hello-concurrency"
+    );
+    assert_eq!(spec.metric_specs[0].target_size_float, 4.0);
+    let spec = g
+        .get_metric_spec(sor("so", &[("service", "hello"), ("targetValue", "12.5")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(spec.metric_specs[0].target_size_float, 12.5);
+
+    let mut stream = g
+        .stream_is_active(sor("hello", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("initial state")
+        .unwrap()
+        .unwrap();
+    assert!(!first.result, "nothing held yet");
+
+    // One request, held while the backend starts: `true` must follow within 100 ms.
+    let c = client();
+    let proxy = r.proxy_addr;
+    let sent = Instant::now();
+    let req = tokio::spawn(async move { get(&c, proxy, "hello.test", "/cold").await });
+    let pushed = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a push")
+        .unwrap()
+        .unwrap();
+    let latency = sent.elapsed();
+    assert!(pushed.result);
+    eprintln!("push latency (request sent -> true received): {latency:?}");
+    assert!(
+        latency < Duration::from_millis(100),
+        "pushed after {latency:?}"
+    );
+
+    // While held: active, concurrency 1 (also through the metrics-api JSON).
+    assert!(is_active(&mut g, "hello").await);
+    assert_eq!(metric_value(&mut g, "hello").await, 1.0);
+    let admin = client();
+    let scaling: serde_json::Value =
+        serde_json::from_str(&get(&admin, r.admin_addr, "a", "/api/scaling").await.body).unwrap();
+    assert_eq!(scaling["services"]["hello"]["concurrency"], 1);
+    assert_eq!(scaling["services"]["hello"]["held"], 1);
+    assert_eq!(scaling["services"]["hello"]["replicas"], 1);
+
+    // The backend starts; the held request is answered; the cold start is timed in phases.
+    let resp = req.await.unwrap();
+    assert_eq!(resp.status, 200);
+    wait_until("inactive after the answer", Duration::from_secs(10), || {
+        let mut g = g.clone();
+        async move { !is_active(&mut g, "hello").await }
+    })
+    .await;
+    let m = get(&admin, r.admin_addr, "a", "/metrics").await.body;
+    for phase in ["scale_accepted", "endpoint_ready", "first_forwarded"] {
+        let series =
+            format!("reveille_wakeup_seconds_count{{phase=\"{phase}\",service=\"hello\"}}");
+        assert_eq!(metric(&m, &series), Some(1.0), "{series} in\n{m}");
+    }
+    let sum = |phase: &str| {
+        metric(
+            &m,
+            &format!("reveille_wakeup_seconds_sum{{phase=\"{phase}\",service=\"hello\"}}"),
+        )
+        .unwrap()
+    };
+    // The backend sleeps 1.5 s before listening: spawn is quick, ready is not, and the
+    // milestones come in order.
+    assert!(sum("scale_accepted") < 1.0, "{}", sum("scale_accepted"));
+    assert!(sum("endpoint_ready") >= 1.4, "{}", sum("endpoint_ready"));
+    assert!(sum("first_forwarded") >= sum("endpoint_ready"));
+    assert_eq!(
+        metric(
+            &m,
+            "reveille_keda_pushes_total{active=\"true\",cause=\"event\",service=\"hello\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(metric(&m, "reveille_keda_streams"), Some(1.0));
+    drop(stream);
+    wait_until("stream closed", Duration::from_secs(10), || {
+        let admin = admin.clone();
+        async move {
+            let m = get(&admin, r.admin_addr, "a", "/metrics").await.body;
+            metric(&m, "reveille_keda_streams") == Some(0.0)
+        }
+    })
+    .await;
+    stop(r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_service_and_bad_metadata_are_clear_errors() {
+    let port = free_port();
+    let r = start(&config(port, "0s")).await;
+    let mut g = grpc(r.keda_addr.unwrap());
+    let e = g.is_active(sor("nope", &[])).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(e.message().contains("\"nope\" is not configured"), "{e:?}");
+    let e = g
+        .stream_is_active(sor("x", &[("service", "missing")]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = g
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(sor("hello", &[("metric", "cpu")])),
+            metric_name: "m".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("scalerMetadata.metric"), "{e:?}");
+    // The rate metric, with the caller's metric name echoed back.
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(get(&c, r.proxy_addr, "hello.test", "/").await.status, 200);
+    }
+    let v = g
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(sor("hello", &[("metric", "rate")])),
+            metric_name: "s0-rate".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.metric_values[0].metric_name, "s0-rate");
+    assert!(v.metric_values[0].metric_value_float > 0.0, "{v:?}");
+    stop(r).await;
+}
