@@ -153,12 +153,14 @@ pub async fn start(config: Config) -> io::Result<Running> {
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32);
 
+    let connections = ConnectionLimit::new(config.limits.max_connections);
     let tls_task = tls_listener.map(|t| {
         t.serve(
             shared.clone(),
             builder.clone(),
             config.timeouts.client_header,
             close_rx.clone(),
+            connections.clone(),
         )
     });
 
@@ -168,7 +170,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
         builder,
         graceful,
         close_rx,
-        ConnectionLimit::new(config.limits.max_connections),
+        connections,
     ));
     let (admin_stop, admin_stop_rx) = watch::channel(false);
     let admin_task = tokio::spawn(accept_admin(

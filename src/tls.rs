@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 use crate::config::Tls;
 use crate::proxy::{Proxy, Shared};
 use crate::scaler;
+use crate::server::ConnectionLimit;
 
 /// ALPN protocols offered, in order of preference.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -228,6 +229,7 @@ impl TlsListener {
         builder: auto::Builder<TokioExecutor>,
         handshake_timeout: Duration,
         close: watch::Receiver<bool>,
+        connections: Arc<ConnectionLimit>,
     ) -> JoinHandle<GracefulShutdown> {
         let reloader = tokio::spawn(reload_loop(
             self.store.clone(),
@@ -245,6 +247,7 @@ impl TlsListener {
                 builder,
                 handshake_timeout,
                 close,
+                connections,
             )
             .await;
             let _ = reloader.await;
@@ -265,6 +268,7 @@ async fn accept_tls(
     builder: auto::Builder<TokioExecutor>,
     handshake_timeout: Duration,
     mut close: watch::Receiver<bool>,
+    connections: Arc<ConnectionLimit>,
 ) -> GracefulShutdown {
     let graceful = GracefulShutdown::new();
     loop {
@@ -278,6 +282,12 @@ async fn accept_tls(
                 }
             },
             _ = scaler::stopped(&mut close) => break,
+        };
+        let Some(slot) = connections.try_open() else {
+            // Over `limits.max_connections` (shared with the plain listener): close at once.
+            shared.metrics.reject_connection("max_connections");
+            drop(stream);
+            continue;
         };
         let _ = stream.set_nodelay(true);
         // Taken before the handshake, so a shutdown waits for connections still shaking hands.
@@ -297,6 +307,7 @@ async fn accept_tls(
                     return;
                 }
             };
+            let _slot = slot;
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
             let svc = Proxy::new(shared, remote, "https");
             let io = TokioIo::new(tls);
