@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod gate;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod router;
