@@ -15,6 +15,21 @@ pub enum ProxyError {
     /// The request carried no Host header or authority.
     #[error("request has no Host header")]
     MissingHost,
+    /// The Host header is not one visible-ASCII value (several Host headers, or bytes ≥ 0x80).
+    #[error("request has an invalid Host header")]
+    InvalidHost,
+    /// The request target is longer than [`crate::limits::MAX_URI_BYTES`].
+    #[error(
+        "request target of {len} bytes is too long (limit {})",
+        crate::limits::MAX_URI_BYTES
+    )]
+    UriTooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// `Transfer-Encoding` is not a single `chunked`, so the body's framing cannot be kept.
+    #[error("unsupported Transfer-Encoding (only a single \"chunked\" is accepted)")]
+    BadTransferEncoding,
     /// No service is configured for the request's host and path.
     #[error("no service for host {host:?}")]
     NoRoute {
@@ -99,7 +114,10 @@ impl ProxyError {
     /// The HTTP status the client gets.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::MissingHost => StatusCode::BAD_REQUEST,
+            ProxyError::MissingHost | ProxyError::InvalidHost | ProxyError::BadTransferEncoding => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::QueueFull { .. }
             | ProxyError::HeldLimit { .. }
@@ -118,6 +136,9 @@ impl ProxyError {
     pub fn kind(&self) -> &'static str {
         match self {
             ProxyError::MissingHost => "missing_host",
+            ProxyError::InvalidHost => "invalid_host",
+            ProxyError::UriTooLong { .. } => "uri_too_long",
+            ProxyError::BadTransferEncoding => "bad_transfer_encoding",
             ProxyError::NoRoute { .. } => "no_route",
             ProxyError::QueueFull { .. } => "queue_full",
             ProxyError::HeldLimit { .. } => "held_limit",
@@ -161,6 +182,19 @@ mod tests {
     fn each_error_maps_to_its_status_kind_and_retry_after() {
         let cases: Vec<(ProxyError, u16, &str, Option<u32>)> = vec![
             (ProxyError::MissingHost, 400, "missing_host", None),
+            (ProxyError::InvalidHost, 400, "invalid_host", None),
+            (
+                ProxyError::UriTooLong { len: 20_000 },
+                414,
+                "uri_too_long",
+                None,
+            ),
+            (
+                ProxyError::BadTransferEncoding,
+                400,
+                "bad_transfer_encoding",
+                None,
+            ),
             (
                 ProxyError::NoRoute { host: "x".into() },
                 404,

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod error;
 pub mod gate;
 pub mod keda;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod router;

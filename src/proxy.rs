@@ -95,6 +95,12 @@ struct Routed {
 impl Proxy {
     async fn handle(self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let arrived = Instant::now();
+        if let Err(e) = crate::limits::check_request(&req) {
+            self.shared
+                .metrics
+                .reject_unrouted(e.kind(), e.status().as_u16());
+            return error_response(&e);
+        }
         if let Some(resp) = knative_probe(&req) {
             return resp;
         }

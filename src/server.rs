@@ -28,17 +28,12 @@ use crate::config::{Backend, Config};
 use crate::error::ProxyError;
 use crate::gate::{Gate, GateSettings, HeldLimit};
 use crate::keda::{self, Cluster, Local, PeerSource, Scaler, ServiceTargets, StaticPeers};
+use crate::limits::{MAX_HEADERS, MAX_HEADER_BYTES};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Shared};
 use crate::router::Router;
 use crate::tls::TlsListener;
 use crate::{scaler, upstream};
-
-/// Largest request head (request line and headers) read from a client, in bytes; larger gets
-/// `431`. Bounds HTTP/1's read buffer and HTTP/2's header list.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Most header fields in one HTTP/1 request; more gets `431`.
-pub const MAX_HEADERS: usize = 100;
 
 /// Extra time after the grace for the 503s of still-held requests to be written.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);

@@ -15,6 +15,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, ServerName};
 use support::*;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -282,6 +283,30 @@ async fn graceful_shutdown_lets_tls_requests_finish() {
         .expect("shutdown completes");
     // The TLS listener is closed.
     assert!(TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_that_never_comes_is_cut_off() {
+    let dir = tempdir("handshake");
+    let c = make_cert(&["hello.test"]);
+    let (cert, key) = write_pair(&dir, &c);
+    let mut yaml = tls_config(free_port(), &cert, &key);
+    yaml.push_str("timeouts:\n  client_header: 300ms\n");
+    let r = start(&yaml).await;
+    let mut idle = TcpStream::connect(r.tls_addr.unwrap()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf))
+        .await
+        .expect("closed within 10s")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a byte");
+    // The listener still works for a real client.
+    let s = connect(&connector(&[&c], &[b"http/1.1"]), r.tls_addr.unwrap()).await;
+    assert_eq!(
+        get_h1(&mut h1(s).await, "/after").await.0.status,
+        StatusCode::OK
+    );
+    stop(r).await;
 }
 
 #[test]
