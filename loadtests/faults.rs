@@ -35,6 +35,12 @@ async fn main() {
         &t,
         format!("; slow connections closed: {closed}/200"),
     );
+    let t = load::reload_during_burst(n).await;
+    report(
+        "config reloaded during burst",
+        &t,
+        " (5 reloads)".to_string(),
+    );
     let (t, code) = load::sigterm_during_burst(n).await;
     report("SIGTERM during burst", &t, format!("; exit {code:?}"));
     if failed {

@@ -14,37 +14,23 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::{json, Map, Value};
 
-use crate::gate::Gate;
 use crate::keda::Cluster;
 use crate::metrics::Metrics;
+use crate::services::Services;
 
 /// Upper bound on one `/api/local?wait=` long-poll.
 pub const MAX_LONG_POLL: Duration = Duration::from_secs(60);
 
 /// What the admin endpoints report on.
 pub struct AdminState {
-    /// Every service, in config order.
-    pub services: Vec<ServiceEntry>,
+    /// The live services.
+    pub services: Arc<Services>,
     /// All metrics.
     pub metrics: Metrics,
     /// False once shutdown began: `/readyz` answers 503.
     pub ready: AtomicBool,
     /// This replica's counts and its peers'.
     pub cluster: Arc<Cluster>,
-}
-
-/// One service as the admin API shows it.
-pub struct ServiceEntry {
-    /// Its gate (live counts).
-    pub gate: Arc<Gate>,
-    /// Its namespace (the `/queue` key is `namespace/name`).
-    pub namespace: String,
-    /// Configured hosts.
-    pub hosts: Vec<String>,
-    /// Configured path prefix.
-    pub path_prefix: Option<String>,
-    /// `process` or `static`.
-    pub backend: &'static str,
 }
 
 /// Answers one admin request.
@@ -87,10 +73,10 @@ pub async fn handle<B>(
 /// The KEDA HTTP add-on queue format: `{"ns/name": {"Concurrency": n, "RequestCount": n}}`.
 pub fn queue(state: &AdminState) -> Value {
     let mut m = Map::new();
-    for s in &state.services {
+    for s in &state.services.load().services {
         let g = &s.gate;
         m.insert(
-            format!("{}/{}", s.namespace, g.name()),
+            format!("{}/{}", s.spec.namespace, g.name()),
             json!({
                 "Concurrency": g.held() + g.in_flight(),
                 "RequestCount": g.requests_total(),
@@ -142,6 +128,8 @@ async fn local(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
 pub fn services(state: &AdminState) -> Value {
     let list: Vec<Value> = state
         .services
+        .load()
+        .services
         .iter()
         .map(|s| {
             let g = &s.gate;
@@ -152,7 +140,7 @@ pub fn services(state: &AdminState) -> Value {
                 .collect();
             json!({
                 "name": g.name().as_ref(),
-                "namespace": s.namespace,
+                "namespace": s.spec.namespace,
                 "state": g.state().as_str(),
                 "held": g.held(),
                 "in_flight": g.in_flight(),
@@ -160,9 +148,9 @@ pub fn services(state: &AdminState) -> Value {
                 "ready_endpoints": eps,
                 "last_activation_seconds": g.last_activation().map(|d| d.as_secs_f64()),
                 "idle_for_seconds": g.idle_for().as_secs_f64(),
-                "hosts": s.hosts,
-                "path_prefix": s.path_prefix,
-                "backend": s.backend,
+                "hosts": s.spec.hosts,
+                "path_prefix": s.spec.path_prefix,
+                "backend": s.backend_kind(),
                 "queue_capacity": g.settings().capacity,
                 "concurrency": g.settings().concurrency,
             })

@@ -129,7 +129,7 @@ pub enum Protocol {
 }
 
 /// One service: where its requests come from and how its backend is woken.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Service {
     /// Unique name (used in metrics, logs and the admin API).
     pub name: String,
@@ -154,7 +154,7 @@ pub struct Service {
 }
 
 /// Hold-queue settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Queue {
     /// Maximum requests held at once; more get 503.
     pub capacity: usize,
@@ -163,7 +163,7 @@ pub struct Queue {
 }
 
 /// How a service's backend is reached and woken.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Backend {
     /// A local command started on demand.
     Process(ProcessBackend),
@@ -172,7 +172,7 @@ pub enum Backend {
 }
 
 /// A local command started on demand and stopped when idle.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProcessBackend {
     /// Program and arguments (`${VAR}` expanded from the environment at load time).
     pub command: Vec<String>,
@@ -195,7 +195,7 @@ pub struct ProcessBackend {
 }
 
 /// Fixed upstream addresses, always ready.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StaticBackend {
     /// The addresses, balanced by least in-flight.
     pub addresses: Vec<SocketAddr>,

@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod router;
 pub mod scaler;
 pub mod server;
+pub mod services;
 pub mod tls;
 pub mod upstream;
 pub mod wake;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use reveille::config::{Config, ConfigError};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -122,7 +122,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            rt.block_on(serve(cfg))
+            rt.block_on(serve(cfg, config))
         }
         Cmd::DemoBackend {
             listen,
@@ -149,24 +149,48 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(cfg: Config) -> ExitCode {
-    let running = match reveille::start(cfg).await {
+async fn serve(cfg: Config, path: PathBuf) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
+    let running = match reveille::start(cfg.clone()).await {
         Ok(r) => r,
         Err(e) => {
             error!("{e}");
             return ExitCode::FAILURE;
         }
     };
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!("cannot watch SIGTERM: {e}");
+    let (mut term, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(h)) => (t, h),
+        (Err(e), _) | (_, Err(e)) => {
+            error!("cannot watch signals: {e}");
             return ExitCode::FAILURE;
         }
     };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    // The config whose listeners and limits are in force; services follow every reload.
+    let mut running_cfg = cfg;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM received"); break }
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT received"); break }
+            _ = hup.recv() => match Config::load(&path) {
+                Ok(new) => {
+                    let r = running.reload(&new, &running_cfg).await;
+                    info!(changes = ?r.changes, "SIGHUP: configuration reloaded");
+                    if !r.needs_restart.is_empty() {
+                        warn!(sections = ?r.needs_restart, "SIGHUP: these changes take effect after a restart");
+                    }
+                    running_cfg.services = new.services;
+                }
+                Err(e) => {
+                    error!("SIGHUP: {} is invalid; keeping the running configuration", path.display());
+                    for p in &e.problems {
+                        error!("  {p}");
+                    }
+                }
+            },
+        }
     }
     running.shutdown();
     running.wait().await;

@@ -14,7 +14,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -25,7 +24,7 @@ use tracing::debug;
 use crate::error::ProxyError;
 use crate::gate::{Acquired, Gate};
 use crate::metrics::Metrics;
-use crate::router::Router;
+use crate::services::Services;
 use crate::upstream::{self, BodySlot, Outgoing, ProxyBody, Upstreams};
 
 /// Header on responses to requests that were held during a cold start.
@@ -46,8 +45,8 @@ static K_NETWORK_HASH: HeaderName = HeaderName::from_static("k-network-hash");
 
 /// State shared by every connection.
 pub struct Shared {
-    /// The current routing table; swapped whole on reload.
-    pub router: ArcSwap<Router<Arc<Gate>>>,
+    /// The live services and their routing table; swapped whole on reload.
+    pub services: Arc<Services>,
     /// The pooled upstream clients.
     pub upstreams: Upstreams,
     /// Bound on waiting for a backend's response headers.
@@ -124,7 +123,28 @@ impl Proxy {
             h.insert(&K_PROXY_REQUEST, HeaderValue::from_static("activator"));
         }
         let deadline = arrived + gate.settings().hold_timeout;
-        let resp = match gate.acquire(deadline).await {
+        let mut gate = gate;
+        let mut acquired = gate.acquire(deadline).await;
+        // A reload replaced the service while the request was held: follow it to the new gate,
+        // keeping its place in time (the deadline), not in the old queue.
+        // Each hop goes to a newer gate, and the deadline bounds the whole wait.
+        loop {
+            if !matches!(
+                acquired,
+                Err(ProxyError::ServiceRemoved { .. } | ProxyError::ShuttingDown { .. })
+            ) {
+                break;
+            }
+            let Some(next) = self.shared.services.load().gate(gate.name()).cloned() else {
+                break;
+            };
+            if Arc::ptr_eq(&next, &gate) {
+                break;
+            }
+            gate = next;
+            acquired = gate.acquire(deadline).await;
+        }
+        let resp = match acquired {
             Ok(acquired) => self.forward(req, acquired, &gate, deadline).await,
             Err(e) => Err(e),
         };
@@ -139,7 +159,8 @@ impl Proxy {
     }
 
     fn route(&self, req: &Request<Incoming>) -> Result<Routed, ProxyError> {
-        let router = self.shared.router.load();
+        let snapshot = self.shared.services.load();
+        let router = &snapshot.router;
         let headers = req.headers();
         if let (Some(rev), Some(ns)) = (
             headers.get(&KNATIVE_REVISION),

@@ -12,7 +12,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use futures_util::FutureExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -23,15 +22,15 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::admin::{self, AdminState, ServiceEntry};
-use crate::config::{Backend, Config};
+use crate::admin::{self, AdminState};
+use crate::config::Config;
 use crate::error::ProxyError;
-use crate::gate::{Gate, GateSettings, HeldLimit};
+use crate::gate::{Gate, HeldLimit};
 use crate::keda::{self, Cluster, Local, PeerSource, Scaler, ServiceTargets, StaticPeers};
 use crate::limits::{MAX_HEADERS, MAX_HEADER_BYTES};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Shared};
-use crate::router::Router;
+use crate::services::{Changes, Services};
 use crate::tls::TlsListener;
 use crate::{scaler, upstream};
 
@@ -52,8 +51,11 @@ pub struct Running {
     pub tls_addr: Option<SocketAddr>,
     /// Where the KEDA external scaler listens, if enabled (`keda.listen`).
     pub keda_addr: Option<SocketAddr>,
-    /// Every service's gate, in config order.
+    /// Every service's gate at start, in config order.
     pub gates: Vec<Arc<Gate>>,
+    services: Arc<Services>,
+    local: Arc<Local>,
+    keda_scaler: Scaler,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -64,10 +66,69 @@ impl Running {
         let _ = self.shutdown.send(true);
     }
 
+    /// Applies a new configuration's services (see [`Services::apply`]): unchanged services
+    /// are not touched. Listeners, limits and timeouts are not reloaded: the changes that would
+    /// need a restart are returned in [`Reloaded::needs_restart`].
+    pub async fn reload(&self, config: &Config, running: &Config) -> Reloaded {
+        let changes = self.services.apply(&config.services).await;
+        self.local.sync(&self.services.load().gates());
+        self.keda_scaler.set_targets(targets(config));
+        let mut needs_restart = Vec::new();
+        if config.listen != running.listen {
+            needs_restart.push("listen");
+        }
+        if config.admin != running.admin {
+            needs_restart.push("admin");
+        }
+        if config.tls.as_ref().map(|t| (&t.listen, &t.cert, &t.key))
+            != running.tls.as_ref().map(|t| (&t.listen, &t.cert, &t.key))
+        {
+            needs_restart.push("tls");
+        }
+        if config.keda != running.keda {
+            needs_restart.push("keda");
+        }
+        if format!(
+            "{:?}{:?}{:?}",
+            config.limits, config.timeouts, config.shutdown
+        ) != format!(
+            "{:?}{:?}{:?}",
+            running.limits, running.timeouts, running.shutdown
+        ) {
+            needs_restart.push("limits/timeouts/shutdown");
+        }
+        Reloaded {
+            changes,
+            needs_restart,
+        }
+    }
+
+    /// The live services.
+    pub fn services(&self) -> &Arc<Services> {
+        &self.services
+    }
+
     /// Waits until the shutdown has completed.
     pub async fn wait(self) {
         let _ = self.task.await;
     }
+}
+
+/// What a reload did.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// Services added, replaced, re-routed, removed.
+    pub changes: Changes,
+    /// Top-level sections that changed but take effect only after a restart.
+    pub needs_restart: Vec<&'static str>,
+}
+
+fn targets(config: &Config) -> std::collections::HashMap<String, ServiceTargets> {
+    config
+        .services
+        .iter()
+        .map(|s| (s.name.clone(), ServiceTargets::from(s)))
+        .collect()
 }
 
 /// Builds the services, binds the listeners, and starts serving. Peers come from
@@ -80,42 +141,11 @@ pub async fn start(config: Config) -> io::Result<Running> {
 /// Like [`start`], with the peer replicas found by `peers` (e.g. a Kubernetes discovery).
 pub async fn start_with_peers(config: Config, peers: Arc<dyn PeerSource>) -> io::Result<Running> {
     let metrics = Metrics::new();
-    let (stop_drivers, stop_rx) = watch::channel(false);
-    let mut router = Router::new();
-    let held_limit = HeldLimit::new(config.limits.max_held);
-    let mut entries = Vec::with_capacity(config.services.len());
-    let mut drivers = Vec::with_capacity(config.services.len());
-    for s in &config.services {
-        let gate = Gate::new(
-            &s.name,
-            GateSettings {
-                capacity: s.queue.capacity,
-                hold_timeout: s.queue.timeout,
-                concurrency: s.concurrency,
-                protocol: s.protocol,
-                held_limit: held_limit.clone(),
-            },
-            metrics.service(&s.name),
-        );
-        for host in &s.hosts {
-            router.insert(host, s.path_prefix.as_deref(), gate.clone());
-        }
-        router.insert_revision(&s.namespace, &s.name, gate.clone());
-        drivers.push(scaler::spawn_driver(gate.clone(), s, stop_rx.clone()));
-        entries.push(ServiceEntry {
-            gate,
-            namespace: s.namespace.clone(),
-            hosts: s.hosts.clone(),
-            path_prefix: s.path_prefix.clone(),
-            backend: match s.backend {
-                Backend::Process(_) => "process",
-                Backend::Static(_) => "static",
-            },
-        });
-    }
-    let gates: Vec<Arc<Gate>> = entries.iter().map(|e| e.gate.clone()).collect();
+    let services = Services::new(metrics.clone(), HeldLimit::new(config.limits.max_held));
+    services.apply(&config.services).await;
+    let gates = services.load().gates();
     let shared = Arc::new(Shared {
-        router: ArcSwap::from_pointee(router),
+        services: services.clone(),
         upstreams: upstream::Upstreams::new(&config.timeouts),
         response_timeout: config.timeouts.upstream_response,
         metrics: metrics.clone(),
@@ -127,19 +157,14 @@ pub async fn start_with_peers(config: Config, peers: Arc<dyn PeerSource>) -> io:
         &config.keda,
         metrics.clone(),
     ));
-    let targets = config
-        .services
-        .iter()
-        .map(|s| (s.name.clone(), ServiceTargets::from(s)))
-        .collect();
-    let scaler = Scaler::new(
+    let keda_scaler = Scaler::new(
         cluster.clone(),
-        targets,
+        targets(&config),
         config.keda.stream_interval,
         metrics.clone(),
     );
     let admin_state = Arc::new(AdminState {
-        services: entries,
+        services: services.clone(),
         metrics,
         ready: true.into(),
         cluster,
@@ -213,9 +238,9 @@ pub async fn start_with_peers(config: Config, peers: Arc<dyn PeerSource>) -> io:
         conns.clone(),
     ));
     let (admin_stop, admin_stop_rx) = watch::channel(false);
-    let sampler = tokio::spawn(local.run_sampler(admin_stop_rx.clone()));
-    let keda_task =
-        keda_listener.map(|l| tokio::spawn(keda::serve(l, scaler, admin_stop_rx.clone())));
+    let sampler = tokio::spawn(local.clone().run_sampler(admin_stop_rx.clone()));
+    let keda_task = keda_listener
+        .map(|l| tokio::spawn(keda::serve(l, keda_scaler.clone(), admin_stop_rx.clone())));
     let admin_task = tokio::spawn(accept_admin(
         admin_listener,
         admin_state.clone(),
@@ -223,7 +248,7 @@ pub async fn start_with_peers(config: Config, peers: Arc<dyn PeerSource>) -> io:
     ));
 
     let shutdown_cfg = config.shutdown;
-    let gates_for_task = gates.clone();
+    let task_services = services.clone();
     let task = tokio::spawn(async move {
         scaler::stopped(&mut shutdown_rx).await;
         info!(delay = ?shutdown_cfg.delay, grace = ?shutdown_cfg.grace, "shutting down");
@@ -240,22 +265,20 @@ pub async fn start_with_peers(config: Config, peers: Arc<dyn PeerSource>) -> io:
             .await
             .is_err()
         {
-            let held: usize = gates_for_task.iter().map(|g| g.held()).sum();
+            let gates = task_services.load().gates();
+            let held: usize = gates.iter().map(|g| g.held()).sum();
             warn!(
                 held,
                 "shutdown grace passed; answering held requests with 503"
             );
-            for g in &gates_for_task {
+            for g in &gates {
                 g.fail_held(ProxyError::ShuttingDown {
                     service: g.name().clone(),
                 });
             }
             let _ = tokio::time::timeout(FINAL_FLUSH, &mut drained).await;
         }
-        let _ = stop_drivers.send(true);
-        for d in drivers {
-            let _ = d.await;
-        }
+        task_services.stop_all().await;
         let _ = admin_stop.send(true);
         let _ = admin_task.await;
         let _ = sampler.await;
@@ -265,6 +288,9 @@ pub async fn start_with_peers(config: Config, peers: Arc<dyn PeerSource>) -> io:
         info!("shutdown complete");
     });
     Ok(Running {
+        services,
+        local,
+        keda_scaler,
         proxy_addr,
         admin_addr,
         tls_addr,

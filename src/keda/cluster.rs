@@ -98,7 +98,11 @@ impl Cluster {
         let peers = self.gather().await;
         self.local
             .names()
-            .map(|name| (name.to_string(), self.sum(name, &peers)))
+            .into_iter()
+            .map(|name| {
+                let t = self.sum(&name, &peers);
+                (name, t)
+            })
             .collect()
     }
 

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -82,43 +83,60 @@ struct Entry {
     rate: Mutex<RateTracker>,
 }
 
-/// The local services and their rate trackers.
+/// The local services and their rate trackers; replaced whole when services are reloaded.
 pub struct Local {
-    services: BTreeMap<String, Entry>,
+    services: ArcSwap<BTreeMap<String, Arc<Entry>>>,
+    window: Duration,
 }
 
 impl Local {
     /// Tracks `gates` with a rate over `window`.
     pub fn new(gates: &[Arc<Gate>], window: Duration) -> Self {
+        let local = Local {
+            services: ArcSwap::from_pointee(BTreeMap::new()),
+            window,
+        };
+        local.sync(gates);
+        local
+    }
+
+    /// Tracks exactly `gates` from now on, keeping the rate history of gates it already had.
+    pub fn sync(&self, gates: &[Arc<Gate>]) {
         let now = Instant::now();
+        let old = self.services.load();
         let services = gates
             .iter()
             .map(|g| {
-                let mut rate = RateTracker::new(window);
-                rate.sample(now, g.requests_total());
-                let entry = Entry {
-                    gate: g.clone(),
-                    rate: Mutex::new(rate),
+                let entry = match old.get(g.name().as_ref()) {
+                    Some(e) if Arc::ptr_eq(&e.gate, g) => e.clone(),
+                    _ => {
+                        let mut rate = RateTracker::new(self.window);
+                        rate.sample(now, g.requests_total());
+                        Arc::new(Entry {
+                            gate: g.clone(),
+                            rate: Mutex::new(rate),
+                        })
+                    }
                 };
                 (g.name().to_string(), entry)
             })
             .collect();
-        Local { services }
+        self.services.store(Arc::new(services));
     }
 
     /// The gate of a local service.
-    pub fn gate(&self, service: &str) -> Option<&Arc<Gate>> {
-        self.services.get(service).map(|e| &e.gate)
+    pub fn gate(&self, service: &str) -> Option<Arc<Gate>> {
+        self.services.load().get(service).map(|e| e.gate.clone())
     }
 
     /// The names of every local service.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.services.keys().map(String::as_str)
+    pub fn names(&self) -> Vec<String> {
+        self.services.load().keys().cloned().collect()
     }
 
     /// One service's counts now.
     pub fn counts(&self, service: &str) -> Option<ServiceCounts> {
-        self.services.get(service).map(entry_counts)
+        self.services.load().get(service).map(|e| entry_counts(e))
     }
 
     /// Every service's counts now.
@@ -126,6 +144,7 @@ impl Local {
         LocalCounts {
             services: self
                 .services
+                .load()
                 .iter()
                 .map(|(k, e)| (k.clone(), entry_counts(e)))
                 .collect(),
@@ -135,7 +154,7 @@ impl Local {
     /// Takes one rate sample of every service.
     pub fn sample(&self) {
         let now = Instant::now();
-        for e in self.services.values() {
+        for e in self.services.load().values() {
             e.rate.lock().sample(now, e.gate.requests_total());
         }
     }

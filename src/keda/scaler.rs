@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -26,7 +27,7 @@ type StreamItem = Result<IsActiveResponse, Status>;
 #[derive(Clone)]
 pub struct Scaler {
     cluster: Arc<Cluster>,
-    targets: Arc<HashMap<String, ServiceTargets>>,
+    targets: Arc<ArcSwap<HashMap<String, ServiceTargets>>>,
     interval: Duration,
     metrics: Metrics,
 }
@@ -41,14 +42,19 @@ impl Scaler {
     ) -> Self {
         Scaler {
             cluster,
-            targets: Arc::new(targets),
+            targets: Arc::new(ArcSwap::from_pointee(targets)),
             interval,
             metrics,
         }
     }
 
     fn resolve(&self, r: &ScaledObjectRef) -> Result<Resolved, Status> {
-        Ok(resolve(r, &self.targets)?)
+        Ok(resolve(r, &self.targets.load())?)
+    }
+
+    /// Replaces the services' configured defaults (after a reload).
+    pub fn set_targets(&self, targets: HashMap<String, ServiceTargets>) {
+        self.targets.store(Arc::new(targets));
     }
 
     async fn value(&self, r: &Resolved) -> Result<f64, Status> {
@@ -84,7 +90,6 @@ impl ExternalScaler for Scaler {
             .cluster
             .local()
             .gate(&r.service)
-            .cloned()
             .ok_or_else(|| Status::not_found(format!("service {:?}", r.service)))?;
         let (tx, rx) = mpsc::channel(16);
         let service: Arc<str> = r.service.into();

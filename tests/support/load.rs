@@ -302,3 +302,28 @@ pub async fn sigterm_during_burst(n: usize) -> (Tally, Option<i32>) {
         .and_then(|s| s.code());
     (t, code)
 }
+
+/// A burst during a cold start while the service's queue settings are changed again and again
+/// (each reload replaces its gate and driver): held requests follow the service, none is lost.
+pub async fn reload_during_burst(n: usize) -> Tally {
+    let port = free_port();
+    let yaml = |capacity: usize| {
+        process_config(
+            port,
+            "300ms",
+            &[&format!("queue: {{ capacity: {capacity}, timeout: 60s }}")],
+        )
+    };
+    let first = reveille::Config::parse(&yaml(100_000)).unwrap();
+    let r = reveille::start(first.clone()).await.unwrap();
+    let addr = r.proxy_addr;
+    let run = tokio::spawn(burst(addr, "hello.test", n, |i| format!("/reload/{i}")));
+    for k in 0..5 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let next = reveille::Config::parse(&yaml(100_000 - k - 1)).unwrap();
+        r.reload(&next, &first).await;
+    }
+    let t = run.await.unwrap();
+    stop(r).await;
+    t
+}

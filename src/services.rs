@@ -1,0 +1,247 @@
+//! Services: the live set of services, each a gate with its scaler driver, and the routing
+//! table built from them. A reload (a new config file on SIGHUP, later Kubernetes objects)
+//! goes through [`Services::apply`]:
+//!
+//! - an unchanged service keeps its gate, driver and held requests untouched;
+//! - a service whose routing changed (hosts, path prefix, namespace) keeps its gate too;
+//! - a service whose backend or queue changed gets a new gate; its held requests move to the
+//!   new gate (the proxy re-routes them by name, deadline kept), in-flight ones finish, and the
+//!   new driver starts only after the old one has stopped its backend (same port, no clash);
+//! - a removed service's held requests get `503` with `Retry-After`, its backend is stopped.
+//!
+//! Readers take a [`Snapshot`] without a lock; it is swapped whole.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::config::{Backend, Service};
+use crate::error::ProxyError;
+use crate::gate::{Gate, GateSettings, HeldLimit};
+use crate::metrics::Metrics;
+use crate::router::Router;
+use crate::scaler;
+
+/// One service as routing and reporting see it.
+pub struct ServiceEntry {
+    /// Its gate (live counts).
+    pub gate: Arc<Gate>,
+    /// Its configuration.
+    pub spec: Service,
+}
+
+impl ServiceEntry {
+    /// `process` or `static` (the backend kind).
+    pub fn backend_kind(&self) -> &'static str {
+        match self.spec.backend {
+            Backend::Process(_) => "process",
+            Backend::Static(_) => "static",
+        }
+    }
+}
+
+/// The services at one moment, and the routing table over them.
+pub struct Snapshot {
+    /// Host and path routing, Knative revisions.
+    pub router: Router<Arc<Gate>>,
+    /// Every service, in config order.
+    pub services: Vec<Arc<ServiceEntry>>,
+    by_name: HashMap<String, Arc<Gate>>,
+}
+
+impl Snapshot {
+    /// The gate of the service named `name`.
+    pub fn gate(&self, name: &str) -> Option<&Arc<Gate>> {
+        self.by_name.get(name)
+    }
+
+    /// Every gate, in config order.
+    pub fn gates(&self) -> Vec<Arc<Gate>> {
+        self.services.iter().map(|e| e.gate.clone()).collect()
+    }
+
+    fn build(services: Vec<Arc<ServiceEntry>>) -> Snapshot {
+        let mut router = Router::new();
+        let mut by_name = HashMap::with_capacity(services.len());
+        for e in &services {
+            let s = &e.spec;
+            for host in &s.hosts {
+                router.insert(host, s.path_prefix.as_deref(), e.gate.clone());
+            }
+            router.insert_revision(&s.namespace, &s.name, e.gate.clone());
+            by_name.insert(s.name.clone(), e.gate.clone());
+        }
+        Snapshot {
+            router,
+            services,
+            by_name,
+        }
+    }
+}
+
+/// A running service: its entry and its driver.
+struct Live {
+    entry: Arc<ServiceEntry>,
+    stop: watch::Sender<bool>,
+    /// Turns true once the driver has stopped (and its backend with it).
+    done: watch::Receiver<bool>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// New services.
+    pub added: Vec<String>,
+    /// Services with a new gate and driver.
+    pub replaced: Vec<String>,
+    /// Services whose routing changed only.
+    pub rerouted: Vec<String>,
+    /// Removed services.
+    pub removed: Vec<String>,
+}
+
+/// The live set of services.
+pub struct Services {
+    current: ArcSwap<Snapshot>,
+    live: tokio::sync::Mutex<HashMap<String, Live>>,
+    metrics: Metrics,
+    held_limit: Arc<HeldLimit>,
+}
+
+impl Services {
+    /// An empty set; fill it with [`Services::apply`].
+    pub fn new(metrics: Metrics, held_limit: Arc<HeldLimit>) -> Arc<Self> {
+        Arc::new(Services {
+            current: ArcSwap::from_pointee(Snapshot::build(Vec::new())),
+            live: tokio::sync::Mutex::new(HashMap::new()),
+            metrics,
+            held_limit,
+        })
+    }
+
+    /// The current services and routing table.
+    pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    /// Makes `specs` the live set (see the module docs for what each kind of change does).
+    pub async fn apply(&self, specs: &[Service]) -> Changes {
+        let mut live = self.live.lock().await;
+        let mut next: HashMap<String, Live> = HashMap::with_capacity(specs.len());
+        let mut order = Vec::with_capacity(specs.len());
+        let mut retired = Vec::new();
+        let mut changes = Changes::default();
+        for spec in specs {
+            let entry = match live.remove(&spec.name) {
+                Some(old) if old.entry.spec == *spec => old,
+                Some(old) if same_gate(&old.entry.spec, spec) => {
+                    changes.rerouted.push(spec.name.clone());
+                    Live {
+                        entry: Arc::new(ServiceEntry {
+                            gate: old.entry.gate.clone(),
+                            spec: spec.clone(),
+                        }),
+                        stop: old.stop,
+                        done: old.done,
+                    }
+                }
+                Some(old) => {
+                    changes.replaced.push(spec.name.clone());
+                    let new = self.launch(spec, Some(old.done.clone()));
+                    retired.push((old, true));
+                    new
+                }
+                None => {
+                    changes.added.push(spec.name.clone());
+                    self.launch(spec, None)
+                }
+            };
+            order.push(entry.entry.clone());
+            next.insert(spec.name.clone(), entry);
+        }
+        for (name, old) in live.drain() {
+            changes.removed.push(name);
+            retired.push((old, false));
+        }
+        self.current.store(Arc::new(Snapshot::build(order)));
+        // Only now: held requests of a replaced service find its new gate when re-routed.
+        for (old, replaced) in retired {
+            let gate = &old.entry.gate;
+            gate.fail_held(ProxyError::ServiceRemoved {
+                service: gate.name().clone(),
+            });
+            let _ = old.stop.send(true);
+            if !replaced {
+                let metrics = self.metrics.clone();
+                let name = gate.name().to_string();
+                let mut done = old.done;
+                tokio::spawn(async move {
+                    let _ = done.wait_for(|d| *d).await;
+                    metrics.forget_service(&name);
+                });
+            }
+        }
+        *live = next;
+        if changes != Changes::default() {
+            info!(?changes, "services changed");
+        }
+        changes
+    }
+
+    /// Stops every driver (and backend) and waits for them.
+    pub async fn stop_all(&self) {
+        let mut live = self.live.lock().await;
+        for l in live.values() {
+            let _ = l.stop.send(true);
+        }
+        for (_, mut l) in live.drain() {
+            let _ = l.done.wait_for(|d| *d).await;
+        }
+    }
+
+    fn launch(&self, spec: &Service, after: Option<watch::Receiver<bool>>) -> Live {
+        let gate = Gate::new(
+            &spec.name,
+            GateSettings {
+                capacity: spec.queue.capacity,
+                hold_timeout: spec.queue.timeout,
+                concurrency: spec.concurrency,
+                protocol: spec.protocol,
+                held_limit: self.held_limit.clone(),
+            },
+            self.metrics.service(&spec.name),
+        );
+        let (stop, stop_rx) = watch::channel(false);
+        let (done_tx, done) = watch::channel(false);
+        let driver_gate = gate.clone();
+        let driver_spec = spec.clone();
+        tokio::spawn(async move {
+            if let Some(mut before) = after {
+                // The old backend must be gone first: a process would clash on its port.
+                let _ = before.wait_for(|d| *d).await;
+            }
+            let _ = scaler::spawn_driver(driver_gate, &driver_spec, stop_rx).await;
+            let _ = done_tx.send(true);
+        });
+        Live {
+            entry: Arc::new(ServiceEntry {
+                gate,
+                spec: spec.clone(),
+            }),
+            stop,
+            done,
+        }
+    }
+}
+
+/// Whether a change leaves the gate and driver as they are (only routing differs).
+fn same_gate(a: &Service, b: &Service) -> bool {
+    a.backend == b.backend
+        && a.queue == b.queue
+        && a.idle_timeout == b.idle_timeout
+        && a.concurrency == b.concurrency
+        && a.protocol == b.protocol
+}
