@@ -88,7 +88,7 @@ impl WakeTracker {
         w.span.in_scope(|| {
             info!(
                 phase = phase.as_str(),
-                ms = seconds * 1e3,
+                ms = (seconds * 1e6).round() / 1e3,
                 "wake-up milestone"
             )
         });
