@@ -100,7 +100,8 @@ impl ExternalScaler for Scaler {
             let _streams = streams;
             let (peer_tx, mut peer_rx) = mpsc::channel(4);
             let mut peers = cluster.watch_peers(&name, peer_tx);
-            let mut was_held = *held.borrow_and_update() > 0;
+            held.borrow_and_update();
+            let mut seen = gate.holds_total();
             let mut resync = tokio::time::interval(PEER_RESYNC);
             loop {
                 let push = tokio::select! {
@@ -109,9 +110,11 @@ impl ExternalScaler for Scaler {
                         if changed.is_err() {
                             return; // the service is gone
                         }
-                        let now_held = *held.borrow_and_update() > 0;
-                        let push = now_held && !was_held;
-                        was_held = now_held;
+                        held.borrow_and_update();
+                        // A new hold since the last look, even if already released again.
+                        let holds = gate.holds_total();
+                        let push = holds != seen;
+                        seen = holds;
                         push
                     }
                     Some(()) = peer_rx.recv() => true,
