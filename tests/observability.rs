@@ -49,6 +49,15 @@ fn names_in(expr: &str) -> Vec<String> {
     out
 }
 
+#[test]
+fn the_keda_example_config_is_valid() {
+    let text = read("examples/keda.yaml");
+    let cfg = reveille::Config::parse_with_env(&text, &|_| Some("/bin/true".into()))
+        .unwrap_or_else(|e| panic!("examples/keda.yaml: {e}"));
+    assert_eq!(cfg.keda.listen, Some("127.0.0.1:9091".parse().unwrap()));
+    assert_eq!(cfg.keda.peers, vec!["127.0.0.1:9190".parse().unwrap()]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catalogue_dashboard_and_keda_examples_match_reveille() {
     let port = free_port();

@@ -85,7 +85,9 @@ impl ExternalScaler for Scaler {
             .local()
             .gate(&r.service)
             .cloned()
-            .ok_or_else(|| Status::not_found(format!("service {:?}", r.service)))?;
+            .ok_or_else(|| {
+                Status::not_found(format!("service {:?} is not configured", r.service))
+            })?;
         let (tx, rx) = mpsc::channel(16);
         let service: Arc<str> = r.service.into();
         let streams = StreamGuard::new(&self.metrics);
