@@ -97,9 +97,9 @@ pub async fn scaling(state: &AdminState) -> Value {
     json!({ "services": Value::Object(m) })
 }
 
-/// This replica's own counts (what peers read). With `wait=<service>&held=<0|1>` it answers
-/// once the service's held state (anything held or not) differs from `held`, or after
-/// `timeout_ms` (at most [`MAX_LONG_POLL`]).
+/// This replica's own counts (what peers read). With `wait=<service>&since=<n>` it answers
+/// once the service's `holds_total` differs from `n` (a request was held since the caller's
+/// last look), or after `timeout_ms` (at most [`MAX_LONG_POLL`]); without `since`, at once.
 async fn local(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
     let param = |key: &str| {
         query
@@ -113,13 +113,22 @@ async fn local(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
         let Some(gate) = local.gate(service) else {
             return text(StatusCode::NOT_FOUND, "unknown service\n");
         };
-        let held = param("held") == Some("1");
-        let wait = param("timeout_ms")
-            .and_then(|v| v.parse().ok())
-            .map_or(MAX_LONG_POLL, Duration::from_millis)
-            .min(MAX_LONG_POLL);
-        let mut rx = gate.subscribe_held();
-        let _ = tokio::time::timeout(wait, rx.wait_for(|n| (*n > 0) != held)).await;
+        if let Some(since) = param("since").and_then(|v| v.parse::<u64>().ok()) {
+            let wait = param("timeout_ms")
+                .and_then(|v| v.parse().ok())
+                .map_or(MAX_LONG_POLL, Duration::from_millis)
+                .min(MAX_LONG_POLL);
+            // Subscribe before looking, so a hold between the look and the wait is not missed.
+            let mut rx = gate.subscribe_held();
+            let changed = async {
+                while gate.holds_total() == since {
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(wait, changed).await;
+        }
     }
     json_response(&json!(local.all()))
 }

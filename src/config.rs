@@ -479,7 +479,9 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             DEFAULT_UPSTREAM_RESPONSE_TIMEOUT,
         ),
     };
-    let keda = keda::validate(&mut p, raw.keda, &[("listen", listen), ("admin", admin)]);
+    let mut own = vec![("listen", listen), ("admin", admin)];
+    own.extend(raw.tls.as_ref().map(|t| ("tls.listen", t.listen)));
+    let keda = keda::validate(&mut p, raw.keda, &own);
     positive(
         &mut p,
         "timeouts.upstream_response".into(),

@@ -174,6 +174,9 @@ pub struct Gate {
     /// Fires on every change of the held count (only the slow path holds, so the warm path
     /// never touches it): KEDA streams push on it.
     held_events: watch::Sender<usize>,
+    /// Times the queue went from empty to non-empty: a watcher that sees this move knows a
+    /// request was held even if the queue emptied again before it looked.
+    holds_total: AtomicU64,
     in_flight: AtomicUsize,
     state: AtomicU8,
     demand: Notify,
@@ -214,6 +217,7 @@ impl Gate {
             }),
             held: AtomicUsize::new(0),
             held_events: watch::Sender::new(0),
+            holds_total: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             state: AtomicU8::new(State::Idle as u8),
             demand: Notify::new(),
@@ -251,6 +255,11 @@ impl Gate {
     /// A receiver that sees every change of the held count, at once (no ticker).
     pub fn subscribe_held(&self) -> watch::Receiver<usize> {
         self.held_events.subscribe()
+    }
+
+    /// Times the hold queue went from empty to non-empty (monotonic).
+    pub fn holds_total(&self) -> u64 {
+        self.holds_total.load(Ordering::SeqCst)
     }
 
     /// The cold-start timer of the current wake-up (driven by the scaler and the gate).
@@ -468,6 +477,9 @@ impl Gate {
             global.fetch_sub(old - n, Ordering::Relaxed);
         }
         self.metrics.held.set(n as i64);
+        if old == 0 {
+            self.holds_total.fetch_add(1, Ordering::SeqCst);
+        }
         self.held_events.send_replace(n);
     }
 
@@ -938,6 +950,7 @@ mod tests {
             .expect("held event")
             .unwrap();
         assert_eq!(*rx.borrow_and_update(), 1);
+        assert_eq!(g.holds_total(), 1);
         g.set_endpoints(&[addr(1)]);
         let permit = t.await.unwrap().unwrap();
         rx.changed().await.unwrap();

@@ -173,3 +173,68 @@ async fn unknown_service_and_bad_metadata_are_clear_errors() {
     assert!(v.metric_values[0].metric_value_float > 0.0, "{v:?}");
     stop(r).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_long_poll_answers_when_a_request_is_held() {
+    let port = free_port();
+    let r = start(&config(port, "1500ms")).await;
+    let c = client();
+    let admin = r.admin_addr;
+    let now: serde_json::Value =
+        serde_json::from_str(&get(&c, admin, "a", "/api/local?wait=hello").await.body).unwrap();
+    assert_eq!(now["services"]["hello"]["holds_total"], 0);
+    assert_eq!(
+        get(&c, admin, "a", "/api/local?wait=nope&since=0")
+            .await
+            .status,
+        404
+    );
+    let poll = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            get(
+                &c,
+                admin,
+                "a",
+                "/api/local?wait=hello&since=0&timeout_ms=20000",
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!poll.is_finished(), "nothing held yet: the long-poll waits");
+    let sent = Instant::now();
+    let proxy = r.proxy_addr;
+    let held = {
+        let c = c.clone();
+        tokio::spawn(async move { get(&c, proxy, "hello.test", "/").await })
+    };
+    let resp = tokio::time::timeout(Duration::from_secs(5), poll)
+        .await
+        .expect("long-poll answered")
+        .unwrap();
+    eprintln!(
+        "long-poll answered {:?} after the request was sent",
+        sent.elapsed()
+    );
+    let v: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
+    assert_eq!(v["services"]["hello"]["holds_total"], 1);
+    assert_eq!(v["services"]["hello"]["held"], 1);
+    // A poll that is not behind times out with the same counts.
+    let t = Instant::now();
+    let again = get(
+        &c,
+        admin,
+        "a",
+        "/api/local?wait=hello&since=1&timeout_ms=300",
+    )
+    .await;
+    assert!(
+        t.elapsed() >= Duration::from_millis(290),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(again.status, 200);
+    assert_eq!(held.await.unwrap().status, 200);
+    stop(r).await;
+}

@@ -24,6 +24,34 @@ fn hold(c: &TestClient, proxy: std::net::SocketAddr) -> tokio::task::JoinHandle<
     })
 }
 
+fn read(path: &str) -> String {
+    std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+/// Percent-encodes a query parameter value.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// An instant query over Prometheus' HTTP API; `None` while it does not answer.
+async fn promql(c: &TestClient, web: std::net::SocketAddr, q: &str) -> Option<serde_json::Value> {
+    let uri = format!("http://{web}/api/v1/query?query={}", encode(q));
+    let req = http::Request::get(uri).body(Default::default()).unwrap();
+    let resp = c.request(req).await.ok()?;
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .ok()?
+        .to_bytes();
+    serde_json::from_slice(&body).ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promtool_accepts_the_exposition() {
     if !tool_available(
@@ -113,23 +141,14 @@ async fn prometheus_scrapes_the_held_count() {
             .spawn()
             .unwrap(),
     );
-    let query = "http://{web}/api/v1/query?query=reveille_requests_held%7Bservice%3D%22hello%22%7D"
-        .replace("{web}", &web.to_string());
     let mut last = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let value = loop {
-        let req = http::Request::get(&query).body(Default::default()).unwrap();
-        if let Ok(resp) = c.request(req).await {
-            let body = http_body_util::BodyExt::collect(resp.into_body())
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            last = String::from_utf8_lossy(&body).into_owned();
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&last) {
-                if let Some(s) = v["data"]["result"][0]["value"][1].as_str() {
-                    break s.to_string();
-                }
+        if let Some(v) = promql(&c, web, "reveille_requests_held{service=\"hello\"}").await {
+            if let Some(s) = v["data"]["result"][0]["value"][1].as_str() {
+                break s.to_string();
             }
+            last = v.to_string();
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -138,7 +157,31 @@ async fn prometheus_scrapes_the_held_count() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    assert_eq!(value, "2", "{last}");
+    assert_eq!(value, "2");
+
+    // The KEDA prometheus example's query gives held + in flight for the cluster.
+    let example: serde_json::Value =
+        serde_norway::from_str(&read("deploy/keda/prometheus.yaml")).unwrap();
+    let q = example["spec"]["triggers"][0]["metadata"]["query"]
+        .as_str()
+        .unwrap();
+    let v = promql(&c, web, q).await.expect("answer");
+    assert_eq!(v["data"]["result"][0]["value"][1], "2", "{q}: {v}");
+
+    // Every dashboard query is valid PromQL that Prometheus evaluates.
+    let dash: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/reveille.json")).unwrap();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let q = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$service", ".*")
+                .replace("$__rate_interval", "1m");
+            let v = promql(&c, web, &q).await.expect("answer");
+            assert_eq!(v["status"], "success", "{}: {q}: {v}", p["title"]);
+        }
+    }
     prom.terminate();
     let _ = std::fs::remove_dir_all(&dir);
     for h in held {

@@ -238,22 +238,29 @@ async fn watch_peer(
     service: Arc<str>,
     events: mpsc::Sender<()>,
 ) {
-    let mut held = false;
+    // The peer's hold count at our last look; `None` until the first answer.
+    let mut since: Option<u64> = None;
     let mut pause = RETRY_PAUSE;
     loop {
         let r = cluster
             .client
-            .wait_held(peer, &service, held, LONG_POLL, cluster.timeout)
+            .wait_held(peer, &service, since, LONG_POLL, cluster.timeout)
             .await;
         match r {
             Ok(counts) => {
                 pause = RETRY_PAUSE;
-                let now_held = counts.services.get(&*service).is_some_and(|c| c.held > 0);
+                let c = counts.services.get(&*service).copied().unwrap_or_default();
+                let push = match since {
+                    // First look: held there already.
+                    None => c.held > 0,
+                    // Something was held since the last look (even if it is gone again).
+                    Some(n) => c.holds_total != n,
+                };
+                since = Some(c.holds_total);
                 cluster.remember(peer, counts);
-                if now_held && !held && events.send(()).await.is_err() {
+                if push && events.send(()).await.is_err() {
                     return;
                 }
-                held = now_held;
             }
             Err(e) => {
                 debug!(%peer, error = %e, "peer long-poll failed; retrying");

@@ -30,6 +30,10 @@ pub struct ServiceCounts {
     pub requests_total: u64,
     /// Requests per second over the rate window.
     pub rate: f64,
+    /// Times the hold queue went from empty to non-empty (monotonic; a change means a request
+    /// was held since the last look).
+    #[serde(default)]
+    pub holds_total: u64,
 }
 
 /// Every service's counts on one replica (the body of admin `/api/local`).
@@ -179,6 +183,7 @@ fn entry_counts(e: &Entry) -> ServiceCounts {
         in_flight: e.gate.in_flight() as u64,
         requests_total: total,
         rate: e.rate.lock().rate(Instant::now(), total),
+        holds_total: e.gate.holds_total(),
     }
 }
 

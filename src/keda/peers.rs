@@ -1,9 +1,10 @@
 //! Peer replicas: where they are ([`PeerSource`]) and how their counts are read ([`PeerClient`]).
 //!
 //! A peer is another Reveille replica's admin listener. Its counts come from `GET /api/local`,
-//! bounded by a short timeout. The same endpoint long-polls: with `wait=SERVICE&held=0` it
-//! answers as soon as that service holds a request (or after `timeout_ms`), which is how the
-//! replica that holds KEDA's stream learns at once of a request held elsewhere.
+//! bounded by a short timeout. The same endpoint long-polls: with `wait=SERVICE&since=N` it
+//! answers as soon as that service holds a request again (its `holds_total` moves past `N`),
+//! or after `timeout_ms`, which is how the replica that holds KEDA's stream learns at once of a
+//! request held elsewhere.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -94,21 +95,24 @@ impl PeerClient {
         self.get(peer, "/api/local".to_string(), timeout).await
     }
 
-    /// Long-polls the peer until `service`'s held state differs from `held` (or `wait` passes),
-    /// then returns its counts. `timeout` bounds the network part on top of `wait`.
+    /// Long-polls the peer until `service`'s `holds_total` differs from `since` (or `wait`
+    /// passes), then returns its counts; without `since` it answers at once. `timeout` bounds
+    /// the network part on top of `wait`.
     pub async fn wait_held(
         &self,
         peer: SocketAddr,
         service: &str,
-        held: bool,
+        since: Option<u64>,
         wait: Duration,
         timeout: Duration,
     ) -> Result<LocalCounts, PeerError> {
-        let path = format!(
-            "/api/local?wait={service}&held={}&timeout_ms={}",
-            u8::from(held),
-            wait.as_millis()
-        );
+        let path = match since {
+            Some(n) => format!(
+                "/api/local?wait={service}&since={n}&timeout_ms={}",
+                wait.as_millis()
+            ),
+            None => format!("/api/local?wait={service}"),
+        };
         self.get(peer, path, wait + timeout).await
     }
 

@@ -86,11 +86,9 @@ impl ExternalScaler for Scaler {
         req: Request<ScaledObjectRef>,
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
         let r = self.resolve(req.get_ref())?;
-        let gate = self
-            .cluster
-            .local()
-            .gate(&r.service)
-            .ok_or_else(|| Status::not_found(format!("service {:?}", r.service)))?;
+        let gate = self.cluster.local().gate(&r.service).ok_or_else(|| {
+            Status::not_found(format!("service {:?} is not configured", r.service))
+        })?;
         let (tx, rx) = mpsc::channel(16);
         let service: Arc<str> = r.service.into();
         let streams = StreamGuard::new(&self.metrics);
@@ -105,7 +103,8 @@ impl ExternalScaler for Scaler {
             let _streams = streams;
             let (peer_tx, mut peer_rx) = mpsc::channel(4);
             let mut peers = cluster.watch_peers(&name, peer_tx);
-            let mut was_held = *held.borrow_and_update() > 0;
+            held.borrow_and_update();
+            let mut seen = gate.holds_total();
             let mut resync = tokio::time::interval(PEER_RESYNC);
             loop {
                 let push = tokio::select! {
@@ -114,9 +113,11 @@ impl ExternalScaler for Scaler {
                         if changed.is_err() {
                             return; // the service is gone
                         }
-                        let now_held = *held.borrow_and_update() > 0;
-                        let push = now_held && !was_held;
-                        was_held = now_held;
+                        held.borrow_and_update();
+                        // A new hold since the last look, even if already released again.
+                        let holds = gate.holds_total();
+                        let push = holds != seen;
+                        seen = holds;
                         push
                     }
                     Some(()) = peer_rx.recv() => true,
