@@ -243,3 +243,47 @@ async fn a_head_that_never_ends_is_cut_off() {
     );
     stop(r).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_limits_answer_431_and_414() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let r = start(&process_config(free_port(), "0s", &[])).await;
+    let tcp = TcpStream::connect(r.proxy_addr).await.unwrap();
+    // h2c with prior knowledge on the plain listener.
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut status = |path: String, extra: Option<String>| {
+        let mut req = http::Request::get(format!("http://hello.test{path}"));
+        if let Some(v) = extra {
+            req = req.header("x-big", v);
+        }
+        let fut = send.send_request(req.body(Empty::<bytes::Bytes>::new()).unwrap());
+        async move {
+            let resp = tokio::time::timeout(Duration::from_secs(10), fut)
+                .await
+                .expect("answer within 10s")
+                .expect("response");
+            let status = resp.status();
+            let _ = resp.into_body().collect().await;
+            status
+        }
+    };
+    // The header list over MAX_HEADER_BYTES: h2 answers 431 and resets the stream.
+    let big = status("/big".into(), Some("a".repeat(MAX_HEADER_BYTES + 1024))).await;
+    assert_eq!(big, 431);
+    // A target over MAX_URI_BYTES: Reveille's own 414.
+    let long = status(format!("/{}", "u".repeat(MAX_URI_BYTES)), None).await;
+    assert_eq!(long, 414);
+    // Half the limit passes (above h2's 16 KiB default, so the limit set is the one in force).
+    let half = status("/half".into(), Some("h".repeat(MAX_HEADER_BYTES / 2))).await;
+    assert_eq!(half, 200);
+    // The connection is still good; only the requests within the limits were forwarded.
+    assert_eq!(status("/fine".into(), None).await, 200);
+    assert_eq!(backend_log(r.proxy_addr).await, "GET /half\nGET /fine\n");
+    stop(r).await;
+}
