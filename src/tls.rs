@@ -19,6 +19,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -355,8 +356,11 @@ async fn accept_tls(
 fn watch_dirs(paths: &[&Path], wake: Arc<Notify>) -> notify::Result<RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         match res {
-            // Our own reads show up as access events; they change nothing.
-            Ok(ev) if matches!(ev.kind, EventKind::Access(_)) => {}
+            // Our own reads show up as access events; they change nothing. A writer closing
+            // the file does.
+            Ok(ev)
+                if matches!(ev.kind, EventKind::Access(a)
+                    if a != AccessKind::Close(AccessMode::Write)) => {}
             _ => wake.notify_one(),
         }
     })?;

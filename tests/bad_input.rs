@@ -145,6 +145,23 @@ async fn content_length_with_transfer_encoding_cannot_smuggle() {
     let (_, body) = text.split_once("\r\n\r\n").unwrap();
     assert_eq!(body, "5\r\nhello\r\n0\r\n\r\n", "{text}");
 
+    // Other framing hyper refuses itself: two different lengths, a length that is not a
+    // number, chunked on HTTP/1.0, a coding whose last one is not chunked.
+    for bad in [
+        &b"POST /cl2 HTTP/1.1\r\nHost: hello.test\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"[..],
+        b"POST /cl-nan HTTP/1.1\r\nHost: hello.test\r\nContent-Length: 5x\r\n\r\nhello",
+        b"POST /te10 HTTP/1.0\r\nHost: hello.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /te-gzip HTTP/1.1\r\nHost: hello.test\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+    ] {
+        let resp = exchange(addr, bad).await;
+        assert_eq!(
+            status_line(&resp),
+            "HTTP/1.1 400 Bad Request",
+            "for {:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+
     // Codings Reveille cannot keep the framing of are refused before forwarding.
     for te in ["gzip, chunked", "chunked, chunked"] {
         let req = format!(
