@@ -43,6 +43,8 @@ pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 /// Quiet time after a file event before the files are read, so a cert and key written one
 /// after the other are picked up together.
 pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(250);
+/// Longest a reload waits for quiet after the first event.
+pub const RELOAD_MAX_DELAY: Duration = Duration::from_secs(5);
 /// How often the files are compared when no filesystem watch could be set up.
 pub const RELOAD_POLL_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -397,7 +399,12 @@ async fn reload_loop(
         tokio::select! {
             _ = scaler::stopped(&mut stop) => break,
             _ = wake.notified(), if watcher.is_some() => {
-                tokio::time::sleep(RELOAD_DEBOUNCE).await;
+                // Wait for the files to go quiet: each further event restarts the wait, up to
+                // a bound (other files in the directory may never go quiet).
+                let latest = tokio::time::Instant::now() + RELOAD_MAX_DELAY;
+                while tokio::time::Instant::now() < latest
+                    && tokio::time::timeout(RELOAD_DEBOUNCE, wake.notified()).await.is_ok()
+                {}
             }
             _ = tokio::time::sleep(RELOAD_POLL_INTERVAL), if watcher.is_none() => {}
         }
