@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the property tests of tests/fuzz.rs (config parsing, routing, hop-by-hop headers) for a
+# Runs the property tests of tests/fuzz/ (config parsing, routing, hop-by-hop headers) for a
 # bounded time with many more cases than CI does. Each round draws fresh random inputs; rounds
 # repeat until the time is up. A failure stops the run and prints the shrunk input.
 #
