@@ -19,10 +19,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
+use rustls::sign::{CertifiedKey, SigningKey};
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -42,6 +43,8 @@ pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 /// Quiet time after a file event before the files are read, so a cert and key written one
 /// after the other are picked up together.
 pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(250);
+/// Longest a reload waits for quiet after the first event.
+pub const RELOAD_MAX_DELAY: Duration = Duration::from_secs(5);
 /// How often the files are compared when no filesystem watch could be set up.
 pub const RELOAD_POLL_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -108,40 +111,73 @@ fn read_pem(cert: &Path, key: &Path) -> Result<Pem, Vec<TlsProblem>> {
     }
 }
 
-/// Builds a certificate chain and signing key from PEM text, checking that the key belongs to
-/// the first certificate.
-pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, TlsProblem> {
-    let chain = CertificateDer::pem_slice_iter(cert_pem)
+fn parse_chain(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsProblem> {
+    let chain = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| problem(TlsFile::Cert, format!("invalid PEM: {e}")))?;
     if chain.is_empty() {
         return Err(problem(TlsFile::Cert, "no CERTIFICATE block found (PEM)"));
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
+    Ok(chain)
+}
+
+fn parse_key(pem: &[u8]) -> Result<Arc<dyn SigningKey>, TlsProblem> {
+    let key = PrivateKeyDer::from_pem_slice(pem).map_err(|e| match e {
         rustls_pki_types::pem::Error::NoItemsFound => {
             problem(TlsFile::Key, "no PRIVATE KEY block found (PEM)")
         }
         e => problem(TlsFile::Key, format!("invalid PEM: {e}")),
     })?;
-    let signer = provider()
+    provider()
         .key_provider
         .load_private_key(key)
-        .map_err(|e| problem(TlsFile::Key, format!("unusable private key: {e}")))?;
+        .map_err(|e| problem(TlsFile::Key, format!("unusable private key: {e}")))
+}
+
+/// Builds a certificate chain and signing key from PEM text, checking that the key belongs to
+/// the first certificate. Every problem found is returned, each against its file.
+pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, Vec<TlsProblem>> {
+    let (chain, signer) = match (parse_chain(cert_pem), parse_key(key_pem)) {
+        (Ok(chain), Ok(signer)) => (chain, signer),
+        (c, k) => return Err([c.err(), k.err()].into_iter().flatten().collect()),
+    };
     let ck = CertifiedKey::new(chain, signer);
     match ck.keys_match() {
         Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(ck),
-        Err(rustls::Error::InconsistentKeys(_)) => Err(problem(
+        Err(rustls::Error::InconsistentKeys(_)) => Err(vec![problem(
             TlsFile::Key,
             "does not match the certificate in tls.cert",
-        )),
-        Err(e) => Err(problem(TlsFile::Cert, format!("invalid certificate: {e}"))),
+        )]),
+        Err(e) => Err(vec![problem(
+            TlsFile::Cert,
+            format!("invalid certificate: {e}"),
+        )]),
     }
 }
 
 /// Reads and checks a certificate and key file pair; every problem found is returned.
 pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, Vec<TlsProblem>> {
-    let pem = read_pem(cert, key)?;
-    certified_key(&pem.cert, &pem.key).map_err(|p| vec![p])
+    let read = |file, path: &Path| {
+        std::fs::read(path)
+            .map_err(|e| problem(file, format!("cannot read {}: {e}", path.display())))
+    };
+    let (cert_pem, key_pem) = match (read(TlsFile::Cert, cert), read(TlsFile::Key, key)) {
+        (Ok(c), Ok(k)) => (c, k),
+        // Whatever could be read is still checked, so one run reports both files' problems.
+        (c, k) => {
+            let mut problems = Vec::new();
+            match c {
+                Ok(pem) => problems.extend(parse_chain(&pem).err()),
+                Err(p) => problems.push(p),
+            }
+            match k {
+                Ok(pem) => problems.extend(parse_key(&pem).err()),
+                Err(p) => problems.push(p),
+            }
+            return Err(problems);
+        }
+    };
+    certified_key(&cert_pem, &key_pem)
 }
 
 /// The certificate handed to new handshakes; swapped whole on reload.
@@ -199,7 +235,7 @@ impl TlsListener {
     /// Loads the certificate and key and binds `tls.listen`.
     pub async fn bind(cfg: &Tls) -> io::Result<TlsListener> {
         let pem = read_pem(&cfg.cert, &cfg.key).map_err(invalid)?;
-        let ck = certified_key(&pem.cert, &pem.key).map_err(|p| invalid(vec![p]))?;
+        let ck = certified_key(&pem.cert, &pem.key).map_err(invalid)?;
         let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -322,8 +358,11 @@ async fn accept_tls(
 fn watch_dirs(paths: &[&Path], wake: Arc<Notify>) -> notify::Result<RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         match res {
-            // Our own reads show up as access events; they change nothing.
-            Ok(ev) if matches!(ev.kind, EventKind::Access(_)) => {}
+            // Our own reads show up as access events; they change nothing. A writer closing
+            // the file does.
+            Ok(ev)
+                if matches!(ev.kind, EventKind::Access(a)
+                    if a != AccessKind::Close(AccessMode::Write)) => {}
             _ => wake.notify_one(),
         }
     })?;
@@ -360,7 +399,12 @@ async fn reload_loop(
         tokio::select! {
             _ = scaler::stopped(&mut stop) => break,
             _ = wake.notified(), if watcher.is_some() => {
-                tokio::time::sleep(RELOAD_DEBOUNCE).await;
+                // Wait for the files to go quiet: each further event restarts the wait, up to
+                // a bound (other files in the directory may never go quiet).
+                let latest = tokio::time::Instant::now() + RELOAD_MAX_DELAY;
+                while tokio::time::Instant::now() < latest
+                    && tokio::time::timeout(RELOAD_DEBOUNCE, wake.notified()).await.is_ok()
+                {}
             }
             _ = tokio::time::sleep(RELOAD_POLL_INTERVAL), if watcher.is_none() => {}
         }
@@ -382,7 +426,11 @@ async fn reload_loop(
                 store.replace(ck);
                 info!(cert = %cert.display(), "TLS certificate reloaded");
             }
-            Err(p) => warn!("TLS reload failed, keeping the previous certificate: {p}"),
+            Err(problems) => {
+                for p in problems {
+                    warn!("TLS reload failed, keeping the previous certificate: {p}");
+                }
+            }
         }
         last = pem;
     }
@@ -396,12 +444,19 @@ mod tests {
     #[test]
     fn garbage_is_reported_against_the_right_file() {
         let e = certified_key(b"not pem", b"").unwrap_err();
-        assert_eq!(e.file, TlsFile::Cert);
-        assert!(e.reason.contains("no CERTIFICATE"), "{e}");
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert_eq!(
+            e[0].to_string(),
+            "tls.cert: no CERTIFICATE block found (PEM)"
+        );
+        assert_eq!(
+            e[1].to_string(),
+            "tls.key: no PRIVATE KEY block found (PEM)"
+        );
         let cert = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
         let e = certified_key(cert, b"nothing here").unwrap_err();
-        assert_eq!(e.file, TlsFile::Key);
-        assert_eq!(e.to_string(), "tls.key: no PRIVATE KEY block found (PEM)");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].file, TlsFile::Key);
     }
 
     #[test]

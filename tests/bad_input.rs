@@ -145,6 +145,23 @@ async fn content_length_with_transfer_encoding_cannot_smuggle() {
     let (_, body) = text.split_once("\r\n\r\n").unwrap();
     assert_eq!(body, "5\r\nhello\r\n0\r\n\r\n", "{text}");
 
+    // Other framing hyper refuses itself: two different lengths, a length that is not a
+    // number, chunked on HTTP/1.0, a coding whose last one is not chunked.
+    for bad in [
+        &b"POST /cl2 HTTP/1.1\r\nHost: hello.test\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"[..],
+        b"POST /cl-nan HTTP/1.1\r\nHost: hello.test\r\nContent-Length: 5x\r\n\r\nhello",
+        b"POST /te10 HTTP/1.0\r\nHost: hello.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /te-gzip HTTP/1.1\r\nHost: hello.test\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+    ] {
+        let resp = exchange(addr, bad).await;
+        assert_eq!(
+            status_line(&resp),
+            "HTTP/1.1 400 Bad Request",
+            "for {:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+
     // Codings Reveille cannot keep the framing of are refused before forwarding.
     for te in ["gzip, chunked", "chunked, chunked"] {
         let req = format!(
@@ -241,5 +258,49 @@ async fn a_head_that_never_ends_is_cut_off() {
             .status,
         200
     );
+    stop(r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_limits_answer_431_and_414() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let r = start(&process_config(free_port(), "0s", &[])).await;
+    let tcp = TcpStream::connect(r.proxy_addr).await.unwrap();
+    // h2c with prior knowledge on the plain listener.
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut status = |path: String, extra: Option<String>| {
+        let mut req = http::Request::get(format!("http://hello.test{path}"));
+        if let Some(v) = extra {
+            req = req.header("x-big", v);
+        }
+        let fut = send.send_request(req.body(Empty::<bytes::Bytes>::new()).unwrap());
+        async move {
+            let resp = tokio::time::timeout(Duration::from_secs(10), fut)
+                .await
+                .expect("answer within 10s")
+                .expect("response");
+            let status = resp.status();
+            let _ = resp.into_body().collect().await;
+            status
+        }
+    };
+    // The header list over MAX_HEADER_BYTES: h2 answers 431 and resets the stream.
+    let big = status("/big".into(), Some("a".repeat(MAX_HEADER_BYTES + 1024))).await;
+    assert_eq!(big, 431);
+    // A target over MAX_URI_BYTES: Reveille's own 414.
+    let long = status(format!("/{}", "u".repeat(MAX_URI_BYTES)), None).await;
+    assert_eq!(long, 414);
+    // Half the limit passes (above h2's 16 KiB default, so the limit set is the one in force).
+    let half = status("/half".into(), Some("h".repeat(MAX_HEADER_BYTES / 2))).await;
+    assert_eq!(half, 200);
+    // The connection is still good; only the requests within the limits were forwarded.
+    assert_eq!(status("/fine".into(), None).await, 200);
+    assert_eq!(backend_log(r.proxy_addr).await, "GET /half\nGET /fine\n");
     stop(r).await;
 }

@@ -309,6 +309,73 @@ async fn a_handshake_that_never_comes_is_cut_off() {
     stop(r).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_count_against_max_connections_with_plain_ones() {
+    let dir = tempdir("maxconn");
+    let c = make_cert(&["hello.test"]);
+    let (cert, key) = write_pair(&dir, &c);
+    let mut yaml = tls_config(free_port(), &cert, &key);
+    yaml.push_str("limits:\n  max_connections: 1\n");
+    let r = start(&yaml).await;
+    let mut tls = h1(connect(&connector(&[&c], &[b"http/1.1"]), r.tls_addr.unwrap()).await).await;
+    assert_eq!(get_h1(&mut tls, "/one").await.0.status, StatusCode::OK);
+
+    // The one slot is the TLS connection's: a plain connection is closed without an answer.
+    let mut plain = TcpStream::connect(r.proxy_addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), plain.read(&mut buf))
+        .await
+        .expect("closed within 10s")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+
+    // Once the TLS connection is gone, plain traffic gets the slot.
+    drop(tls);
+    let c = client();
+    wait_until("the slot is free again", Duration::from_secs(10), || {
+        let c = c.clone();
+        let addr = r.proxy_addr;
+        async move {
+            let req = http::Request::get(format!("http://{addr}/again"))
+                .header("host", "hello.test")
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap();
+            matches!(c.request(req).await, Ok(resp) if resp.status() == StatusCode::OK)
+        }
+    })
+    .await;
+    stop(r).await;
+}
+
+#[test]
+fn serve_refuses_a_bad_certificate_before_binding() {
+    let dir = tempdir("serve-bad");
+    let port = free_port();
+    let cert = dir.join("cert.pem");
+    std::fs::write(&cert, "not a certificate").unwrap();
+    let mut yaml = process_config(18998, "0s", &[])
+        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
+    yaml.push_str(&format!(
+        "tls:\n  listen: 127.0.0.1:0\n  cert: {}\n  key: {}\n",
+        cert.display(),
+        dir.join("missing-key.pem").display()
+    ));
+    let file = dir.join("reveille.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tls.cert: no CERTIFICATE block found (PEM)"),
+        "{err}"
+    );
+    assert!(err.contains("tls.key: cannot read"), "{err}");
+    std::net::TcpListener::bind(("127.0.0.1", port)).expect("nothing was bound");
+}
+
 #[test]
 fn bad_certificates_are_config_errors_naming_the_field() {
     let dir = tempdir("bad");
