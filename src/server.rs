@@ -71,7 +71,8 @@ impl Running {
 }
 
 /// Builds the services, binds the listeners, and starts serving. Peers come from
-/// `keda.peers`.
+/// `keda.peers`; when a service runs on Kubernetes, the API client comes from the in-cluster
+/// config or `KUBECONFIG`.
 pub async fn start(config: Config) -> io::Result<Running> {
     let peers = Arc::new(StaticPeers(config.keda.peers.clone()));
     start_with_peers(config, peers).await
@@ -79,6 +80,43 @@ pub async fn start(config: Config) -> io::Result<Running> {
 
 /// Like [`start`], with the peer replicas found by `peers` (e.g. a Kubernetes discovery).
 pub async fn start_with_peers(config: Config, peers: Arc<dyn PeerSource>) -> io::Result<Running> {
+    let kube = if on_kubernetes(&config) {
+        let client = kube::Client::try_default().await.map_err(|e| {
+            io::Error::other(format!(
+                "cannot create a Kubernetes client (in-cluster config or KUBECONFIG): {e}"
+            ))
+        })?;
+        Some(client)
+    } else {
+        None
+    };
+    start_with(config, peers, kube).await
+}
+
+/// Like [`start`], with the Kubernetes API client given (tests, custom kubeconfigs).
+pub async fn start_with_kube(config: Config, kube: Option<kube::Client>) -> io::Result<Running> {
+    let peers = Arc::new(StaticPeers(config.keda.peers.clone()));
+    start_with(config, peers, kube).await
+}
+
+fn on_kubernetes(config: &Config) -> bool {
+    config
+        .services
+        .iter()
+        .any(|s| matches!(s.backend, Backend::Kubernetes(_)))
+}
+
+/// Like [`start`], with the peer source and the Kubernetes API client given.
+pub async fn start_with(
+    config: Config,
+    peers: Arc<dyn PeerSource>,
+    kube: Option<kube::Client>,
+) -> io::Result<Running> {
+    if kube.is_none() && on_kubernetes(&config) {
+        return Err(io::Error::other(
+            "a service runs on Kubernetes but no Kubernetes client was given",
+        ));
+    }
     let metrics = Metrics::new();
     let (stop_drivers, stop_rx) = watch::channel(false);
     let mut router = Router::new();
@@ -101,16 +139,18 @@ pub async fn start_with_peers(config: Config, peers: Arc<dyn PeerSource>) -> io:
             router.insert(host, s.path_prefix.as_deref(), gate.clone());
         }
         router.insert_revision(&s.namespace, &s.name, gate.clone());
-        drivers.push(scaler::spawn_driver(gate.clone(), s, stop_rx.clone()));
+        drivers.push(scaler::spawn_driver(
+            gate.clone(),
+            s,
+            kube.as_ref(),
+            stop_rx.clone(),
+        ));
         entries.push(ServiceEntry {
             gate,
             namespace: s.namespace.clone(),
             hosts: s.hosts.clone(),
             path_prefix: s.path_prefix.clone(),
-            backend: match s.backend {
-                Backend::Process(_) => "process",
-                Backend::Static(_) => "static",
-            },
+            backend: s.backend.kind(),
         });
     }
     let gates: Vec<Arc<Gate>> = entries.iter().map(|e| e.gate.clone()).collect();
