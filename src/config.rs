@@ -16,6 +16,11 @@ use serde::{Deserialize, Deserializer};
 
 mod keda;
 pub use keda::*;
+mod kubernetes;
+
+pub use kubernetes::{
+    KubernetesBackend, PortRef, Scaling, Workload, WorkloadKind, DEFAULT_REPLICAS,
+};
 
 /// Default proxy listener.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -169,6 +174,19 @@ pub enum Backend {
     Process(ProcessBackend),
     /// Fixed addresses, always ready.
     Static(StaticBackend),
+    /// A Kubernetes Deployment or StatefulSet, scaled through its `scale` subresource.
+    Kubernetes(KubernetesBackend),
+}
+
+impl Backend {
+    /// The backend's kind, as the admin API shows it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Backend::Process(_) => "process",
+            Backend::Static(_) => "static",
+            Backend::Kubernetes(_) => "kubernetes",
+        }
+    }
 }
 
 /// A local command started on demand and stopped when idle.
@@ -354,6 +372,7 @@ struct RawBackend {
     process: Option<RawProcess>,
     #[serde(rename = "static")]
     fixed: Option<RawStatic>,
+    kubernetes: Option<kubernetes::RawKubernetes>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -431,10 +450,10 @@ impl Config {
     }
 }
 
-struct Problems(Vec<Problem>);
+pub(crate) struct Problems(Vec<Problem>);
 
 impl Problems {
-    fn add(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+    pub(crate) fn add(&mut self, path: impl Into<String>, reason: impl Into<String>) {
         self.0.push(Problem {
             path: path.into(),
             reason: reason.into(),
@@ -583,8 +602,8 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         let idle_timeout = dur(s.idle_timeout, DEFAULT_IDLE_TIMEOUT);
         positive(&mut p, format!("{at}.idle_timeout"), idle_timeout);
 
-        let backend = match (s.backend.process, s.backend.fixed) {
-            (Some(proc_), None) => {
+        let backend = match (s.backend.process, s.backend.fixed, s.backend.kubernetes) {
+            (Some(proc_), None, None) => {
                 let b = validate_process(&mut p, &format!("{at}.backend.process"), proc_, env);
                 if let Some(j) = process_addrs.insert(b.address, i) {
                     p.add(
@@ -600,7 +619,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
                 }
                 Backend::Process(b)
             }
-            (None, Some(st)) => {
+            (None, Some(st), None) => {
                 if st.addresses.is_empty() {
                     p.add(
                         format!("{at}.backend.static.addresses"),
@@ -611,10 +630,15 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
                     addresses: st.addresses,
                 })
             }
+            (None, None, Some(k)) => Backend::Kubernetes(kubernetes::validate(
+                &mut p,
+                &format!("{at}.backend.kubernetes"),
+                k,
+            )),
             _ => {
                 p.add(
                     format!("{at}.backend"),
-                    "exactly one of `process` or `static` is required",
+                    "exactly one of `process`, `static` or `kubernetes` is required",
                 );
                 Backend::Static(StaticBackend { addresses: vec![] })
             }
@@ -896,7 +920,7 @@ services:
             "services[1].backend.process.command: must name a program, like [prog, arg1]",
             "services[1].backend.process.address: port must not be 0",
             "services[2].name: duplicate name \"b\" (also services[1])",
-            "services[2].backend: exactly one of `process` or `static` is required",
+            "services[2].backend: exactly one of `process`, `static` or `kubernetes` is required",
         ];
         for w in want {
             assert!(e.iter().any(|x| x == w), "missing {w:?} in {e:#?}");

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub keda_streams: IntGauge,
     keda_pushes: IntCounterVec,
     peer_fetches: IntCounterVec,
+    kube_api_errors: IntCounterVec,
+    scale_patches: IntCounterVec,
+    scale_down_deferred: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -154,6 +157,21 @@ impl Metrics {
                 "reveille_peer_fetches_total",
                 "Reads of peer replicas' counts, by outcome (ok, stale: last value used, dropped: too old).",
                 &["outcome"],
+            ),
+            kube_api_errors: counter(
+                "reveille_kubernetes_api_errors_total",
+                "Failed Kubernetes API calls, by operation (get_scale, patch_scale, get_workload, watch_endpoints, ...).",
+                &["service", "operation"],
+            ),
+            scale_patches: counter(
+                "reveille_scale_patches_total",
+                "Replica count changes Reveille made, by direction (up, down).",
+                &["service", "direction"],
+            ),
+            scale_down_deferred: counter(
+                "reveille_scale_down_deferred_total",
+                "Scale-downs put off, by reason (rollout, peer_active, not_leader, peer_unknown, demand).",
+                &["service", "reason"],
             ),
             registry,
         }
@@ -293,6 +311,30 @@ impl ServiceMetrics {
         self.wakeup[phase as usize].observe(seconds);
     }
 
+    /// Counts a failed Kubernetes API call.
+    pub fn kube_api_error(&self, operation: &'static str) {
+        self.parent
+            .kube_api_errors
+            .with_label_values(&[self.name.as_ref(), operation])
+            .inc();
+    }
+
+    /// Counts a replica count change Reveille made (`up` or `down`).
+    pub fn scale_patch(&self, direction: &'static str) {
+        self.parent
+            .scale_patches
+            .with_label_values(&[self.name.as_ref(), direction])
+            .inc();
+    }
+
+    /// Counts a scale-down that was put off, and why.
+    pub fn scale_down_deferred(&self, reason: &'static str) {
+        self.parent
+            .scale_down_deferred
+            .with_label_values(&[self.name.as_ref(), reason])
+            .inc();
+    }
+
     /// Publishes the service's activation state.
     pub fn state(&self, state: crate::gate::State) {
         for s in crate::gate::State::ALL {
@@ -318,6 +360,9 @@ mod tests {
         s.request(503, 0.0);
         s.rejected("queue_full");
         s.activation("ready", Some(1.5));
+        s.kube_api_error("patch_scale");
+        s.scale_patch("up");
+        s.scale_down_deferred("rollout");
         let text = m.render();
         assert!(
             text.contains("reveille_requests_held{service=\"hello\"} 3"),
@@ -327,6 +372,13 @@ mod tests {
         assert!(text.contains("reveille_requests_total{code=\"503\",service=\"hello\"} 1"));
         assert!(text.contains("reveille_rejected_total{reason=\"queue_full\",service=\"hello\"} 1"));
         assert!(text.contains("reveille_activation_duration_seconds_count{service=\"hello\"} 1"));
+        assert!(text.contains(
+            "reveille_kubernetes_api_errors_total{operation=\"patch_scale\",service=\"hello\"} 1"
+        ));
+        assert!(text.contains("reveille_scale_patches_total{direction=\"up\",service=\"hello\"} 1"));
+        assert!(text.contains(
+            "reveille_scale_down_deferred_total{reason=\"rollout\",service=\"hello\"} 1"
+        ));
         m.forget_service("hello");
         assert!(!m
             .render()

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::error::ProxyError;
 use crate::gate::{Gate, HeldLimit};
 use crate::keda::{self, Cluster, Local, PeerSource, Scaler, ServiceTargets, StaticPeers};
@@ -132,7 +132,8 @@ fn targets(config: &Config) -> std::collections::HashMap<String, ServiceTargets>
 }
 
 /// Builds the services, binds the listeners, and starts serving. Peers come from
-/// `keda.peers`.
+/// `keda.peers`; when a service runs on Kubernetes, the API client comes from the in-cluster
+/// config or `KUBECONFIG`.
 pub async fn start(config: Config) -> io::Result<Running> {
     let peers = Arc::new(StaticPeers(config.keda.peers.clone()));
     start_with_peers(config, peers).await
@@ -140,8 +141,49 @@ pub async fn start(config: Config) -> io::Result<Running> {
 
 /// Like [`start`], with the peer replicas found by `peers` (e.g. a Kubernetes discovery).
 pub async fn start_with_peers(config: Config, peers: Arc<dyn PeerSource>) -> io::Result<Running> {
+    let kube = if on_kubernetes(&config) {
+        let client = kube::Client::try_default().await.map_err(|e| {
+            io::Error::other(format!(
+                "cannot create a Kubernetes client (in-cluster config or KUBECONFIG): {e}"
+            ))
+        })?;
+        Some(client)
+    } else {
+        None
+    };
+    start_with(config, peers, kube).await
+}
+
+/// Like [`start`], with the Kubernetes API client given (tests, custom kubeconfigs).
+pub async fn start_with_kube(config: Config, kube: Option<kube::Client>) -> io::Result<Running> {
+    let peers = Arc::new(StaticPeers(config.keda.peers.clone()));
+    start_with(config, peers, kube).await
+}
+
+fn on_kubernetes(config: &Config) -> bool {
+    config
+        .services
+        .iter()
+        .any(|s| matches!(s.backend, Backend::Kubernetes(_)))
+}
+
+/// Like [`start`], with the peer source and the Kubernetes API client given.
+pub async fn start_with(
+    config: Config,
+    peers: Arc<dyn PeerSource>,
+    kube: Option<kube::Client>,
+) -> io::Result<Running> {
+    if kube.is_none() && on_kubernetes(&config) {
+        return Err(io::Error::other(
+            "a service runs on Kubernetes but no Kubernetes client was given",
+        ));
+    }
     let metrics = Metrics::new();
-    let services = Services::new(metrics.clone(), HeldLimit::new(config.limits.max_held));
+    let services = Services::new(
+        metrics.clone(),
+        HeldLimit::new(config.limits.max_held),
+        kube,
+    );
     services.apply(&config.services).await;
     let gates = services.load().gates();
     let shared = Arc::new(Shared {

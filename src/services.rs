@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::config::{Backend, Service};
+use crate::config::Service;
 use crate::error::ProxyError;
 use crate::gate::{Gate, GateSettings, HeldLimit};
 use crate::metrics::Metrics;
@@ -34,12 +34,9 @@ pub struct ServiceEntry {
 }
 
 impl ServiceEntry {
-    /// `process` or `static` (the backend kind).
+    /// `process`, `static` or `kubernetes` (the backend kind).
     pub fn backend_kind(&self) -> &'static str {
-        match self.spec.backend {
-            Backend::Process(_) => "process",
-            Backend::Static(_) => "static",
-        }
+        self.spec.backend.kind()
     }
 }
 
@@ -109,16 +106,23 @@ pub struct Services {
     live: tokio::sync::Mutex<HashMap<String, Live>>,
     metrics: Metrics,
     held_limit: Arc<HeldLimit>,
+    kube: Option<kube::Client>,
 }
 
 impl Services {
-    /// An empty set; fill it with [`Services::apply`].
-    pub fn new(metrics: Metrics, held_limit: Arc<HeldLimit>) -> Arc<Self> {
+    /// An empty set; fill it with [`Services::apply`]. `kube` is needed by services on
+    /// Kubernetes.
+    pub fn new(
+        metrics: Metrics,
+        held_limit: Arc<HeldLimit>,
+        kube: Option<kube::Client>,
+    ) -> Arc<Self> {
         Arc::new(Services {
             current: ArcSwap::from_pointee(Snapshot::build(Vec::new())),
             live: tokio::sync::Mutex::new(HashMap::new()),
             metrics,
             held_limit,
+            kube,
         })
     }
 
@@ -218,12 +222,13 @@ impl Services {
         let (done_tx, done) = watch::channel(false);
         let driver_gate = gate.clone();
         let driver_spec = spec.clone();
+        let kube = self.kube.clone();
         tokio::spawn(async move {
             if let Some(mut before) = after {
                 // The old backend must be gone first: a process would clash on its port.
                 let _ = before.wait_for(|d| *d).await;
             }
-            let _ = scaler::spawn_driver(driver_gate, &driver_spec, stop_rx).await;
+            let _ = scaler::spawn_driver(driver_gate, &driver_spec, kube.as_ref(), stop_rx).await;
             let _ = done_tx.send(true);
         });
         Live {

@@ -47,7 +47,7 @@ fn check_reports_every_problem_with_its_field_and_exits_2() {
         "services[0].queue.capacity: must be at least 1",
         "services[1].name: duplicate name \"a\" (also services[0])",
         "services[1].hosts: at least one host is required",
-        "services[1].backend: exactly one of `process` or `static` is required",
+        "services[1].backend: exactly one of `process`, `static` or `kubernetes` is required",
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }

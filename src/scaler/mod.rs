@@ -3,10 +3,13 @@
 //!
 //! - [`process`]: starts a local command on demand, probes it until ready, stops it when idle.
 //! - [`r#static`]: fixed addresses, always ready (plain proxying).
+//! - [`kubernetes`]: patches a Deployment's or StatefulSet's `scale` subresource and follows
+//!   its pods through an EndpointSlice watch.
 //!
 //! A driver only talks to its [`Gate`]: it waits for demand and idleness there, and publishes
 //! endpoints and the state. It stops when `stop` turns true (Reveille is shutting down).
 
+pub mod kubernetes;
 pub mod process;
 pub mod r#static;
 
@@ -22,6 +25,7 @@ use crate::gate::Gate;
 pub fn spawn_driver(
     gate: Arc<Gate>,
     service: &Service,
+    kube: Option<&kube::Client>,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     match &service.backend {
@@ -29,6 +33,18 @@ pub fn spawn_driver(
             tokio::spawn(process::run(gate, p.clone(), service.idle_timeout, stop))
         }
         Backend::Static(s) => tokio::spawn(r#static::run(gate, s.addresses.clone(), stop)),
+        Backend::Kubernetes(k) => {
+            let client = kube
+                .expect("server::start creates a client when a service is on Kubernetes")
+                .clone();
+            tokio::spawn(kubernetes::run(
+                gate,
+                k.clone(),
+                service.idle_timeout,
+                client,
+                stop,
+            ))
+        }
     }
 }
 

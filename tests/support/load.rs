@@ -162,7 +162,7 @@ pub async fn flaky_backend(reset_one_in: u32) -> SocketAddr {
         let mut k: u32 = 0;
         while let Ok((mut s, _)) = listener.accept().await {
             k = k.wrapping_mul(1103515245).wrapping_add(12345);
-            let reset = (k >> 16) % reset_one_in == 0;
+            let reset = (k >> 16).is_multiple_of(reset_one_in);
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
                 loop {
