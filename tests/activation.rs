@@ -442,3 +442,50 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_requests_past_the_shutdown_grace_get_503_and_the_backend_is_stopped() {
+    let port = free_port();
+    let yaml = process_config(port, "30s", &[]).replace(
+        "services:",
+        "shutdown: { delay: 0s, grace: 500ms }\nservices:",
+    );
+    let r = start(&yaml).await;
+    let gate = r.gates[0].clone();
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let c = c.clone();
+        let addr = r.proxy_addr;
+        tasks.push(tokio::spawn(async move {
+            get(&c, addr, "hello.test", &format!("/late/{i}")).await
+        }));
+    }
+    wait_until("5 held", Duration::from_secs(5), || {
+        let g = gate.clone();
+        async move { g.held() == 5 }
+    })
+    .await;
+    let listen = format!("127.0.0.1:{port}");
+    assert_eq!(pids_with_arg(&listen).len(), 1, "the backend is starting");
+    let t0 = std::time::Instant::now();
+    r.shutdown();
+    for t in tasks {
+        let resp = t.await.unwrap();
+        assert_eq!(resp.status, 503, "{resp:?}");
+        assert_eq!(resp.header("x-reveille-error"), Some("shutting_down"));
+        assert_eq!(resp.header("retry-after"), Some("1"));
+    }
+    tokio::time::timeout(Duration::from_secs(20), r.wait())
+        .await
+        .expect("shutdown completes");
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "bounded by the grace, not the start-up"
+    );
+    assert_eq!(gate.state(), State::Idle);
+    assert!(
+        pids_with_arg(&listen).is_empty(),
+        "the starting backend was stopped"
+    );
+}

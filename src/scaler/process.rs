@@ -64,6 +64,7 @@ pub async fn run(
                 gate.fail_held(ProxyError::ShuttingDown {
                     service: gate.name().clone(),
                 });
+                gate.set_state(State::Idle);
                 return;
             }
             Err(StartError::Failed(reason)) => {
@@ -117,6 +118,7 @@ pub async fn run(
         info!(service = %gate.name(), reason = if shutting_down { "shutdown" } else { "idle" }, "stopping backend");
         terminate(&mut child, cfg.stop_grace).await;
         if shutting_down {
+            gate.set_state(State::Idle);
             return;
         }
     }

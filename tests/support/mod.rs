@@ -148,6 +148,22 @@ pub fn alive(pid: u32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
 }
 
+/// Processes whose command line contains `needle` (as one argument).
+pub fn pids_with_arg(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            if cmd.split(|b| *b == 0).any(|a| a == needle.as_bytes()) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
 /// The value of a metric line (exact series) in Prometheus text.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
