@@ -213,10 +213,15 @@ impl Outgoing {
             headers.insert(&X_FORWARDED_HOST, host);
         }
         let ip = client.ip().to_string();
-        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {ip}"),
-            None => ip,
-        };
+        // Every earlier hop, however many lines they came on (RFC 9110 §5.3), then the client.
+        let mut xff = String::new();
+        for prev in headers.get_all(&X_FORWARDED_FOR) {
+            if let Ok(prev) = prev.to_str() {
+                xff.push_str(prev);
+                xff.push_str(", ");
+            }
+        }
+        xff.push_str(&ip);
         if let Ok(v) = HeaderValue::from_str(&xff) {
             headers.insert(&X_FORWARDED_FOR, v);
         }

@@ -300,7 +300,7 @@ async fn forwarded_headers_are_set_and_hop_by_hop_removed() {
     let backend = demo_in_process().await;
     let r = start(&static_config(&[backend], "", "")).await;
     let mut s = TcpStream::connect(r.proxy_addr).await.unwrap();
-    s.write_all(b"GET /_demo/headers HTTP/1.1\r\nHost: hello.test\r\nX-Forwarded-For: 10.1.2.3\r\nConnection: close, x-secret\r\nX-Secret: s\r\nKeep-Alive: 5\r\nProxy-Authorization: Basic x\r\nX-Keep: yes\r\n\r\n")
+    s.write_all(b"GET /_demo/headers HTTP/1.1\r\nHost: hello.test\r\nX-Forwarded-For: 10.1.2.3\r\nX-Forwarded-For: 10.4.5.6\r\nConnection: close, x-secret\r\nX-Secret: s\r\nKeep-Alive: 5\r\nProxy-Authorization: Basic x\r\nX-Keep: yes\r\n\r\n")
         .await
         .unwrap();
     let mut out = String::new();
@@ -309,7 +309,7 @@ async fn forwarded_headers_are_set_and_hop_by_hop_removed() {
     let body = out.split("\r\n\r\n").nth(1).unwrap();
     assert!(body.contains("host: hello.test\n"), "{body}");
     assert!(
-        body.contains("x-forwarded-for: 10.1.2.3, 127.0.0.1\n"),
+        body.contains("x-forwarded-for: 10.1.2.3, 10.4.5.6, 127.0.0.1\n"),
         "{body}"
     );
     assert!(body.contains("x-forwarded-proto: http\n"), "{body}");
