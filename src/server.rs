@@ -34,6 +34,13 @@ use crate::services::{Changes, Services};
 use crate::tls::TlsListener;
 use crate::{scaler, upstream};
 
+/// HTTP/2 clients are pinged this often; one that does not answer within
+/// [`H2_PING_TIMEOUT`] is disconnected (HTTP/1's idle keep-alive connections are closed by
+/// `timeouts.client_header`, which also bounds the wait for the next request).
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// See [`H2_PING_INTERVAL`].
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Extra time after the grace for the 503s of still-held requests to be written.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
 /// On shutdown, how long a connection may still send a request before it is closed once idle.
@@ -260,7 +267,9 @@ pub async fn start_with(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT);
 
     let tls_task = tls_listener.map(|t| {
         t.serve(
