@@ -19,7 +19,8 @@ pub use keda::*;
 mod kubernetes;
 
 pub use kubernetes::{
-    KubernetesBackend, PortRef, Scaling, Workload, WorkloadKind, DEFAULT_REPLICAS,
+    Coordination, KubernetesBackend, PortRef, Scaling, Workload, WorkloadKind,
+    DEFAULT_LEASE_DURATION, DEFAULT_LEASE_NAME, DEFAULT_PEER_TIMEOUT, DEFAULT_REPLICAS,
 };
 
 /// Default proxy listener.
@@ -78,6 +79,9 @@ pub struct Config {
     pub tls: Option<Tls>,
     /// KEDA external scaler and peer replicas (`keda:`; absent: no gRPC listener, no peers).
     pub keda: Keda,
+    /// Scale-down coordination between Reveille replicas on Kubernetes (`coordination:`;
+    /// absent: this replica decides its own scale-downs).
+    pub coordination: Option<Coordination>,
 }
 
 /// Inbound TLS: a second listener beside the plain one, same services.
@@ -306,6 +310,7 @@ struct RawConfig {
     tls: Option<RawTls>,
     #[serde(default)]
     keda: keda::RawKeda,
+    coordination: Option<kubernetes::RawCoordination>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -501,6 +506,9 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let mut own = vec![("listen", listen), ("admin", admin)];
     own.extend(raw.tls.as_ref().map(|t| ("tls.listen", t.listen)));
     let keda = keda::validate(&mut p, raw.keda, &own);
+    let coordination = raw
+        .coordination
+        .map(|c| kubernetes::validate_coordination(&mut p, c, env));
     positive(
         &mut p,
         "timeouts.upstream_response".into(),
@@ -668,6 +676,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             services,
             tls,
             keda,
+            coordination,
         })
     } else {
         Err(ConfigError { problems: p.0 })

@@ -179,6 +179,18 @@ pub async fn start_with(
         ));
     }
     let metrics = Metrics::new();
+    let (stop_kube, stop_kube_rx) = watch::channel(false);
+    let mut kube_tasks = Vec::new();
+    let kube = kube.map(|client| {
+        scaler::kubernetes::context(
+            client,
+            config.coordination.as_ref(),
+            peers.clone(),
+            config.admin.port(),
+            &stop_kube_rx,
+            &mut kube_tasks,
+        )
+    });
     let services = Services::new(
         metrics.clone(),
         HeldLimit::new(config.limits.max_held),
@@ -321,6 +333,10 @@ pub async fn start_with(
             let _ = tokio::time::timeout(FINAL_FLUSH, &mut drained).await;
         }
         task_services.stop_all().await;
+        let _ = stop_kube.send(true);
+        for t in kube_tasks {
+            let _ = t.await;
+        }
         let _ = admin_stop.send(true);
         let _ = admin_task.await;
         let _ = sampler.await;

@@ -106,16 +106,16 @@ pub struct Services {
     live: tokio::sync::Mutex<HashMap<String, Live>>,
     metrics: Metrics,
     held_limit: Arc<HeldLimit>,
-    kube: Option<kube::Client>,
+    kube: Option<scaler::kubernetes::KubeContext>,
 }
 
 impl Services {
-    /// An empty set; fill it with [`Services::apply`]. `kube` is needed by services on
-    /// Kubernetes.
+    /// An empty set; fill it with [`Services::apply`].
+    /// `kube` is the API client (and scale-down coordination) for services on Kubernetes.
     pub fn new(
         metrics: Metrics,
         held_limit: Arc<HeldLimit>,
-        kube: Option<kube::Client>,
+        kube: Option<scaler::kubernetes::KubeContext>,
     ) -> Arc<Self> {
         Arc::new(Services {
             current: ArcSwap::from_pointee(Snapshot::build(Vec::new())),

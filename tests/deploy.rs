@@ -265,7 +265,20 @@ fn the_shipped_config_validates() {
         .find(|(_, d)| s(d, &["metadata", "name"]) == Some("reveille-config"))
         .expect("reveille-config ConfigMap");
     let text = s(cm, &["data", "config.yaml"]).unwrap();
-    let cfg = reveille::Config::parse(text).unwrap_or_else(|e| panic!("{e}"));
+    // As in the pod: the Deployment sets these from the downward API.
+    let env = |k: &str| match k {
+        "POD_NAMESPACE" => Some("reveille".to_string()),
+        "POD_NAME" => Some("reveille-5d8c-x2x9q".to_string()),
+        "POD_IP" => Some("10.244.1.7".to_string()),
+        _ => None,
+    };
+    let cfg = reveille::Config::parse_with_env(text, &env).unwrap_or_else(|e| panic!("{e}"));
+    let coord = cfg
+        .coordination
+        .as_ref()
+        .expect("coordination in the shipped config");
+    assert_eq!(coord.identity, "reveille-5d8c-x2x9q");
+    assert_eq!(coord.peers_service.as_deref(), Some("reveille-admin"));
     assert!(cfg
         .services
         .iter()
