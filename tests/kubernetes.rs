@@ -119,6 +119,11 @@ async fn cold_burst_wakes_once_and_every_request_is_answered() {
         ),
         Some(150.0)
     );
+    for phase in ["scale_accepted", "endpoint_ready", "first_forwarded"] {
+        let series =
+            format!("reveille_wakeup_seconds_count{{phase=\"{phase}\",service=\"orders\"}}");
+        assert_eq!(metric(&m, &series), Some(1.0), "{phase}");
+    }
     stop(r).await;
 }
 

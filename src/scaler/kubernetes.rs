@@ -32,6 +32,7 @@ use self::scale::{Change, WorkloadApi};
 use super::stopped;
 use crate::config::{KubernetesBackend, Scaling};
 use crate::gate::{Gate, State};
+use crate::wake::Phase;
 
 /// First pause after a failed wake-up patch; doubles up to [`WAKE_BACKOFF_MAX`].
 const WAKE_BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -214,13 +215,27 @@ impl Driver {
     /// Wakes the workload and waits for a ready pod while anything is held. False on `stop`.
     async fn activate(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
         self.gate.set_state(State::Waking);
+        // One span per wake-up: its events are the milestones (scale accepted, pod ready,
+        // first request forwarded).
+        let span = self.gate.wake().begin(self.gate.name(), self.gate.held());
+        self.activate_in(stop).instrument(span).await
+    }
+
+    async fn activate_in(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
         let started = Instant::now();
         info!(held = self.gate.held(), "waking");
         if self.cfg.scaling == Scaling::Direct {
             match self.wake(stop).await {
-                None => return false,
-                Some(true) => {}
+                None => {
+                    self.gate.wake().abort("shutdown");
+                    return false;
+                }
+                Some(true) => self
+                    .gate
+                    .wake()
+                    .mark(Phase::ScaleAccepted, self.gate.metrics()),
                 Some(false) => {
+                    self.gate.wake().abort("failed");
                     self.gate.metrics().activation("failed", None);
                     return true;
                 }
@@ -228,6 +243,7 @@ impl Driver {
         }
         loop {
             let Some(deadline) = self.hold_deadline() else {
+                self.gate.wake().abort("timeout");
                 self.gate.metrics().activation("timeout", None);
                 warn!("no ready pod while requests were held");
                 return true;
@@ -236,9 +252,15 @@ impl Driver {
                 _ = self.seen.wait_for(|n| *n > 0) => break,
                 // Just past the deadline, so the timed-out request has left the queue.
                 _ = tokio::time::sleep_until(deadline + DEADLINE_SLACK) => {}
-                _ = stopped(stop) => return false,
+                _ = stopped(stop) => {
+                    self.gate.wake().abort("shutdown");
+                    return false;
+                }
             }
         }
+        self.gate
+            .wake()
+            .mark(Phase::EndpointReady, self.gate.metrics());
         let took = started.elapsed();
         self.gate.activated(took);
         self.gate
