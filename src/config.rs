@@ -19,7 +19,7 @@ pub use keda::*;
 mod kubernetes;
 
 pub use kubernetes::{
-    Coordination, KubernetesBackend, PortRef, Scaling, Workload, WorkloadKind,
+    Coordination, CrdWatch, KubernetesBackend, PortRef, Scaling, Workload, WorkloadKind,
     DEFAULT_LEASE_DURATION, DEFAULT_LEASE_NAME, DEFAULT_PEER_TIMEOUT, DEFAULT_REPLICAS,
 };
 
@@ -82,6 +82,8 @@ pub struct Config {
     /// Scale-down coordination between Reveille replicas on Kubernetes (`coordination:`;
     /// absent: this replica decides its own scale-downs).
     pub coordination: Option<Coordination>,
+    /// Services from `ReveilleService` objects (`crd:`; absent: only the file's services).
+    pub crd: Option<CrdWatch>,
 }
 
 /// Inbound TLS: a second listener beside the plain one, same services.
@@ -311,6 +313,7 @@ struct RawConfig {
     #[serde(default)]
     keda: keda::RawKeda,
     coordination: Option<kubernetes::RawCoordination>,
+    crd: Option<kubernetes::RawCrd>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -538,7 +541,8 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         timeouts.upstream_connect,
     );
 
-    if raw.services.is_empty() {
+    let crd = raw.crd.map(|c| kubernetes::validate_crd(&mut p, c));
+    if raw.services.is_empty() && crd.is_none() {
         p.add("services", "at least one service is required");
     }
     let mut names: HashMap<String, usize> = HashMap::new();
@@ -677,6 +681,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             tls,
             keda,
             coordination,
+            crd,
         })
     } else {
         Err(ConfigError { problems: p.0 })

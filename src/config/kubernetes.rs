@@ -118,6 +118,31 @@ pub(crate) fn validate_coordination(
     }
 }
 
+/// Services from `ReveilleService` objects (top-level `crd:`), watched live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrdWatch {
+    /// Only this namespace's objects; `None`: every namespace.
+    pub namespace: Option<String>,
+}
+
+/// `crd:` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCrd {
+    namespace: Option<String>,
+}
+
+pub(crate) fn validate_crd(p: &mut Problems, raw: RawCrd) -> CrdWatch {
+    if let Some(ns) = &raw.namespace {
+        if let Err(why) = dns_label(ns) {
+            p.add("crd.namespace", why);
+        }
+    }
+    CrdWatch {
+        namespace: raw.namespace,
+    }
+}
+
 /// A Kubernetes workload scaled to zero, reached through its pods' addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubernetesBackend {
