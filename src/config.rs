@@ -19,7 +19,8 @@ pub use keda::*;
 mod kubernetes;
 
 pub use kubernetes::{
-    KubernetesBackend, PortRef, Scaling, Workload, WorkloadKind, DEFAULT_REPLICAS,
+    Coordination, CrdWatch, KubernetesBackend, PortRef, Scaling, Workload, WorkloadKind,
+    DEFAULT_LEASE_DURATION, DEFAULT_LEASE_NAME, DEFAULT_PEER_TIMEOUT, DEFAULT_REPLICAS,
 };
 
 /// Default proxy listener.
@@ -78,6 +79,11 @@ pub struct Config {
     pub tls: Option<Tls>,
     /// KEDA external scaler and peer replicas (`keda:`; absent: no gRPC listener, no peers).
     pub keda: Keda,
+    /// Scale-down coordination between Reveille replicas on Kubernetes (`coordination:`;
+    /// absent: this replica decides its own scale-downs).
+    pub coordination: Option<Coordination>,
+    /// Services from `ReveilleService` objects (`crd:`; absent: only the file's services).
+    pub crd: Option<CrdWatch>,
 }
 
 /// Inbound TLS: a second listener beside the plain one, same services.
@@ -306,6 +312,8 @@ struct RawConfig {
     tls: Option<RawTls>,
     #[serde(default)]
     keda: keda::RawKeda,
+    coordination: Option<kubernetes::RawCoordination>,
+    crd: Option<kubernetes::RawCrd>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -501,6 +509,9 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let mut own = vec![("listen", listen), ("admin", admin)];
     own.extend(raw.tls.as_ref().map(|t| ("tls.listen", t.listen)));
     let keda = keda::validate(&mut p, raw.keda, &own);
+    let coordination = raw
+        .coordination
+        .map(|c| kubernetes::validate_coordination(&mut p, c, env));
     positive(
         &mut p,
         "timeouts.upstream_response".into(),
@@ -530,7 +541,8 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         timeouts.upstream_connect,
     );
 
-    if raw.services.is_empty() {
+    let crd = raw.crd.map(|c| kubernetes::validate_crd(&mut p, c));
+    if raw.services.is_empty() && crd.is_none() {
         p.add("services", "at least one service is required");
     }
     let mut names: HashMap<String, usize> = HashMap::new();
@@ -668,6 +680,8 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             services,
             tls,
             keda,
+            coordination,
+            crd,
         })
     } else {
         Err(ConfigError { problems: p.0 })

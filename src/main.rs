@@ -46,6 +46,8 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print the ReveilleService CustomResourceDefinition (deploy/base/crd.yaml).
+    Crd,
     /// Run the built-in demo backend (used by examples/local.yaml and the tests).
     DemoBackend {
         /// Address to listen on.
@@ -88,6 +90,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.cmd {
+        Cmd::Crd => {
+            print!("{}", reveille::crd::crd_yaml());
+            ExitCode::SUCCESS
+        }
         Cmd::Check { config } => match load(&config) {
             Ok(c) => {
                 println!(

@@ -172,6 +172,7 @@ fn on_kubernetes(config: &Config) -> bool {
         .services
         .iter()
         .any(|s| matches!(s.backend, Backend::Kubernetes(_)))
+        || config.crd.is_some()
 }
 
 /// Like [`start`], with the peer source and the Kubernetes API client given.
@@ -186,6 +187,19 @@ pub async fn start_with(
         ));
     }
     let metrics = Metrics::new();
+    let (stop_kube, stop_kube_rx) = watch::channel(false);
+    let mut kube_tasks = Vec::new();
+    let kube_client = kube.clone();
+    let kube = kube.map(|client| {
+        scaler::kubernetes::context(
+            client,
+            config.coordination.as_ref(),
+            peers.clone(),
+            config.admin.port(),
+            &stop_kube_rx,
+            &mut kube_tasks,
+        )
+    });
     let services = Services::new(
         metrics.clone(),
         HeldLimit::new(config.limits.max_held),
@@ -193,6 +207,7 @@ pub async fn start_with(
     );
     services.apply(&config.services).await;
     let gates = services.load().gates();
+    let crd_client = kube_client.filter(|_| config.crd.is_some());
     let shared = Arc::new(Shared {
         services: services.clone(),
         upstreams: upstream::Upstreams::new(&config.timeouts),
@@ -290,6 +305,17 @@ pub async fn start_with(
     ));
     let (admin_stop, admin_stop_rx) = watch::channel(false);
     let sampler = tokio::spawn(local.clone().run_sampler(admin_stop_rx.clone()));
+    if let (Some(client), Some(cfg)) = (crd_client, config.crd.clone()) {
+        let (svcs, loc) = (services.clone(), local.clone());
+        let changed: Arc<dyn Fn() + Send + Sync> = Arc::new(move || loc.sync(&svcs.load().gates()));
+        kube_tasks.push(tokio::spawn(crate::crd::run(
+            client,
+            cfg,
+            services.clone(),
+            changed,
+            stop_kube_rx.clone(),
+        )));
+    }
     let keda_task = keda_listener
         .map(|l| tokio::spawn(keda::serve(l, keda_scaler.clone(), admin_stop_rx.clone())));
     let admin_task = tokio::spawn(accept_admin(
@@ -330,6 +356,10 @@ pub async fn start_with(
             let _ = tokio::time::timeout(FINAL_FLUSH, &mut drained).await;
         }
         task_services.stop_all().await;
+        let _ = stop_kube.send(true);
+        for t in kube_tasks {
+            let _ = t.await;
+        }
         let _ = admin_stop.send(true);
         let _ = admin_task.await;
         let _ = sampler.await;

@@ -106,16 +106,18 @@ pub struct Services {
     live: tokio::sync::Mutex<HashMap<String, Live>>,
     metrics: Metrics,
     held_limit: Arc<HeldLimit>,
-    kube: Option<kube::Client>,
+    kube: Option<scaler::kubernetes::KubeContext>,
+    /// The two sources of services: the config file, and Kubernetes objects (CRD).
+    sources: tokio::sync::Mutex<(Vec<Service>, Vec<Service>)>,
 }
 
 impl Services {
-    /// An empty set; fill it with [`Services::apply`]. `kube` is needed by services on
-    /// Kubernetes.
+    /// An empty set; fill it with [`Services::apply`].
+    /// `kube` is the API client (and scale-down coordination) for services on Kubernetes.
     pub fn new(
         metrics: Metrics,
         held_limit: Arc<HeldLimit>,
-        kube: Option<kube::Client>,
+        kube: Option<scaler::kubernetes::KubeContext>,
     ) -> Arc<Self> {
         Arc::new(Services {
             current: ArcSwap::from_pointee(Snapshot::build(Vec::new())),
@@ -123,6 +125,7 @@ impl Services {
             metrics,
             held_limit,
             kube,
+            sources: tokio::sync::Mutex::new((Vec::new(), Vec::new())),
         })
     }
 
@@ -131,8 +134,32 @@ impl Services {
         self.current.load()
     }
 
-    /// Makes `specs` the live set (see the module docs for what each kind of change does).
+    /// Makes `specs` the config file's services (see the module docs for what each kind of
+    /// change does); services from Kubernetes objects stay.
     pub async fn apply(&self, specs: &[Service]) -> Changes {
+        let mut sources = self.sources.lock().await;
+        sources.0 = specs.to_vec();
+        let all: Vec<Service> = sources.0.iter().chain(&sources.1).cloned().collect();
+        self.apply_all(&all).await
+    }
+
+    /// Makes `specs` the services from Kubernetes objects; the file's services stay (a name
+    /// defined in both is the file's).
+    pub async fn apply_objects(&self, specs: &[Service]) -> Changes {
+        let mut sources = self.sources.lock().await;
+        sources.1 = specs.to_vec();
+        let mut all = sources.0.clone();
+        all.extend(
+            sources
+                .1
+                .iter()
+                .filter(|s| !sources.0.iter().any(|f| f.name == s.name))
+                .cloned(),
+        );
+        self.apply_all(&all).await
+    }
+
+    async fn apply_all(&self, specs: &[Service]) -> Changes {
         let mut live = self.live.lock().await;
         let mut next: HashMap<String, Live> = HashMap::with_capacity(specs.len());
         let mut order = Vec::with_capacity(specs.len());

@@ -68,7 +68,12 @@ fn check(file: &Path, v: &Value) -> Vec<String> {
     if name.is_empty() {
         p.push(format!("{what}: metadata.name is required"));
     }
-    let cluster_scoped = ["Namespace", "ClusterRole", "ClusterRoleBinding"];
+    let cluster_scoped = [
+        "Namespace",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+    ];
     if !cluster_scoped.contains(&kind.as_str()) && s(v, &["metadata", "namespace"]).is_none() {
         p.push(format!("{what}: metadata.namespace is required"));
     }
@@ -130,6 +135,18 @@ fn check(file: &Path, v: &Value) -> Vec<String> {
                 if verbs.contains(&"*") {
                     p.push(format!("{what}: no wildcard verbs (least privilege)"));
                 }
+            }
+        }
+        "ClusterRoleBinding" => {
+            let b: k8s_openapi::api::rbac::v1::ClusterRoleBinding = typed(v, &what);
+            if b.subjects.unwrap_or_default().is_empty() || b.role_ref.name.is_empty() {
+                p.push(format!("{what}: roleRef and subjects are required"));
+            }
+        }
+        "CustomResourceDefinition" => {
+            let crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition = typed(v, &what);
+            if crd.spec.versions.iter().any(|v| v.schema.is_none()) {
+                p.push(format!("{what}: every version needs a schema"));
             }
         }
         "RoleBinding" => {
@@ -221,6 +238,16 @@ fn every_manifest_has_the_fields_its_kind_requires() {
 }
 
 #[test]
+fn the_committed_crd_matches_the_types() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base/crd.yaml");
+    let committed = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        committed == reveille::crd::crd_yaml(),
+        "deploy/base/crd.yaml is out of date: run `cargo run -- crd > deploy/base/crd.yaml`"
+    );
+}
+
+#[test]
 fn the_checker_catches_missing_fields() {
     let bad: Value = serde_json::json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -265,7 +292,20 @@ fn the_shipped_config_validates() {
         .find(|(_, d)| s(d, &["metadata", "name"]) == Some("reveille-config"))
         .expect("reveille-config ConfigMap");
     let text = s(cm, &["data", "config.yaml"]).unwrap();
-    let cfg = reveille::Config::parse(text).unwrap_or_else(|e| panic!("{e}"));
+    // As in the pod: the Deployment sets these from the downward API.
+    let env = |k: &str| match k {
+        "POD_NAMESPACE" => Some("reveille".to_string()),
+        "POD_NAME" => Some("reveille-5d8c-x2x9q".to_string()),
+        "POD_IP" => Some("10.244.1.7".to_string()),
+        _ => None,
+    };
+    let cfg = reveille::Config::parse_with_env(text, &env).unwrap_or_else(|e| panic!("{e}"));
+    let coord = cfg
+        .coordination
+        .as_ref()
+        .expect("coordination in the shipped config");
+    assert_eq!(coord.identity, "reveille-5d8c-x2x9q");
+    assert_eq!(coord.peers_service.as_deref(), Some("reveille-admin"));
     assert!(cfg
         .services
         .iter()

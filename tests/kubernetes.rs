@@ -119,6 +119,11 @@ async fn cold_burst_wakes_once_and_every_request_is_answered() {
         ),
         Some(150.0)
     );
+    for phase in ["scale_accepted", "endpoint_ready", "first_forwarded"] {
+        let series =
+            format!("reveille_wakeup_seconds_count{{phase=\"{phase}\",service=\"orders\"}}");
+        assert_eq!(metric(&m, &series), Some(1.0), "{phase}");
+    }
     stop(r).await;
 }
 
@@ -353,4 +358,159 @@ async fn keda_mode_never_patches_and_only_waits_for_endpoints() {
     assert_eq!(cluster.api.knobs.scale_patches.load(Ordering::SeqCst), 0);
     let _ = Arc::strong_count(&cluster);
     stop(r).await;
+}
+
+/// A Reveille replica's "pod": its own loopback address (127.0.3.x, unused by other tests) and
+/// an admin port free on it.
+fn replica_addr() -> SocketAddr {
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+    let ip = std::net::Ipv4Addr::new(127, 0, 3, NEXT.fetch_add(1, Ordering::SeqCst));
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Reveille replicas: admin addresses chosen up front, each listed in its own EndpointSlice of
+/// the `reveille-admin` Service (as Kubernetes would list two pods).
+fn replica_config(identity: &str, admin: SocketAddr) -> reveille::Config {
+    let ip = admin.ip();
+    let s = format!(
+        "listen: 127.0.0.1:0\nadmin: {admin}\ncoordination: {{ namespace: reveille, identity: {identity}, lease_duration: 2s, peers_service: reveille-admin, pod_ip: {ip}, peer_timeout: 1s }}\nservices:\n  - name: orders\n    hosts: [orders.test]\n    backend:\n      kubernetes: {{ namespace: {NS}, deployment: order-sync, service: order-sync, port: http }}\n    idle_timeout: 1s\n"
+    );
+    reveille::Config::parse(&s).unwrap_or_else(|e| panic!("bad test config: {e}\n{s}"))
+}
+
+fn publish_admin(cluster: &Cluster, identity: &str, admin: SocketAddr) {
+    let (ip, port) = (admin.ip().to_string(), admin.port());
+    cluster.api.put(
+        "endpointslices",
+        "EndpointSlice",
+        serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("reveille-admin-{identity}"), "namespace": "reveille", "labels": {"kubernetes.io/service-name": "reveille-admin"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+            "ports": [{"name": "admin", "port": port, "protocol": "TCP"}],
+        }),
+    );
+}
+
+fn lease_holder(cluster: &Cluster) -> Option<String> {
+    cluster
+        .api
+        .get("leases", "reveille", "reveille-scale-down")?["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_string)
+}
+
+fn deferred(m: &str, reason: &str) -> f64 {
+    metric(
+        m,
+        &format!("reveille_scale_down_deferred_total{{reason=\"{reason}\",service=\"orders\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_scale_down_only_when_both_are_idle() {
+    let cluster = Cluster::start().await;
+    cluster.add_deployment(NS, "order-sync", "order-sync", 0, Duration::ZERO);
+    let (pa, pb) = (replica_addr(), replica_addr());
+    publish_admin(&cluster, "a", pa);
+    publish_admin(&cluster, "b", pb);
+    let a = start_reveille(&cluster, replica_config("a", pa)).await;
+    let b = start_reveille(&cluster, replica_config("b", pb)).await;
+    wait_until("a lease holder", LONG, || async {
+        lease_holder(&cluster).is_some()
+    })
+    .await;
+    let (leader, other) = if lease_holder(&cluster).as_deref() == Some("a") {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let c = client();
+    // Wake through the leader, then keep only the other replica busy: the leader is idle
+    // locally but must not scale down while its peer serves.
+    assert_eq!(
+        get(&c, leader.proxy_addr, "orders.test", "/").await.status,
+        200
+    );
+    for i in 0..25 {
+        let resp = get(&c, other.proxy_addr, "orders.test", &format!("/busy/{i}")).await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(
+            cluster.replicas(NS, "order-sync"),
+            1,
+            "scaled down while a peer was busy"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m = metrics_text(&c, leader).await;
+    assert!(deferred(&m, "peer_active") >= 1.0, "{m}");
+    assert_eq!(cluster.api.knobs.scale_patches.load(Ordering::SeqCst), 1);
+    // Both idle now: the leader scales to zero, once.
+    wait_until("scale to zero when both are idle", LONG, || async {
+        cluster.replicas(NS, "order-sync") == 0
+    })
+    .await;
+    assert_eq!(cluster.api.knobs.scale_patches.load(Ordering::SeqCst), 2);
+    stop(a).await;
+    stop(b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_and_an_unreachable_peer_only_delays() {
+    let cluster = Cluster::start().await;
+    cluster.add_deployment(NS, "order-sync", "order-sync", 1, Duration::ZERO);
+    let (pa, pb) = (replica_addr(), replica_addr());
+    publish_admin(&cluster, "a", pa);
+    publish_admin(&cluster, "b", pb);
+    // Only `a` runs: it leads, but its peer `b` does not answer, so nothing is scaled down.
+    let a = start_reveille(&cluster, replica_config("a", pa)).await;
+    wait_until("a leads", LONG, || async {
+        lease_holder(&cluster).as_deref() == Some("a")
+    })
+    .await;
+    let c = client();
+    wait_until(
+        "scale-down put off for the unreachable peer",
+        LONG,
+        || async { deferred(&metrics_text(&c, &a).await, "peer_unknown") >= 2.0 },
+    )
+    .await;
+    assert_eq!(cluster.replicas(NS, "order-sync"), 1);
+    // `b` starts and serves; `a` is killed and its pod leaves the admin Service.
+    let b = start_reveille(&cluster, replica_config("b", pb)).await;
+    let busy = {
+        let c = c.clone();
+        let addr = b.proxy_addr;
+        tokio::spawn(async move {
+            for i in 0..20 {
+                let resp = get(&c, addr, "orders.test", &format!("/busy/{i}")).await;
+                assert_eq!(resp.status, 200, "{resp:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    stop(a).await;
+    cluster
+        .api
+        .delete("endpointslices", "reveille", "reveille-admin-a");
+    wait_until("b takes over the lease", LONG, || async {
+        lease_holder(&cluster).as_deref() == Some("b")
+    })
+    .await;
+    busy.await.unwrap();
+    assert_eq!(
+        cluster.api.knobs.scale_patches.load(Ordering::SeqCst),
+        0,
+        "no scale-down while b was busy"
+    );
+    wait_until("the new leader scales to zero", LONG, || async {
+        cluster.replicas(NS, "order-sync") == 0
+    })
+    .await;
+    stop(b).await;
 }

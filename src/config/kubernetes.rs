@@ -2,12 +2,146 @@
 //! EndpointSlices give the pod addresses, and whether Reveille or KEDA owns the replica count.
 //! Raw YAML shape here, checked into [`KubernetesBackend`] with every problem's field path.
 
+use std::net::IpAddr;
+use std::time::Duration;
+
 use serde::Deserialize;
 
-use super::Problems;
+use super::{HumanDuration, Problems};
 
 /// Default number of replicas a wake-up asks for.
 pub const DEFAULT_REPLICAS: i32 = 1;
+
+/// Default name of the Lease that elects the replica deciding scale-downs.
+pub const DEFAULT_LEASE_NAME: &str = "reveille-scale-down";
+/// Default lease duration: a dead leader's successor decides after this long.
+pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
+/// Default bound on asking a peer replica for its counts before a scale-down.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Scale-down coordination between Reveille replicas (top-level `coordination:`): the holder of
+/// a Lease decides, and only when every peer replica is idle too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coordination {
+    /// Lease name (default `reveille-scale-down`).
+    pub lease: String,
+    /// Reveille's own namespace, where the Lease and its admin Service live (default: the
+    /// `POD_NAMESPACE` environment variable).
+    pub namespace: String,
+    /// This replica's name in the Lease (default: `POD_NAME`, else `HOSTNAME`).
+    pub identity: String,
+    /// How long a lease holds without renewal (default 15s).
+    pub lease_duration: Duration,
+    /// The Service whose EndpointSlices list every replica's admin port (port named `admin`);
+    /// `None`: the peers are `keda.peers`.
+    pub peers_service: Option<String>,
+    /// This replica's pod IP, to leave itself out of the peers (default: `POD_IP`).
+    pub pod_ip: Option<IpAddr>,
+    /// Bound on one peer's answer (default 2s); no answer puts the scale-down off.
+    pub peer_timeout: Duration,
+}
+
+/// `coordination:` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCoordination {
+    lease: Option<String>,
+    namespace: Option<String>,
+    identity: Option<String>,
+    lease_duration: Option<HumanDuration>,
+    peers_service: Option<String>,
+    pod_ip: Option<IpAddr>,
+    peer_timeout: Option<HumanDuration>,
+}
+
+pub(crate) fn validate_coordination(
+    p: &mut Problems,
+    raw: RawCoordination,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Coordination {
+    let at = "coordination";
+    let lease = raw.lease.unwrap_or_else(|| DEFAULT_LEASE_NAME.to_string());
+    if let Err(why) = dns_subdomain(&lease) {
+        p.add(format!("{at}.lease"), why);
+    }
+    let namespace = raw
+        .namespace
+        .or_else(|| env("POD_NAMESPACE"))
+        .unwrap_or_default();
+    if let Err(why) = dns_label(&namespace) {
+        p.add(
+            format!("{at}.namespace"),
+            format!("{why} (or set POD_NAMESPACE)"),
+        );
+    }
+    let identity = raw
+        .identity
+        .or_else(|| env("POD_NAME"))
+        .or_else(|| env("HOSTNAME"))
+        .unwrap_or_default();
+    if identity.is_empty() {
+        p.add(
+            format!("{at}.identity"),
+            "is required (or set POD_NAME or HOSTNAME)",
+        );
+    }
+    let lease_duration = raw
+        .lease_duration
+        .map(|d| d.0)
+        .unwrap_or(DEFAULT_LEASE_DURATION);
+    if lease_duration < Duration::from_secs(1) {
+        p.add(format!("{at}.lease_duration"), "must be at least 1s");
+    }
+    if let Some(svc) = &raw.peers_service {
+        if let Err(why) = dns_label(svc) {
+            p.add(format!("{at}.peers_service"), why);
+        }
+    }
+    let pod_ip = raw
+        .pod_ip
+        .or_else(|| env("POD_IP").and_then(|v| v.parse().ok()));
+    let peer_timeout = raw
+        .peer_timeout
+        .map(|d| d.0)
+        .unwrap_or(DEFAULT_PEER_TIMEOUT);
+    if peer_timeout.is_zero() {
+        p.add(format!("{at}.peer_timeout"), "must be greater than 0");
+    }
+    Coordination {
+        lease,
+        namespace,
+        identity,
+        lease_duration,
+        peers_service: raw.peers_service,
+        pod_ip,
+        peer_timeout,
+    }
+}
+
+/// Services from `ReveilleService` objects (top-level `crd:`), watched live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrdWatch {
+    /// Only this namespace's objects; `None`: every namespace.
+    pub namespace: Option<String>,
+}
+
+/// `crd:` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCrd {
+    namespace: Option<String>,
+}
+
+pub(crate) fn validate_crd(p: &mut Problems, raw: RawCrd) -> CrdWatch {
+    if let Some(ns) = &raw.namespace {
+        if let Err(why) = dns_label(ns) {
+            p.add("crd.namespace", why);
+        }
+    }
+    CrdWatch {
+        namespace: raw.namespace,
+    }
+}
 
 /// A Kubernetes workload scaled to zero, reached through its pods' addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -320,6 +454,48 @@ mod tests {
             assert!(e.contains(w), "missing {w:?} in {e:#?}");
         }
         assert_eq!(e.len(), want.len(), "{e:#?}");
+    }
+
+    #[test]
+    fn coordination_defaults_come_from_the_pod_environment() {
+        let text = format!(
+            "{}coordination: {{ peers_service: reveille-admin }}\n",
+            service("{ namespace: n, deployment: d, service: s, port: 1 }")
+        );
+        let env = |k: &str| match k {
+            "POD_NAMESPACE" => Some("reveille".to_string()),
+            "POD_NAME" => Some("reveille-7d9f-abc".to_string()),
+            "POD_IP" => Some("10.1.2.3".to_string()),
+            _ => None,
+        };
+        let c = Config::parse_with_env(&text, &env)
+            .unwrap()
+            .coordination
+            .unwrap();
+        assert_eq!(c.lease, DEFAULT_LEASE_NAME);
+        assert_eq!(c.namespace, "reveille");
+        assert_eq!(c.identity, "reveille-7d9f-abc");
+        assert_eq!(c.pod_ip, Some("10.1.2.3".parse().unwrap()));
+        assert_eq!(c.peers_service.as_deref(), Some("reveille-admin"));
+        assert_eq!(c.lease_duration, DEFAULT_LEASE_DURATION);
+        let text = format!(
+            "{}coordination: {{ lease: Bad, lease_duration: 10ms, peer_timeout: 0s }}\n",
+            service("{ namespace: n, deployment: d, service: s, port: 1 }")
+        );
+        let e: Vec<String> = Config::parse_with_env(&text, &|_| None)
+            .unwrap_err()
+            .problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        let want = [
+            "coordination.lease: \"Bad\": must be lowercase letters, digits, '-' and '.', each part starting and ending with a letter or digit",
+            "coordination.namespace: is required (or set POD_NAMESPACE)",
+            "coordination.identity: is required (or set POD_NAME or HOSTNAME)",
+            "coordination.lease_duration: must be at least 1s",
+            "coordination.peer_timeout: must be greater than 0",
+        ];
+        assert_eq!(e, want);
     }
 
     #[test]

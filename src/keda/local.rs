@@ -34,6 +34,10 @@ pub struct ServiceCounts {
     /// was held since the last look).
     #[serde(default)]
     pub holds_total: u64,
+    /// Milliseconds since a request last arrived or finished (scale-down decisions need every
+    /// replica idle). Absent from older replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_for_ms: Option<u64>,
 }
 
 /// Every service's counts on one replica (the body of admin `/api/local`).
@@ -184,6 +188,7 @@ fn entry_counts(e: &Entry) -> ServiceCounts {
         requests_total: total,
         rate: e.rate.lock().rate(Instant::now(), total),
         holds_total: e.gate.holds_total(),
+        idle_for_ms: Some(e.gate.idle_for().as_millis() as u64),
     }
 }
 

@@ -12,7 +12,9 @@
 //!
 //! On Reveille's own shutdown the workload is left as it is: other replicas may be serving it.
 
+pub mod coordinate;
 pub mod endpoints;
+pub mod lease;
 pub mod scale;
 
 use std::sync::Arc;
@@ -24,11 +26,13 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, info_span, warn, Instrument};
 
+use self::coordinate::Coordinator;
 use self::endpoints::Routing;
 use self::scale::{Change, WorkloadApi};
 use super::stopped;
 use crate::config::{KubernetesBackend, Scaling};
 use crate::gate::{Gate, State};
+use crate::wake::Phase;
 
 /// First pause after a failed wake-up patch; doubles up to [`WAKE_BACKOFF_MAX`].
 const WAKE_BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -53,6 +57,59 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// What every Kubernetes driver shares: the API client and, with several Reveille replicas,
+/// the cluster-wide scale-down decision.
+#[derive(Clone)]
+pub struct KubeContext {
+    /// The API client.
+    pub client: Client,
+    /// Decides scale-downs across replicas (`coordination:`); `None`: this replica alone.
+    pub coordinator: Option<Arc<Coordinator>>,
+}
+
+/// Builds the shared context: with `coordination`, starts the lease elector (its task is
+/// pushed onto `tasks`) and the peer discovery.
+pub fn context(
+    client: Client,
+    coordination: Option<&crate::config::Coordination>,
+    static_peers: Arc<dyn crate::keda::PeerSource>,
+    admin_port: u16,
+    stop: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> KubeContext {
+    let coordinator = coordination.map(|c| {
+        let leadership = Arc::new(lease::Leadership::default());
+        tasks.push(tokio::spawn(lease::run(
+            client.clone(),
+            c.clone(),
+            leadership.clone(),
+            stop.clone(),
+        )));
+        let (peers, synced): (Arc<dyn crate::keda::PeerSource>, _) = match &c.peers_service {
+            Some(svc) => {
+                let kp = coordinate::KubePeers::start(
+                    client.clone(),
+                    &c.namespace,
+                    svc,
+                    c.pod_ip,
+                    admin_port,
+                );
+                let synced = kp.synced.clone();
+                (Arc::new(kp), synced)
+            }
+            None => (
+                static_peers,
+                Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            ),
+        };
+        Arc::new(Coordinator::new(leadership, peers, synced, c.peer_timeout))
+    });
+    KubeContext {
+        client,
+        coordinator,
+    }
+}
+
 /// One service's Kubernetes driver.
 struct Driver {
     gate: Arc<Gate>,
@@ -61,6 +118,22 @@ struct Driver {
     workload: WorkloadApi,
     routing: Arc<Routing>,
     seen: watch::Receiver<usize>,
+    coordinator: Option<Arc<Coordinator>>,
+}
+
+/// The driver of a Kubernetes service added by a reload to a Reveille started without a
+/// Kubernetes client: every held request gets 502 with the reason, until `stop`.
+pub async fn unavailable(gate: Arc<Gate>, mut stop: watch::Receiver<bool>) {
+    warn!(service = %gate.name(), "no Kubernetes client (Reveille started without Kubernetes services); restart to use it");
+    loop {
+        tokio::select! {
+            _ = gate.wait_for_demand() => gate.fail_held(crate::error::ProxyError::ActivationFailed {
+                service: gate.name().clone(),
+                reason: "no Kubernetes client; restart Reveille to add Kubernetes services".into(),
+            }),
+            _ = stopped(&mut stop) => return,
+        }
+    }
 }
 
 /// Runs the driver until `stop`.
@@ -68,9 +141,10 @@ pub async fn run(
     gate: Arc<Gate>,
     cfg: KubernetesBackend,
     idle_timeout: Duration,
-    client: Client,
+    ctx: KubeContext,
     mut stop: watch::Receiver<bool>,
 ) {
+    let client = ctx.client;
     let routing = Routing::new(gate.clone());
     let _watch = AbortOnDrop(tokio::spawn(endpoints::watch_endpoints(
         client.clone(),
@@ -82,6 +156,7 @@ pub async fn run(
     let mut d = Driver {
         workload: WorkloadApi::new(client, &cfg.namespace, &cfg.workload),
         seen: routing.subscribe(),
+        coordinator: ctx.coordinator,
         gate,
         cfg,
         idle_timeout,
@@ -140,13 +215,27 @@ impl Driver {
     /// Wakes the workload and waits for a ready pod while anything is held. False on `stop`.
     async fn activate(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
         self.gate.set_state(State::Waking);
+        // One span per wake-up: its events are the milestones (scale accepted, pod ready,
+        // first request forwarded).
+        let span = self.gate.wake().begin(self.gate.name(), self.gate.held());
+        self.activate_in(stop).instrument(span).await
+    }
+
+    async fn activate_in(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
         let started = Instant::now();
         info!(held = self.gate.held(), "waking");
         if self.cfg.scaling == Scaling::Direct {
             match self.wake(stop).await {
-                None => return false,
-                Some(true) => {}
+                None => {
+                    self.gate.wake().abort("shutdown");
+                    return false;
+                }
+                Some(true) => self
+                    .gate
+                    .wake()
+                    .mark(Phase::ScaleAccepted, self.gate.metrics()),
                 Some(false) => {
+                    self.gate.wake().abort("failed");
                     self.gate.metrics().activation("failed", None);
                     return true;
                 }
@@ -154,6 +243,7 @@ impl Driver {
         }
         loop {
             let Some(deadline) = self.hold_deadline() else {
+                self.gate.wake().abort("timeout");
                 self.gate.metrics().activation("timeout", None);
                 warn!("no ready pod while requests were held");
                 return true;
@@ -162,9 +252,15 @@ impl Driver {
                 _ = self.seen.wait_for(|n| *n > 0) => break,
                 // Just past the deadline, so the timed-out request has left the queue.
                 _ = tokio::time::sleep_until(deadline + DEADLINE_SLACK) => {}
-                _ = stopped(stop) => return false,
+                _ = stopped(stop) => {
+                    self.gate.wake().abort("shutdown");
+                    return false;
+                }
             }
         }
+        self.gate
+            .wake()
+            .mark(Phase::EndpointReady, self.gate.metrics());
         let took = started.elapsed();
         self.gate.activated(took);
         self.gate
@@ -214,23 +310,42 @@ impl Driver {
             && self.gate.idle_for() >= self.idle_timeout
     }
 
+    /// With several replicas: whether this one may scale down now (it holds the lease and
+    /// every peer is idle too).
+    async fn cluster_verdict(&self) -> Result<(), coordinate::Deferral> {
+        match &self.coordinator {
+            Some(c) => c.may_scale_down(self.gate.name(), self.idle_timeout).await,
+            None => Ok(()),
+        }
+    }
+
     /// Scales the workload to zero unless a rollout, a held request or an API error says
     /// not now (then it is tried again later). False on `stop`.
     async fn scale_down(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
         let recheck = self.idle_timeout.min(SCALE_DOWN_RECHECK);
         loop {
-            let reason = match self.workload.rollout_in_progress().await {
-                Ok(None) => break,
-                Ok(Some(reason)) => {
-                    self.gate.metrics().scale_down_deferred("rollout");
-                    reason
-                }
-                Err(e) => {
-                    self.gate.metrics().kube_api_error(e.operation);
-                    e.to_string()
+            let reason = match self.cluster_verdict().await {
+                Ok(()) => match self.workload.rollout_in_progress().await {
+                    Ok(None) => break,
+                    Ok(Some(reason)) => {
+                        self.gate.metrics().scale_down_deferred("rollout");
+                        reason
+                    }
+                    Err(e) => {
+                        self.gate.metrics().kube_api_error(e.operation);
+                        e.to_string()
+                    }
+                },
+                Err(reason) => {
+                    self.gate.metrics().scale_down_deferred(reason);
+                    reason.to_string()
                 }
             };
-            info!(%reason, "scale-down put off");
+            if reason == "not_leader" {
+                tracing::debug!("scale-down left to the lease holder");
+            } else {
+                info!(%reason, "scale-down put off");
+            }
             tokio::select! {
                 _ = tokio::time::sleep(recheck) => {}
                 _ = stopped(stop) => return false,
@@ -245,6 +360,14 @@ impl Driver {
         if self.gate.held() > 0 {
             self.gate.metrics().scale_down_deferred("demand");
             self.routing.restore();
+            return true;
+        }
+        // Peers may have had traffic while this replica drained.
+        if let Err(reason) = self.cluster_verdict().await {
+            self.gate.metrics().scale_down_deferred(reason);
+            info!(%reason, "scale-down put off");
+            self.routing.restore();
+            self.gate.set_state(State::Ready);
             return true;
         }
         match self.workload.lower_to_zero().await {

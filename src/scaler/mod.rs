@@ -25,7 +25,7 @@ use crate::gate::Gate;
 pub fn spawn_driver(
     gate: Arc<Gate>,
     service: &Service,
-    kube: Option<&kube::Client>,
+    kube: Option<&kubernetes::KubeContext>,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     match &service.backend {
@@ -34,14 +34,14 @@ pub fn spawn_driver(
         }
         Backend::Static(s) => tokio::spawn(r#static::run(gate, s.addresses.clone(), stop)),
         Backend::Kubernetes(k) => {
-            let client = kube
-                .expect("server::start creates a client when a service is on Kubernetes")
-                .clone();
+            let Some(ctx) = kube.cloned() else {
+                return tokio::spawn(kubernetes::unavailable(gate, stop));
+            };
             tokio::spawn(kubernetes::run(
                 gate,
                 k.clone(),
                 service.idle_timeout,
-                client,
+                ctx,
                 stop,
             ))
         }
