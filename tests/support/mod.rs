@@ -24,13 +24,28 @@ pub const BIN: &str = match option_env!("CARGO_BIN_EXE_reveille") {
     None => concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/reveille"),
 };
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, for a backend process to listen on later.
+///
+/// Taken below Linux's ephemeral range (32768+), which every `bind(…:0)` and outgoing
+/// connection draws from: a port picked there could be handed to another test's listener
+/// before our backend binds it. Within one test binary a shared counter never repeats a port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const LOW: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        1 + (std::process::id() % SPAN as u32) as u16,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The YAML flow list of a demo backend command.
