@@ -200,6 +200,12 @@ pub async fn start_with(
             &mut kube_tasks,
         )
     });
+    // With `coordination.peers_service`, KEDA's sums cover the replicas found there too.
+    let peers = kube
+        .as_ref()
+        .and_then(|k| k.coordinator.as_ref())
+        .map(|c| c.peers())
+        .unwrap_or(peers);
     let services = Services::new(
         metrics.clone(),
         HeldLimit::new(config.limits.max_held),

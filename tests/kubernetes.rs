@@ -514,3 +514,33 @@ async fn a_killed_leader_is_replaced_and_an_unreachable_peer_only_delays() {
     .await;
     stop(b).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keda_sums_cover_the_replicas_found_through_the_admin_service() {
+    let cluster = Cluster::start().await;
+    cluster.add_deployment(NS, "order-sync", "order-sync", 0, Duration::from_secs(3));
+    let (pa, pb) = (replica_addr(), replica_addr());
+    publish_admin(&cluster, "a", pa);
+    publish_admin(&cluster, "b", pb);
+    let a = start_reveille(&cluster, replica_config("a", pa)).await;
+    let b = start_reveille(&cluster, replica_config("b", pb)).await;
+    let c = client();
+    // A request held on b (the pods take 3 s to turn ready)...
+    let (cb, baddr) = (c.clone(), b.proxy_addr);
+    let held = tokio::spawn(async move { get(&cb, baddr, "orders.test", "/held").await });
+    // ...shows in a's cluster-wide answer, though a holds nothing itself.
+    wait_until("a's sum includes b's held request", LONG, || {
+        let c = c.clone();
+        let admin = a.admin_addr;
+        async move {
+            let body = get(&c, admin, "a", "/api/scaling").await.body;
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            v["services"]["orders"]["held"].as_u64() == Some(1)
+        }
+    })
+    .await;
+    assert_eq!(a.gates[0].held(), 0);
+    assert_eq!(held.await.unwrap().status, 200);
+    stop(a).await;
+    stop(b).await;
+}

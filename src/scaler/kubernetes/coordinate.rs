@@ -41,6 +41,11 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
+    /// The peer replicas this coordinator asks (KEDA's aggregation asks the same ones).
+    pub fn peers(&self) -> Arc<dyn PeerSource> {
+        self.peers.clone()
+    }
+
     /// A coordinator over `peers`, deciding while `leadership` says so; `peers_synced` turns
     /// true once the peer list is known (until then nothing is scaled down).
     pub fn new(
