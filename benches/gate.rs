@@ -23,6 +23,7 @@ fn gate(concurrency: Option<usize>) -> Arc<Gate> {
             hold_timeout: Duration::from_secs(60),
             concurrency,
             protocol: Protocol::Http1,
+            upstream: None,
             held_limit: HeldLimit::new(1_000_000),
         },
         Metrics::new().service("bench"),

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -137,6 +138,28 @@ pub enum Protocol {
     Http1,
     /// HTTP/2 over cleartext with prior knowledge (gRPC backends).
     H2c,
+    /// HTTP/2 over TLS (ALPN `h2`); needs `upstream_tls`.
+    H2,
+    /// HTTP/1.1 over TLS (ALPN `http/1.1`); needs `upstream_tls`.
+    Https,
+}
+
+impl Protocol {
+    /// Whether the backend is reached over TLS.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Protocol::H2 | Protocol::Https)
+    }
+}
+
+/// TLS to a service's backends (`upstream_tls`, with protocol `h2` or `https`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamTls {
+    /// The CA bundle file; `None`: the system's roots.
+    pub ca: Option<PathBuf>,
+    /// The name checked in the backend's certificate and sent as SNI.
+    pub server_name: rustls_pki_types::ServerName<'static>,
+    /// The trusted roots as loaded (from `ca` or the system), so a changed file is a change.
+    pub roots: Arc<Vec<rustls_pki_types::CertificateDer<'static>>>,
 }
 
 /// One service: where its requests come from and how its backend is woken.
@@ -148,6 +171,8 @@ pub struct Service {
     pub namespace: String,
     /// Protocol to the backend.
     pub protocol: Protocol,
+    /// TLS to the backend; `Some` exactly when `protocol` is `h2` or `https`.
+    pub upstream_tls: Option<UpstreamTls>,
     /// Hosts that select this service: exact names, or `*.suffix` wildcards.
     pub hosts: Vec<String>,
     /// Optional path prefix (segment-aware: `/api` matches `/api` and `/api/x`, not `/apix`).
@@ -354,6 +379,7 @@ struct RawService {
     namespace: Option<String>,
     #[serde(default)]
     protocol: Protocol,
+    upstream_tls: Option<RawUpstreamTls>,
     #[serde(default)]
     hosts: Vec<String>,
     path_prefix: Option<String>,
@@ -365,6 +391,13 @@ struct RawService {
     concurrency: usize,
     #[serde(default)]
     keda: keda::RawServiceKeda,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    ca: Option<PathBuf>,
+    server_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -656,10 +689,12 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             }
         };
         let keda = keda::validate_service(&mut p, &format!("{at}.keda"), s.keda);
+        let upstream_tls = validate_upstream_tls(&mut p, &at, s.protocol, s.upstream_tls);
         services.push(Service {
             name: s.name,
             namespace,
             protocol: s.protocol,
+            upstream_tls,
             hosts,
             path_prefix: prefix,
             backend,
@@ -707,6 +742,75 @@ fn validate_tls(p: &mut Problems, raw: RawTls, listen: SocketAddr, admin: Socket
         cert: raw.cert,
         key: raw.key,
     }
+}
+
+/// Checks `upstream_tls` against the protocol and loads its roots (the CA file, or the system's).
+/// `server_name` is required: backends are addressed by IP, so there is no name to default to.
+fn validate_upstream_tls(
+    p: &mut Problems,
+    at: &str,
+    protocol: Protocol,
+    raw: Option<RawUpstreamTls>,
+) -> Option<UpstreamTls> {
+    let raw = match (protocol.is_tls(), raw) {
+        (true, Some(raw)) => raw,
+        (true, None) => {
+            p.add(
+                format!("{at}.upstream_tls"),
+                "required with protocol h2 or https (at least `server_name`)",
+            );
+            return None;
+        }
+        (false, Some(_)) => {
+            p.add(
+                format!("{at}.upstream_tls"),
+                "only valid with protocol h2 or https",
+            );
+            return None;
+        }
+        (false, None) => return None,
+    };
+    let server_name = match raw.server_name {
+        None => {
+            p.add(
+                format!("{at}.upstream_tls.server_name"),
+                "required: backends are addressed by IP, so the name to check in their \
+                 certificate (and send as SNI) must be given",
+            );
+            None
+        }
+        Some(name) => match rustls_pki_types::ServerName::try_from(name.as_str()) {
+            Ok(n) => Some(n.to_owned()),
+            Err(e) => {
+                p.add(
+                    format!("{at}.upstream_tls.server_name"),
+                    format!("{name:?} is not a DNS name or IP address: {e}"),
+                );
+                None
+            }
+        },
+    };
+    let roots = match &raw.ca {
+        Some(ca) => crate::tls::load_ca(ca).map_err(|why| (format!("{at}.upstream_tls.ca"), why)),
+        None => crate::tls::system_roots().map_err(|why| {
+            (
+                format!("{at}.upstream_tls.ca"),
+                format!("not set, and {why}; set `ca` to a PEM bundle"),
+            )
+        }),
+    };
+    let roots = match roots {
+        Ok(r) => Some(r),
+        Err((path, why)) => {
+            p.add(path, why);
+            None
+        }
+    };
+    Some(UpstreamTls {
+        ca: raw.ca,
+        server_name: server_name?,
+        roots: Arc::new(roots?),
+    })
 }
 
 fn validate_process(

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use crate::config::Protocol;
 use crate::error::ProxyError;
 use crate::metrics::ServiceMetrics;
+use crate::upstream::UpstreamClient;
 use crate::wake::WakeTracker;
 
 /// A service's activation state.
@@ -100,6 +101,9 @@ pub struct GateSettings {
     pub concurrency: Option<usize>,
     /// Protocol to the backend.
     pub protocol: Protocol,
+    /// The service's own pooled client, for TLS backends (`h2`, `https`); `None`: the shared
+    /// cleartext client of `protocol`.
+    pub upstream: Option<UpstreamClient>,
     /// The global bound on held requests.
     pub held_limit: Arc<HeldLimit>,
 }

@@ -216,7 +216,18 @@ impl Proxy {
         let out = Outgoing::new(parts, self.remote, self.proto, upgrade);
         let slot = BodySlot::new(body);
         let protocol = gate.settings().protocol;
-        let client = self.shared.upstreams.for_protocol(protocol);
+        let client = match gate.settings().upstream.as_ref() {
+            Some(own) => own,
+            None => match self.shared.upstreams.for_protocol(protocol) {
+                Some(shared) => shared,
+                // A TLS service always has its own client; never fall back to cleartext.
+                None => {
+                    return Err(ProxyError::UpstreamConnect {
+                        service: gate.name().clone(),
+                    })
+                }
+            },
+        };
         let timeout = self.shared.response_timeout;
         let cold = acquired.cold && acquired.held_for.is_some();
         let mut permit = acquired.permit;

@@ -210,6 +210,7 @@ pub async fn start_with(
         metrics.clone(),
         HeldLimit::new(config.limits.max_held),
         kube,
+        config.timeouts,
     );
     services.apply(&config.services).await;
     let gates = services.load().gates();

@@ -18,12 +18,13 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::config::Service;
+use crate::config::{Service, Timeouts};
 use crate::error::ProxyError;
 use crate::gate::{Gate, GateSettings, HeldLimit};
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::scaler;
+use crate::upstream;
 
 /// One service as routing and reporting see it.
 pub struct ServiceEntry {
@@ -109,15 +110,18 @@ pub struct Services {
     kube: Option<scaler::kubernetes::KubeContext>,
     /// The two sources of services: the config file, and Kubernetes objects (CRD).
     sources: tokio::sync::Mutex<(Vec<Service>, Vec<Service>)>,
+    timeouts: Timeouts,
 }
 
 impl Services {
     /// An empty set; fill it with [`Services::apply`].
-    /// `kube` is the API client (and scale-down coordination) for services on Kubernetes.
+    /// `kube` is the API client (and scale-down coordination) for services on Kubernetes;
+    /// `timeouts` shape the pooled clients of TLS services.
     pub fn new(
         metrics: Metrics,
         held_limit: Arc<HeldLimit>,
         kube: Option<scaler::kubernetes::KubeContext>,
+        timeouts: Timeouts,
     ) -> Arc<Self> {
         Arc::new(Services {
             current: ArcSwap::from_pointee(Snapshot::build(Vec::new())),
@@ -126,6 +130,7 @@ impl Services {
             held_limit,
             kube,
             sources: tokio::sync::Mutex::new((Vec::new(), Vec::new())),
+            timeouts,
         })
     }
 
@@ -241,6 +246,10 @@ impl Services {
                 hold_timeout: spec.queue.timeout,
                 concurrency: spec.concurrency,
                 protocol: spec.protocol,
+                upstream: spec
+                    .upstream_tls
+                    .as_ref()
+                    .map(|tls| upstream::tls_client(tls, spec.protocol, &self.timeouts)),
                 held_limit: self.held_limit.clone(),
             },
             self.metrics.service(&spec.name),
@@ -276,4 +285,5 @@ fn same_gate(a: &Service, b: &Service) -> bool {
         && a.idle_timeout == b.idle_timeout
         && a.concurrency == b.concurrency
         && a.protocol == b.protocol
+        && a.upstream_tls == b.upstream_tls
 }

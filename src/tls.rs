@@ -89,8 +89,55 @@ fn problem(file: TlsFile, reason: impl Into<String>) -> TlsProblem {
     }
 }
 
-fn provider() -> Arc<CryptoProvider> {
+/// The crypto provider for every TLS config, inbound and outbound.
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads a PEM bundle of CA certificates to trust for backends (`upstream_tls.ca`). Every
+/// certificate in it must be a usable trust anchor.
+pub fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{}: no CERTIFICATE block found (PEM)",
+            path.display()
+        ));
+    }
+    let mut store = rustls::RootCertStore::empty();
+    for (i, cert) in certs.iter().enumerate() {
+        store.add(cert.clone()).map_err(|e| {
+            format!(
+                "{}: certificate {} is not a usable CA: {e}",
+                path.display(),
+                i + 1
+            )
+        })?;
+    }
+    Ok(certs)
+}
+
+/// The system's trusted roots (`upstream_tls` without `ca`); an error when there are none.
+pub fn system_roots() -> Result<Vec<CertificateDer<'static>>, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut store = rustls::RootCertStore::empty();
+    let certs: Vec<_> = found
+        .certs
+        .into_iter()
+        .filter(|c| store.add(c.clone()).is_ok())
+        .collect();
+    if certs.is_empty() {
+        let why = found
+            .errors
+            .first()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        return Err(format!("no system CA certificates were found{why}"));
+    }
+    Ok(certs)
 }
 
 /// The raw contents of the two files, as last read.

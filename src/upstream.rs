@@ -1,7 +1,15 @@
 //! Upstream: the pooled HTTP client to backends and the header rewriting around it. Bodies are
 //! streamed both ways, never buffered; the endpoint slot ([`Permit`]) rides along with the
 //! response body and is released when the body ends, so in-flight counts cover streaming.
+//!
+//! Cleartext backends (`http1`, `h2c`) share one pooled client per protocol ([`Upstreams`]).
+//! A TLS service (`h2`, `https`) gets its own pooled client ([`tls_client`], kept on its gate's
+//! settings): its [`Connector`] connects TCP to the endpoint's address, then does the rustls
+//! handshake with the configured server name (SNI and certificate check) and roots, offering
+//! ALPN `h2` or `http/1.1`. A failed handshake is a connect error, so it is retried on another
+//! endpoint like a refused connection.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,16 +22,200 @@ use http::{Request, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
 
-use crate::config::{Protocol, Timeouts};
+use crate::config::{Protocol, Timeouts, UpstreamTls};
 use crate::gate::Permit;
 
-/// The pooled client used for every backend of one protocol.
-pub type UpstreamClient = Client<HttpConnector, RequestBody>;
+/// A pooled client to backends (one per cleartext protocol, one per TLS service).
+pub type UpstreamClient = Client<Connector, RequestBody>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Connects to a backend: TCP to the URI's address, then TLS when the service has it.
+#[derive(Clone)]
+pub struct Connector {
+    http: HttpConnector,
+    tls: Option<TlsConnect>,
+}
+
+#[derive(Clone)]
+struct TlsConnect {
+    connector: tokio_rustls::TlsConnector,
+    server_name: ServerName<'static>,
+    handshake_timeout: Duration,
+    require_h2: bool,
+}
+
+impl tower::Service<Uri> for Connector {
+    type Response = UpstreamIo;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let connecting = self.http.call(dst);
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let tcp = connecting.await?;
+            let Some(tls) = tls else {
+                return Ok(UpstreamIo::Plain(tcp));
+            };
+            let handshake = tls
+                .connector
+                .connect(tls.server_name.clone(), tcp.into_inner());
+            let stream = tokio::time::timeout(tls.handshake_timeout, handshake)
+                .await
+                .map_err(|_| "TLS handshake with the backend timed out")??;
+            if tls.require_h2 && stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+                return Err("the backend did not select h2 by ALPN".into());
+            }
+            Ok(UpstreamIo::Tls(Box::new(TokioIo::new(stream))))
+        })
+    }
+}
+
+/// A connection to a backend, cleartext or TLS.
+pub enum UpstreamIo {
+    /// Cleartext TCP.
+    Plain(TokioIo<TcpStream>),
+    /// TLS over TCP (boxed: a TLS session is large, a plain connection should stay small).
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+}
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        match self {
+            UpstreamIo::Plain(io) => io.connected(),
+            UpstreamIo::Tls(io) => {
+                let (tcp, tls) = io.inner().get_ref();
+                let connected = tcp.connected();
+                if tls.alpn_protocol() == Some(b"h2") {
+                    connected.negotiated_h2()
+                } else {
+                    connected
+                }
+            }
+        }
+    }
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            UpstreamIo::Tls(io) => Pin::new(&mut **io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            UpstreamIo::Tls(io) => Pin::new(&mut **io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_flush(cx),
+            UpstreamIo::Tls(io) => Pin::new(&mut **io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            UpstreamIo::Tls(io) => Pin::new(&mut **io).poll_shutdown(cx),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(io) => io.is_write_vectored(),
+            UpstreamIo::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(io) => Pin::new(&mut **io).poll_write_vectored(cx, bufs),
+        }
+    }
+}
+
+fn tcp_connector(timeouts: &Timeouts, enforce_http: bool) -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(timeouts.upstream_connect));
+    http.enforce_http(enforce_http);
+    http
+}
+
+fn pooled(connector: Connector, h2: bool, timeouts: &Timeouts) -> UpstreamClient {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_timer(TokioTimer::new())
+        .pool_idle_timeout(timeouts.upstream_idle)
+        .pool_max_idle_per_host(usize::MAX)
+        .http2_only(h2);
+    if h2 {
+        b.timer(TokioTimer::new())
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_while_idle(false);
+    }
+    b.build(connector)
+}
+
+/// The pooled client of one TLS service (`protocol` `h2` or `https`). The handshake counts
+/// towards `timeouts.upstream_connect` on its own (TCP connect and handshake each get it).
+pub fn tls_client(tls: &UpstreamTls, protocol: Protocol, timeouts: &Timeouts) -> UpstreamClient {
+    let h2 = protocol == Protocol::H2;
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(tls.roots.iter().cloned());
+    let mut config = ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![if h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
+    let connector = Connector {
+        http: tcp_connector(timeouts, false),
+        tls: Some(TlsConnect {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            server_name: tls.server_name.clone(),
+            handshake_timeout: timeouts.upstream_connect,
+            require_h2: h2,
+        }),
+    };
+    pooled(connector, h2, timeouts)
+}
 
 /// One pooled client per backend protocol.
 pub struct Upstreams {
@@ -36,34 +228,23 @@ pub struct Upstreams {
 impl Upstreams {
     /// Builds the shared clients.
     pub fn new(timeouts: &Timeouts) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(timeouts.upstream_connect));
-        http.enforce_http(true);
-        let build = |h2: bool| {
-            let mut b = Client::builder(TokioExecutor::new());
-            b.pool_timer(TokioTimer::new())
-                .pool_idle_timeout(timeouts.upstream_idle)
-                .pool_max_idle_per_host(usize::MAX)
-                .http2_only(h2);
-            if h2 {
-                b.timer(TokioTimer::new())
-                    .http2_keep_alive_interval(Duration::from_secs(30))
-                    .http2_keep_alive_while_idle(false);
-            }
-            b.build(http.clone())
+        let connector = Connector {
+            http: tcp_connector(timeouts, true),
+            tls: None,
         };
         Upstreams {
-            http1: build(false),
-            h2c: build(true),
+            http1: pooled(connector.clone(), false, timeouts),
+            h2c: pooled(connector, true, timeouts),
         }
     }
 
-    /// The client for a protocol.
-    pub fn for_protocol(&self, p: Protocol) -> &UpstreamClient {
+    /// The shared client for a cleartext protocol; `None` for the TLS ones, whose client is
+    /// the service's own (on its gate's settings).
+    pub fn for_protocol(&self, p: Protocol) -> Option<&UpstreamClient> {
         match p {
-            Protocol::Http1 => &self.http1,
-            Protocol::H2c => &self.h2c,
+            Protocol::Http1 => Some(&self.http1),
+            Protocol::H2c => Some(&self.h2c),
+            Protocol::H2 | Protocol::Https => None,
         }
     }
 }
@@ -255,7 +436,7 @@ impl Outgoing {
         body: RequestBody,
     ) -> Request<RequestBody> {
         let uri = Uri::builder()
-            .scheme("http")
+            .scheme(if protocol.is_tls() { "https" } else { "http" })
             .authority(authority.clone())
             .path_and_query(self.path_and_query.clone())
             .build()
@@ -264,8 +445,8 @@ impl Outgoing {
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
         *req.version_mut() = match protocol {
-            Protocol::Http1 => Version::HTTP_11,
-            Protocol::H2c => Version::HTTP_2,
+            Protocol::Http1 | Protocol::Https => Version::HTTP_11,
+            Protocol::H2c | Protocol::H2 => Version::HTTP_2,
         };
         *req.headers_mut() = self.headers.clone();
         req

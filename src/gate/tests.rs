@@ -19,6 +19,7 @@ fn gate_with_limit(
             hold_timeout: Duration::from_secs(5),
             concurrency,
             protocol: Protocol::Http1,
+            upstream: None,
             held_limit,
         },
         Metrics::new().service("svc"),
