@@ -34,7 +34,7 @@ if [ "$PROTO" = h2c ]; then
 else
   LOAD=(wrk -t1 -c64 -d"${SECS}s" http://127.0.0.1:18101/)
 fi
-perf record -e cpu-clock -F 1999 -g -p "$RPID" -o "$TMP/perf.data" -- sleep "$SECS" 2>/dev/null &
+perf record -e cpu-clock -F 999 --call-graph "${CALLGRAPH:-fp}" -p "$RPID" -o "$TMP/perf.data" -- sleep "$SECS" 2>/dev/null &
 P=$!
 timeout $((SECS + 30)) taskset -c "$LOAD_CPU" "${LOAD[@]}" | grep -E "Requests/sec|finished in"
 wait $P

@@ -119,6 +119,7 @@ error_log $TMP/nginx/error.log warn;
 events { worker_connections 20000; }
 http {
   access_log off;
+  keepalive_requests 10000000;  # nginx closes a connection after 1000 requests (HTTP/1.1 and 2) by default
   client_body_temp_path $TMP/nginx;
   proxy_temp_path $TMP/nginx;
   fastcgi_temp_path $TMP/nginx;
@@ -217,7 +218,7 @@ if [ "$SKIP_COLD" != 1 ]; then
   echo "cold path: wake-up overhead (event-driven readiness)" >&2
   echo "{\"cold\":\"watch\",\"load\":\"$(cut -d' ' -f1-3 /proc/loadavg)\",\"result\":$(timeout 600 "$BIN/examples/coldpath" watch --runs 200 | tr -d '\n')}" >>"$RAW"
   echo "cold path: burst of $BURST connections during one cold start" >&2
-  echo "{\"cold\":\"burst\",\"load\":\"$(cut -d' ' -f1-3 /proc/loadavg)\",\"result\":$(timeout 600 "$BIN/examples/coldpath" burst --reveille "$BIN/reveille" --origin "$BIN/examples/origin" --conns "$BURST" --workers "$WORKERS" | tr -d '\n')}" >>"$RAW"
+  echo "{\"cold\":\"burst\",\"load\":\"$(cut -d' ' -f1-3 /proc/loadavg)\",\"result\":$(timeout 600 "$BIN/examples/coldpath" burst --reveille "$BIN/reveille" --origin "$BIN/examples/origin" --conns "$BURST" --startup-delay 6s --workers "$WORKERS" | tr -d '\n')}" >>"$RAW"
   echo "cold path: $SERVICES services" >&2
   echo "{\"cold\":\"services\",\"load\":\"$(cut -d' ' -f1-3 /proc/loadavg)\",\"result\":$(timeout 600 "$BIN/examples/coldpath" services --reveille "$BIN/reveille" --count "$SERVICES" | tr -d '\n')}" >>"$RAW"
 fi
