@@ -473,3 +473,38 @@ async fn the_global_held_limit_spans_services() {
     assert_eq!(b.await.unwrap().status, 200);
     stop(r).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_client_header_timeout() {
+    let backend = demo_in_process().await;
+    let r = start(&static_config(
+        &[backend],
+        "timeouts: { client_header: 500ms }",
+        "",
+    ))
+    .await;
+    let mut s = TcpStream::connect(r.proxy_addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: hello.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
+    let mut rest = [0u8; 256];
+    // Drain the body, then wait: the idle connection is closed by Reveille.
+    let t0 = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut rest).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "idle connection still open after 10 s");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "closed early: {:?}",
+        t0.elapsed()
+    );
+    stop(r).await;
+}
