@@ -145,7 +145,8 @@ impl Proxy {
             acquired = gate.acquire(deadline).await;
         }
         let resp = match acquired {
-            Ok(acquired) => self.forward(req, acquired, &gate, deadline).await,
+            // Boxed: a held request then carries only the hold state, not the forwarding one.
+            Ok(acquired) => Box::pin(self.forward(req, acquired, &gate, deadline)).await,
             Err(e) => Err(e),
         };
         let resp = resp.unwrap_or_else(|e| {
