@@ -82,16 +82,25 @@ impl WakeTracker {
         if w.done[phase as usize] {
             return;
         }
-        w.done[phase as usize] = true;
         let seconds = w.started.elapsed().as_secs_f64();
-        metrics.wake_phase(phase, seconds);
-        w.span.in_scope(|| {
-            info!(
-                phase = phase.as_str(),
-                ms = (seconds * 1e6).round() / 1e3,
-                "wake-up milestone"
-            )
-        });
+        // A request can only be forwarded to a ready endpoint. When the endpoint watch fed the
+        // gate before the driver noticed, the forward comes first here: record both at once
+        // rather than lose the ready milestone (the forward ends the wake-up).
+        let mut phases = vec![phase];
+        if phase == Phase::FirstForwarded && !w.done[Phase::EndpointReady as usize] {
+            phases.insert(0, Phase::EndpointReady);
+        }
+        for phase in phases {
+            w.done[phase as usize] = true;
+            metrics.wake_phase(phase, seconds);
+            w.span.in_scope(|| {
+                info!(
+                    phase = phase.as_str(),
+                    ms = (seconds * 1e6).round() / 1e3,
+                    "wake-up milestone"
+                )
+            });
+        }
         if phase == Phase::FirstForwarded {
             // The last milestone: the span closes when its last clone is dropped.
             *cur = None;
@@ -169,5 +178,23 @@ mod tests {
         assert!(text
             .contains("reveille_wakeup_seconds_count{phase=\"scale_accepted\",service=\"svc\"} 1"));
         assert!(!text.contains("phase=\"endpoint_ready\",service=\"svc\"} 1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forward_seen_before_ready_records_ready_too() {
+        let m = Metrics::new();
+        let s = m.service("svc");
+        let t = WakeTracker::new();
+        t.begin("svc", 1);
+        tokio::time::advance(Duration::from_millis(7)).await;
+        t.first_forwarded(&s);
+        t.mark(Phase::EndpointReady, &s); // the driver noticing late: ignored
+        let text = m.render();
+        for phase in ["endpoint_ready", "first_forwarded"] {
+            let line =
+                format!("reveille_wakeup_seconds_count{{phase=\"{phase}\",service=\"svc\"}} 1");
+            assert!(text.contains(&line), "missing {line} in {text}");
+        }
+        assert!(!t.in_progress());
     }
 }
