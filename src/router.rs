@@ -111,11 +111,6 @@ impl<T> Router<T> {
         self.lookup_revision(ns, rev)
     }
 
-    /// Number of distinct host keys.
-    pub fn hosts(&self) -> usize {
-        self.exact.len() + self.wildcard.len()
-    }
-
     /// Finds the value for a request's host (as sent: port and case are normalised here)
     /// and path.
     pub fn lookup(&self, host: &str, path: &str) -> Option<&T> {
