@@ -60,6 +60,43 @@ pub struct ReveilleServiceSpec {
     /// In-flight limit per endpoint; 0 = unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u32>,
+    /// Controlled rollouts of the Deployment (see the README): validation steps, `quiesce`,
+    /// `on_failure`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
+}
+
+/// `spec.rollout`: as `rollout` in the config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RolloutSpec {
+    /// Steps run in order against each new pod before it gets traffic.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub validation: Vec<ValidationStepSpec>,
+    /// Bound on waiting for the old version's in-flight requests at the switch (like `5s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiesce: Option<String>,
+    /// `hold` (default) or `rollback`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<String>,
+}
+
+/// One validation step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ValidationStepSpec {
+    /// HTTP method (default `GET`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Request path, starting with `/`.
+    pub path: String,
+    /// Request body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// Expected response status (default 200).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_status: Option<i64>,
+    /// Bound on the step (like `10s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
 }
 
 /// `spec.backend`.
