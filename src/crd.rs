@@ -393,4 +393,43 @@ mod tests {
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Invalid"));
         assert!(c.message.contains("spec.backend.kubernetes.port"));
     }
+
+    #[test]
+    fn an_object_can_ask_for_controlled_rollouts() {
+        let obj = object(json!({
+            "hosts": ["orders.test"],
+            "backend": {"kubernetes": {"deployment": "order-sync", "service": "order-sync", "port": 8080}},
+            "rollout": {
+                "validation": [{"path": "/healthz"}, {"method": "POST", "path": "/validate", "body": "{}", "expect_status": 204, "timeout": "2s"}],
+                "quiesce": "1s",
+                "on_failure": "rollback",
+            },
+        }));
+        let s = to_service(&obj).unwrap();
+        let Backend::Kubernetes(k) = &s.backend else {
+            panic!("{:?}", s.backend)
+        };
+        let r = k.rollout.as_ref().expect("rollout");
+        assert_eq!(r.validation.len(), 2);
+        assert_eq!(r.validation[1].expect_status, 204);
+        assert_eq!(r.quiesce, std::time::Duration::from_secs(1));
+        assert_eq!(r.on_failure, crate::config::OnFailure::Rollback);
+        let bad = object(json!({
+            "hosts": ["orders.test"],
+            "backend": {"kubernetes": {"deployment": "order-sync", "service": "order-sync", "port": 8080}},
+            "rollout": {"validation": [{"path": "healthz"}]},
+        }));
+        assert_eq!(
+            to_service(&bad).unwrap_err(),
+            vec!["spec.rollout.validation[0].path: is required and must start with `/`"]
+        );
+        // The generated schema knows the field (the API server would prune it otherwise).
+        let crd = serde_json::to_value(ReveilleService::crd()).unwrap();
+        let props = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"];
+        assert!(
+            props["rollout"]["properties"]["validation"].is_object(),
+            "{props}"
+        );
+    }
 }
