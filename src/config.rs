@@ -24,7 +24,9 @@ pub use kubernetes::{
     Coordination, CrdWatch, KubernetesBackend, PortRef, Scaling, Workload, WorkloadKind,
     DEFAULT_LEASE_DURATION, DEFAULT_LEASE_NAME, DEFAULT_PEER_TIMEOUT, DEFAULT_REPLICAS,
 };
-pub use rollout::{OnFailure, Rollout, ValidationStep, DEFAULT_QUIESCE, DEFAULT_STEP_TIMEOUT};
+pub use rollout::{
+    AtZero, OnFailure, Rollout, ValidationStep, DEFAULT_QUIESCE, DEFAULT_STEP_TIMEOUT,
+};
 
 /// Default proxy listener.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

@@ -78,6 +78,9 @@ pub struct RolloutSpec {
     /// `hold` (default) or `rollback`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_failure: Option<String>,
+    /// A rollout while at zero: `wait` (default; validated at the next wake-up) or `wake`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_zero: Option<String>,
 }
 
 /// One validation step.

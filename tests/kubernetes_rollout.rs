@@ -358,6 +358,98 @@ async fn no_scale_to_zero_and_keda_active_while_validating() {
     stop_running(r).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_at_zero_is_validated_at_once_with_at_zero_wake() {
+    let sim = Rollout::start(NS, "web").await;
+    sim.roll_to("v1", 1, 1, true, true).await;
+    let mut cfg = config(", at_zero: wake", "");
+    cfg.services[0].idle_timeout = Duration::from_secs(1);
+    let r = start_reveille(&sim, cfg).await;
+    let c = client();
+    let want = sim.addrs("v1");
+    wait_until("routing to v1", LONG, || async { routed(&r) == want }).await;
+    wait_until("idle: scaled to zero", LONG, || async {
+        sim.replicas() == 0
+    })
+    .await;
+    sim.remove_version("v1");
+    // A new version while at zero: its ReplicaSet has no replicas.
+    sim.roll_to("v2", 2, 0, false, true).await;
+    wait_until("woken to validate v2", LONG, || async {
+        sim.replicas() == 1
+    })
+    .await;
+    assert!(r.gates[0].rolling_out(), "in progress until validated");
+    // The Deployment controller starts the pod; Reveille validates it.
+    sim.add_pods("v2", 1, false, true).await;
+    wait_until("v2 validated and routed", LONG, || async {
+        rollout_state(&c, &r).await["current_version"] == "v2"
+    })
+    .await;
+    assert_eq!(sim.validated_conditions("v2")[0]["status"], "True");
+    // Then the idle service goes back to zero (at once: nothing came in for a while).
+    wait_until("scaled to zero after validation", LONG, || async {
+        sim.replicas() == 0
+    })
+    .await;
+    let m = metrics_text(&c, &r).await;
+    assert_eq!(
+        metric(
+            &m,
+            "reveille_rollout_validations_total{result=\"passed\",service=\"web\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "reveille_scale_patches_total{direction=\"up\",service=\"web\"}"
+        ),
+        Some(1.0),
+        "one wake-up, for validation"
+    );
+    stop_running(r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_at_zero_waits_for_the_next_wake_up_by_default() {
+    let sim = Rollout::start(NS, "web").await;
+    sim.roll_to("v1", 1, 1, true, true).await;
+    let mut cfg = config("", "");
+    cfg.services[0].idle_timeout = Duration::from_secs(1);
+    let r = start_reveille(&sim, cfg).await;
+    let c = client();
+    let want = sim.addrs("v1");
+    wait_until("routing to v1", LONG, || async { routed(&r) == want }).await;
+    wait_until("idle: scaled to zero", LONG, || async {
+        sim.replicas() == 0
+    })
+    .await;
+    sim.remove_version("v1");
+    sim.roll_to("v2", 2, 0, false, true).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sim.replicas(), 0, "not woken without a request");
+    assert!(!r.gates[0].rolling_out());
+    // A request wakes it; the new pod is validated before it gets the held request.
+    let req = {
+        let c = c.clone();
+        let addr = r.proxy_addr;
+        tokio::spawn(async move { get(&c, addr, "web.test", "/work").await })
+    };
+    wait_until("woken by the request", LONG, || async {
+        sim.replicas() == 1
+    })
+    .await;
+    sim.add_pods("v2", 1, false, true).await;
+    let resp = req.await.unwrap();
+    assert_eq!(
+        (resp.status.as_u16(), resp.body.as_str()),
+        (200, "version=v2")
+    );
+    assert_eq!(sim.validated_conditions("v2")[0]["status"], "True");
+    stop_running(r).await;
+}
+
 async fn stop_running(r: Running) {
     stop(r).await;
 }

@@ -27,6 +27,17 @@ pub struct Rollout {
     pub quiesce: Duration,
     /// What a failed validation does besides reporting (default `hold`).
     pub on_failure: OnFailure,
+    /// A rollout that starts while the service is at zero (default `wait`).
+    pub at_zero: AtZero,
+}
+
+/// What a rollout that starts while the service is scaled to zero does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtZero {
+    /// Validate the new version when the service is next woken by a request.
+    Wait,
+    /// Wake the service now to validate it (it scales to zero again after `idle_timeout`).
+    Wake,
 }
 
 /// One validation request and the status it must get.
@@ -72,6 +83,7 @@ pub(crate) struct RawRollout {
     validation: Vec<RawStep>,
     quiesce: Option<HumanDuration>,
     on_failure: Option<String>,
+    at_zero: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -112,10 +124,22 @@ pub(crate) fn validate(p: &mut Problems, at: &str, raw: RawRollout) -> Rollout {
             OnFailure::Hold
         }
     };
+    let at_zero = match raw.at_zero.as_deref() {
+        None | Some("wait") => AtZero::Wait,
+        Some("wake") => AtZero::Wake,
+        Some(other) => {
+            p.add(
+                format!("{at}.at_zero"),
+                format!("{other:?}: must be `wait` or `wake`"),
+            );
+            AtZero::Wait
+        }
+    };
     Rollout {
         validation,
         quiesce,
         on_failure,
+        at_zero,
     }
 }
 
@@ -197,7 +221,7 @@ mod tests {
     fn parses_steps_with_defaults() {
         let r = parse(
             DEPLOY,
-            "{ validation: [ { path: /healthz }, { method: POST, path: /validate, body: '{\"dry_run\":true}', expect_status: 204, timeout: 2s } ], quiesce: 1s, on_failure: rollback }",
+            "{ validation: [ { path: /healthz }, { method: POST, path: /validate, body: '{\"dry_run\":true}', expect_status: 204, timeout: 2s } ], quiesce: 1s, on_failure: rollback, at_zero: wake }",
         )
         .unwrap()
         .unwrap();
@@ -211,16 +235,18 @@ mod tests {
         assert_eq!(r.validation[1].timeout, Duration::from_secs(2));
         assert_eq!(r.quiesce, Duration::from_secs(1));
         assert_eq!(r.on_failure, OnFailure::Rollback);
+        assert_eq!(r.at_zero, AtZero::Wake);
         let r = parse(DEPLOY, "{}").unwrap().unwrap();
         assert_eq!(r.quiesce, DEFAULT_QUIESCE);
         assert_eq!(r.on_failure, OnFailure::Hold);
+        assert_eq!(r.at_zero, AtZero::Wait);
     }
 
     #[test]
     fn every_problem_is_named() {
         let errs = parse(
             DEPLOY,
-            "{ validation: [ { method: get, path: healthz, expect_status: 99, timeout: 0s } ], on_failure: retry }",
+            "{ validation: [ { method: get, path: healthz, expect_status: 99, timeout: 0s } ], on_failure: retry, at_zero: now }",
         )
         .unwrap_err();
         for want in [
@@ -229,6 +255,7 @@ mod tests {
             "services[0].rollout.validation[0].expect_status",
             "services[0].rollout.validation[0].timeout",
             "services[0].rollout.on_failure",
+            "services[0].rollout.at_zero",
         ] {
             assert!(errs.iter().any(|e| e.starts_with(want)), "{want}: {errs:?}");
         }

@@ -137,12 +137,7 @@ impl Rollout {
         d["spec"]["template"] = template(name, version);
         d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] =
             json!(revision.to_string());
-        let generation = d["metadata"]["generation"].as_i64().unwrap() + 1;
-        d["metadata"]["generation"] = json!(generation);
-        // The Deployment controller's own view is settled: what holds the rollout back is the
-        // readiness gate, which only Reveille's check knows about.
-        let want = d["spec"]["replicas"].clone();
-        d["status"] = json!({"observedGeneration": generation, "replicas": want, "updatedReplicas": want, "readyReplicas": want});
+        d["metadata"]["generation"] = json!(d["metadata"]["generation"].as_i64().unwrap() + 1);
         self.api.put("deployments", "Deployment", d);
         let mut rs_template = template(name, version);
         rs_template["metadata"]["labels"]["pod-template-hash"] = json!(version);
@@ -160,7 +155,28 @@ impl Rollout {
                 "spec": {"replicas": pods, "selector": {"matchLabels": {"app": name, "pod-template-hash": version}}, "template": rs_template},
             }),
         );
-        for i in 0..pods {
+        self.add_pods(version, pods, validated, containers_ready)
+            .await;
+        behaviour
+    }
+
+    /// Starts `pods` more pods of `version` (the ReplicaSet scaled up).
+    pub async fn add_pods(
+        &self,
+        version: &str,
+        pods: usize,
+        validated: bool,
+        containers_ready: bool,
+    ) {
+        let behaviour = self.versions.lock()[version].clone();
+        let (ns, name) = (self.ns.as_str(), self.name.as_str());
+        let first = self
+            .pods
+            .lock()
+            .iter()
+            .filter(|p| p.version == version)
+            .count();
+        for i in first..first + pods {
             let pod_name = format!("{name}-{version}-{i}");
             let (listener, addr) = bind(self.port).await;
             let mut server = JoinSet::new();
@@ -197,8 +213,31 @@ impl Rollout {
                 _server: server,
             });
         }
+        let total = self
+            .pods
+            .lock()
+            .iter()
+            .filter(|p| p.version == version)
+            .count();
+        self.set_rs_replicas(version, total);
         self.kubelet();
-        behaviour
+    }
+
+    fn set_rs_replicas(&self, version: &str, n: usize) {
+        let rs_name = format!("{}-{version}", self.name);
+        if let Some(mut rs) = self.api.get("replicasets", &self.ns, &rs_name) {
+            if rs["spec"]["replicas"] != json!(n) {
+                rs["spec"]["replicas"] = json!(n);
+                self.api.put("replicasets", "ReplicaSet", rs);
+            }
+        }
+    }
+
+    /// The Deployment's `spec.replicas`.
+    pub fn replicas(&self) -> i64 {
+        self.api.get("deployments", &self.ns, &self.name).unwrap()["spec"]["replicas"]
+            .as_i64()
+            .unwrap()
     }
 
     /// Marks the containers of `version`'s pods ready.
@@ -229,6 +268,7 @@ impl Rollout {
         for n in names {
             self.api.delete("pods", &self.ns, &n);
         }
+        self.set_rs_replicas(version, 0);
         self.publish();
     }
 
@@ -290,7 +330,17 @@ impl Rollout {
 
     /// Kubelet and the EndpointSlice controller: a pod is Ready when its containers are and
     /// every readiness gate's condition is True; the slice lists every pod with its readiness.
+    /// The Deployment's status always looks settled: what holds a rollout back here is the
+    /// readiness gate, which only Reveille's own check knows about.
     fn kubelet(&self) {
+        if let Some(mut d) = self.api.get("deployments", &self.ns, &self.name) {
+            let want = d["spec"]["replicas"].clone();
+            let status = json!({"observedGeneration": d["metadata"]["generation"], "replicas": want, "updatedReplicas": want, "readyReplicas": want});
+            if d["status"] != status {
+                d["status"] = status;
+                self.api.put("deployments", "Deployment", d);
+            }
+        }
         let names: Vec<String> = self.pods.lock().iter().map(|p| p.name.clone()).collect();
         for n in names {
             let Some(mut pod) = self.api.get("pods", &self.ns, &n) else {

@@ -17,6 +17,9 @@
 //!   everything goes to the new version.
 //! - **Activity**: while a pod awaits validation or a switch runs, the gate is marked rolling
 //!   out: no scale-down, and KEDA is told the service is active.
+//! - **At zero**: a new revision whose ReplicaSet has no replicas waits for the next wake-up,
+//!   unless `at_zero: wake`: then the controller wakes the workload itself (direct mode: raises
+//!   the scale; KEDA mode: reports active) and the idle scale-down follows once it is done.
 
 pub mod validate;
 
@@ -38,13 +41,17 @@ use tracing::{info, info_span, warn, Instrument, Span};
 
 use self::validate::{StepClient, API_TIMEOUT, CONDITION, REASON_FAILED};
 use super::endpoints::{Routing, SliceEndpoint};
-use crate::config::{KubernetesBackend, OnFailure, PortRef, Rollout};
+use super::scale::{Change, WorkloadApi};
+use crate::config::{AtZero, KubernetesBackend, OnFailure, PortRef, Rollout, Scaling};
 use crate::gate::Gate;
 
 /// First pause after a failed Deployment read; doubles up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// Longest pause between Deployment reads while the API server is unreachable.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// With `at_zero: wake`: how long a wake-up for validation counts as a rollout in progress
+/// while the new version has no pod to validate yet.
+const WAKE_FOR_VALIDATION: Duration = Duration::from_secs(300);
 
 /// One pod's validation result.
 struct Outcome {
@@ -80,6 +87,14 @@ struct Controller {
     last_result: Option<serde_json::Value>,
     switching: bool,
     tx: mpsc::UnboundedSender<Outcome>,
+    /// The workload's scale, for `at_zero: wake` in direct mode.
+    workload: WorkloadApi,
+    replicas: i32,
+    scaling: Scaling,
+    /// Versions woken for validation (`at_zero: wake`), once each.
+    woken: HashSet<String>,
+    /// The version being woken for validation, and until when that counts as in progress.
+    waking_for: Option<(String, tokio::time::Instant)>,
 }
 
 /// Runs the rollout controller of a service until its task is aborted. `slices` carries every
@@ -116,6 +131,11 @@ pub async fn run(
         last_result: None,
         switching: false,
         tx,
+        workload: WorkloadApi::new(client.clone(), &ns, &cfg.workload),
+        replicas: cfg.replicas,
+        scaling: cfg.scaling,
+        woken: HashSet::new(),
+        waking_for: None,
     };
     c.report(None, None);
     let selector = c.selector().await;
@@ -162,6 +182,15 @@ pub async fn run(
             c.reconcile(&pod_store, &rs_store, &eps).await;
         }
     }
+}
+
+/// A ReplicaSet's `pod-template-hash`.
+fn rs_hash(rs: &ReplicaSet) -> Option<&str> {
+    rs.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("pod-template-hash"))
+        .map(String::as_str)
 }
 
 /// What the controller knows about one version.
@@ -300,7 +329,11 @@ impl Controller {
             .filter(|(_, v)| v.validated && !v.ready.is_empty())
             .max_by_key(|(h, v)| (v.revision, h.as_str()))
             .map(|(h, v)| (h.clone(), v.ready.clone()));
-        let pending = versions.values().any(|v| v.pending > 0);
+        if self.cfg.at_zero == AtZero::Wake {
+            self.wake_to_validate(&replicasets.state(), &versions).await;
+        }
+        let waking = self.waking_for.is_some();
+        let pending = versions.values().any(|v| v.pending > 0) || waking;
         self.gate
             .set_rolling_out(pending || !self.validating.is_empty());
         match target {
@@ -342,6 +375,75 @@ impl Controller {
         let live: HashSet<&String> = versions.keys().collect();
         self.spans.retain(|v, _| live.contains(v));
         self.report(Some(&versions), None);
+    }
+
+    /// `at_zero: wake`: when the newest revision (newer than the routed one) has no replicas —
+    /// the Deployment is at zero — wakes the workload once so the new version is validated now.
+    async fn wake_to_validate(
+        &mut self,
+        replicasets: &[Arc<ReplicaSet>],
+        versions: &BTreeMap<String, Version>,
+    ) {
+        if let Some((hash, until)) = &self.waking_for {
+            let settled = versions
+                .get(hash)
+                .is_some_and(|v| v.pending == 0 && (v.validated || v.failed > 0));
+            if settled || tokio::time::Instant::now() >= *until {
+                self.waking_for = None;
+            }
+        }
+        let Some(active_rev) = self
+            .active
+            .as_ref()
+            .and_then(|a| versions.get(a))
+            .map(|v| v.revision)
+            .or_else(|| {
+                // The routed version's pods are gone (at zero): its ReplicaSet still says.
+                let a = self.active.as_ref()?;
+                replicasets
+                    .iter()
+                    .filter(|rs| rs_hash(rs) == Some(a.as_str()))
+                    .map(|rs| validate::revision(rs))
+                    .max()
+            })
+        else {
+            return; // nothing routed yet: no version to compare with
+        };
+        let Some(newest) = replicasets.iter().max_by_key(|rs| validate::revision(rs)) else {
+            return;
+        };
+        let Some(hash) = rs_hash(newest) else { return };
+        let at_zero = newest.spec.as_ref().and_then(|s| s.replicas) == Some(0);
+        if validate::revision(newest) <= active_rev
+            || !at_zero
+            || versions.contains_key(hash)
+            || !self.woken.insert(hash.to_string())
+        {
+            return;
+        }
+        let revision = validate::revision(newest);
+        let span = self.span(hash, revision);
+        let _g = span.enter();
+        self.waking_for = Some((
+            hash.to_string(),
+            tokio::time::Instant::now() + WAKE_FOR_VALIDATION,
+        ));
+        if self.scaling == Scaling::Keda {
+            info!("new version while at zero: reporting active so KEDA wakes it for validation");
+            return;
+        }
+        match self.workload.raise_to(self.replicas).await {
+            Ok(Change::Patched { from, to }) => {
+                self.gate.metrics().scale_patch("up");
+                info!(from, to, "new version while at zero: woken for validation");
+            }
+            Ok(Change::Unchanged(n)) => info!(replicas = n, "new version: already scaled up"),
+            Err(e) => {
+                self.gate.metrics().kube_api_error(e.operation);
+                warn!(error = %e, "waking for validation failed; validating at the next wake-up");
+                self.waking_for = None;
+            }
+        }
     }
 
     fn start_validation(
