@@ -52,6 +52,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// With `at_zero: wake`: how long a wake-up for validation counts as a rollout in progress
 /// while the new version has no pod to validate yet.
 const WAKE_FOR_VALIDATION: Duration = Duration::from_secs(300);
+/// A gated pod waiting this long for its containers no longer counts as a rollout in progress
+/// (Kubernetes' default `progressDeadlineSeconds`): a new version that never starts must not
+/// keep the service up forever.
+const PENDING_BOUND: Duration = Duration::from_secs(600);
 
 /// One pod's validation result.
 struct Outcome {
@@ -298,9 +302,11 @@ impl Controller {
             if failed {
                 v.failed += 1;
             } else if !passed {
-                v.pending += 1;
                 let containers_ready =
                     validate::condition(pod, "ContainersReady").is_some_and(|(s, _)| s == "True");
+                if containers_ready || validate::age(pod).is_none_or(|a| a < PENDING_BOUND) {
+                    v.pending += 1;
+                }
                 // Wait for the pod's ReplicaSet (its revision orders the version, and a rollback
                 // needs it): the two watches may deliver in either order.
                 if containers_ready

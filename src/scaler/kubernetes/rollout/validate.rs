@@ -277,12 +277,36 @@ pub fn container_port(pod: &Pod, name: &str) -> Option<u16> {
         .and_then(|p| u16::try_from(p.container_port).ok())
 }
 
+/// How long ago the pod was created, if it says.
+pub fn age(pod: &Pod) -> Option<Duration> {
+    let created = serde_json::to_value(pod.metadata.creation_timestamp.as_ref()?).ok()?;
+    let created = humantime::parse_rfc3339_weak(created.as_str()?).ok()?;
+    SystemTime::now().duration_since(created).ok()
+}
+
 /// Bound on one API call of the rollout controller.
 pub const API_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn age_comes_from_the_creation_timestamp() {
+        let pod = |ts: &str| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p", "creationTimestamp": ts}}))
+                .unwrap()
+        };
+        let an_hour_ago =
+            humantime::format_rfc3339_seconds(SystemTime::now() - Duration::from_secs(3600))
+                .to_string();
+        let a = age(&pod(&an_hour_ago)).unwrap();
+        assert!(
+            a >= Duration::from_secs(3600) && a < Duration::from_secs(3700),
+            "{a:?}"
+        );
+        assert_eq!(age(&Pod::default()), None);
+    }
 
     #[tokio::test]
     async fn steps_run_in_order_and_the_failure_names_the_step() {
