@@ -311,15 +311,29 @@ async fn a_failed_version_is_rolled_back_once() {
 async fn no_scale_to_zero_and_keda_active_while_validating() {
     let sim = Rollout::start(NS, "web").await;
     sim.roll_to("v1", 1, 2, true, true).await;
-    let mut cfg = config("", "keda: { listen: 127.0.0.1:0 }\n");
+    // A long stream interval: a `true` on the stream soon after the rollout starts is the push.
+    let mut cfg = config("", "keda: { listen: 127.0.0.1:0, stream_interval: 60s }\n");
     cfg.services[0].idle_timeout = Duration::from_secs(1);
     let r = start_reveille(&sim, cfg).await;
     let c = client();
     let want = sim.addrs("v1");
     wait_until("routing to v1", LONG, || async { routed(&r) == want }).await;
     let mut g = grpc(r.keda_addr.unwrap());
+    let mut stream = g
+        .stream_is_active(support::keda::sor("web", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(!first.result, "idle before the rollout");
     // A new version whose containers are not ready yet: validation is pending.
     sim.roll_to("v2", 2, 1, false, false).await;
+    let pushed = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a push when the rollout starts")
+        .unwrap()
+        .unwrap();
+    assert!(pushed.result, "StreamIsActive pushed active");
     wait_until("the rollout is in progress", LONG, || async {
         r.gates[0].rolling_out()
     })
