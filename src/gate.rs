@@ -578,12 +578,23 @@ impl Gate {
         addrs: &[SocketAddr],
         quiesce: Duration,
     ) -> bool {
+        /// Ends the pause even if the switch is dropped half-way (its task aborted).
+        struct Resume<'a>(&'a Arc<Gate>);
+        impl Drop for Resume<'_> {
+            fn drop(&mut self) {
+                self.0.paused.store(false, Ordering::SeqCst);
+                let mut q = self.0.queue.lock();
+                self.0.dispatch_locked(&mut q);
+            }
+        }
         self.paused.store(true, Ordering::SeqCst);
+        let resume = Resume(self);
         let drained = tokio::time::timeout(quiesce, self.wait_drained())
             .await
             .is_ok();
-        self.paused.store(false, Ordering::SeqCst);
+        // Installed while still paused; the held requests go when the pause ends.
         self.set_endpoints(addrs);
+        drop(resume);
         drained
     }
 

@@ -315,3 +315,32 @@ async fn rolling_out_wakes_held_watchers() {
     g.set_rolling_out(true);
     assert!(!rx.has_changed().unwrap(), "no change, no wake-up");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_aborted_switch_does_not_leave_the_gate_paused() {
+    let g = gate(100, None);
+    g.set_endpoints(&[addr(1)]);
+    let _stuck = g.acquire(deadline()).await.unwrap();
+    let switch = {
+        let g = g.clone();
+        tokio::spawn(async move {
+            g.switch_endpoints(&[addr(2)], Duration::from_secs(60))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let held = {
+        let g = g.clone();
+        tokio::spawn(async move {
+            g.acquire(deadline())
+                .await
+                .map(|a| a.permit.endpoint().addr)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(g.held(), 1);
+    switch.abort();
+    let _ = switch.await;
+    // The pause ends with the switch; the old endpoints stay (the switch never finished).
+    assert_eq!(held.await.unwrap().unwrap(), addr(1));
+}

@@ -98,7 +98,13 @@ impl Routing {
         let drained = if withdrawn {
             true
         } else {
-            self.gate.switch_endpoints(&addrs, quiesce).await
+            let drained = self.gate.switch_endpoints(&addrs, quiesce).await;
+            // A scale-down that withdrew the pods meanwhile wins.
+            let inner = self.inner.lock();
+            if inner.withdrawn {
+                self.gate.set_endpoints(&[]);
+            }
+            drained
         };
         self.seen.send_replace(n);
         drained
