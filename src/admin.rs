@@ -162,6 +162,7 @@ pub fn services(state: &AdminState) -> Value {
                 "backend": s.backend_kind(),
                 "queue_capacity": g.settings().capacity,
                 "concurrency": g.settings().concurrency,
+                "rollout": g.rollout_report(),
             })
         })
         .collect();

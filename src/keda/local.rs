@@ -38,6 +38,9 @@ pub struct ServiceCounts {
     /// replica idle). Absent from older replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_for_ms: Option<u64>,
+    /// A controlled rollout is validating or switching here (the service counts as active).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolling_out: bool,
 }
 
 /// Every service's counts on one replica (the body of admin `/api/local`).
@@ -199,6 +202,7 @@ fn entry_counts(e: &Entry) -> ServiceCounts {
         rate: e.rate.lock().rate(Instant::now(), total),
         holds_total: e.gate.holds_total(),
         idle_for_ms: Some(e.gate.idle_for().as_millis() as u64),
+        rolling_out: e.gate.rolling_out(),
     }
 }
 

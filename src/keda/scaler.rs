@@ -140,7 +140,7 @@ impl ExternalScaler for Scaler {
                         held.borrow_and_update();
                         // A new hold since the last look, even if already released again.
                         let holds = gate.holds_total();
-                        let push = holds != seen;
+                        let push = holds != seen || gate.rolling_out();
                         seen = holds;
                         push
                     }
