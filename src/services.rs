@@ -292,3 +292,94 @@ fn same_gate(a: &Service, b: &Service) -> bool {
         && a.protocol == b.protocol
         && a.upstream_tls == b.upstream_tls
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn config(command: &str) -> Config {
+        Config::parse(&format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: a\n    hosts: [a.test]\n    backend:\n      process:\n        command: [{command}]\n        address: 127.0.0.1:9\n        start_attempts: 1\n        start_timeout: 30s\n        stop_grace: 1s\n"
+        ))
+        .unwrap()
+    }
+
+    fn services(cfg: &Config) -> Arc<Services> {
+        Services::new(Metrics::new(), HeldLimit::new(100), None, cfg.timeouts)
+    }
+
+    async fn running(s: &Services, name: &str) -> bool {
+        s.live.lock().await[name].driver.running()
+    }
+
+    fn deadline() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(20)
+    }
+
+    #[tokio::test]
+    async fn a_process_driver_runs_only_while_a_request_needs_it() {
+        let cfg = config("/bin/false");
+        let s = services(&cfg);
+        s.apply(&cfg.services).await;
+        let gate = s.load().gate("a").unwrap().clone();
+        assert!(!running(&s, "a").await, "no task for an idle service");
+        for _ in 0..2 {
+            // The held request starts the driver; the backend exits at once, so it fails.
+            let e = gate.acquire(deadline()).await.err().unwrap();
+            assert_eq!(e.kind(), "activation_failed");
+            let t0 = tokio::time::Instant::now();
+            while running(&s, "a").await {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "driver still running"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(gate.state(), crate::gate::State::Idle);
+        }
+        tokio::time::timeout(Duration::from_secs(5), s.stop_all())
+            .await
+            .expect("an idle service stops at once");
+    }
+
+    #[tokio::test]
+    async fn stopping_a_waking_service_answers_its_held_requests_and_ends_the_driver() {
+        let cfg = config("sleep, \"30\"");
+        let s = services(&cfg);
+        s.apply(&cfg.services).await;
+        let gate = s.load().gate("a").unwrap().clone();
+        let g = gate.clone();
+        let held = tokio::spawn(async move { g.acquire(deadline()).await.err().unwrap() });
+        let t0 = tokio::time::Instant::now();
+        while !(running(&s, "a").await && gate.state() == crate::gate::State::Waking) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "driver not started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::timeout(Duration::from_secs(10), s.stop_all())
+            .await
+            .expect("stopped");
+        assert_eq!(held.await.unwrap().kind(), "shutting_down");
+    }
+
+    #[tokio::test]
+    async fn a_reload_shares_unchanged_specs_and_a_removed_idle_service_is_forgotten() {
+        let cfg = config("/bin/false");
+        let s = services(&cfg);
+        s.apply(&cfg.services).await;
+        let before = s.load().services[0].spec.clone();
+        let changes = s.apply(&cfg.services).await;
+        assert_eq!(changes, Changes::default());
+        assert!(Arc::ptr_eq(&before, &s.load().services[0].spec));
+        assert!(Arc::ptr_eq(&before, &s.sources.lock().await.0[0]));
+        let changes = s.apply(&[]).await;
+        assert_eq!(changes.removed, vec!["a".to_string()]);
+        let t0 = tokio::time::Instant::now();
+        while s.metrics.render().contains("service=\"a\"") {
+            assert!(t0.elapsed() < Duration::from_secs(10), "series kept");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
