@@ -104,31 +104,28 @@ impl Inbound {
     /// `timeouts.client_header`; on shutdown by [`LAST_REQUEST_GRACE`]), serves it as h2c when
     /// they start the HTTP/2 preface and as HTTP/1 otherwise, until it ends or the shutdown
     /// closes it. A connection that sends nothing in time, or closes, is dropped.
-    pub(crate) async fn serve_tcp(
+    ///
+    /// A plain `fn` returning an `async move` block, not an `async fn`: the block uses its
+    /// captures in place, where an `async fn` would keep a second copy of moved arguments in
+    /// the task (this future is most of a held request's connection task).
+    #[allow(clippy::manual_async_fn)] // on purpose, see above
+    pub(crate) fn serve_tcp(
         self: Arc<Self>,
         stream: TcpStream,
         svc: Proxy,
         mut close: watch::Receiver<bool>,
         guard: ConnectionGuard,
-    ) {
-        let deadline = Instant::now() + self.client_header;
-        let sniffed = {
-            let sniff = tokio::time::timeout_at(deadline, sniff(&stream));
-            tokio::pin!(sniff);
-            tokio::select! {
-                r = sniff.as_mut() => r,
-                _ = scaler::stopped(&mut close) => {
-                    tokio::time::timeout(LAST_REQUEST_GRACE, sniff).await.unwrap_or(Ok(None))
-                }
-            }
-        };
-        let conn = match sniffed {
-            Ok(Some(Protocol::Http2)) => self.http2(stream, svc),
-            Ok(Some(Protocol::Http1)) => self.http1(stream, svc),
-            // Closed, failed or silent: nothing to answer.
-            Ok(None) | Err(_) => return,
-        };
-        drive(conn, close, guard).await;
+    ) -> impl Future<Output = ()> + Send {
+        async move {
+            let deadline = Instant::now() + self.client_header;
+            let conn = match first_bytes(&stream, &mut close, deadline).await {
+                Some(Protocol::Http2) => self.http2(stream, svc),
+                Some(Protocol::Http1) => self.http1(stream, svc),
+                // Closed, failed or silent: nothing to answer.
+                None => return,
+            };
+            drive(conn, close, guard).await;
+        }
     }
 }
 
@@ -137,6 +134,23 @@ impl Inbound {
 enum Protocol {
     Http1,
     Http2,
+}
+
+/// [`sniff`] bounded by `deadline`, and on shutdown by [`LAST_REQUEST_GRACE`]. One future
+/// awaited once, so the task can reuse its space for the connection afterwards.
+async fn first_bytes(
+    stream: &TcpStream,
+    close: &mut watch::Receiver<bool>,
+    deadline: Instant,
+) -> Option<Protocol> {
+    let sniff = tokio::time::timeout_at(deadline, sniff(stream));
+    tokio::pin!(sniff);
+    tokio::select! {
+        r = sniff.as_mut() => r.ok().flatten(),
+        _ = scaler::stopped(close) => {
+            tokio::time::timeout(LAST_REQUEST_GRACE, sniff).await.ok()?.ok().flatten()
+        }
+    }
 }
 
 /// Reads (without consuming) as many of the first bytes as needed to tell h2c prior knowledge
@@ -215,25 +229,31 @@ where
 
 /// Serves one connection until it ends; on shutdown, lets it send a last request, then closes
 /// it once its in-progress requests are answered.
-pub(crate) async fn drive<I>(
-    conn: Conn<I>,
+///
+/// Like [`Inbound::serve_tcp`], an `async move` block that polls `conn` where it was captured
+/// (an `async fn` pinning its argument would store the connection twice).
+#[allow(clippy::manual_async_fn)] // on purpose, see above
+pub(crate) fn drive<I>(
+    mut conn: Conn<I>,
     mut close: watch::Receiver<bool>,
     guard: ConnectionGuard,
-) where
+) -> impl Future<Output = ()> + Send
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = scaler::stopped(&mut close) => {}
+    async move {
+        tokio::select! {
+            _ = &mut conn => return,
+            _ = scaler::stopped(&mut close) => {}
+        }
+        tokio::select! {
+            _ = &mut conn => return,
+            _ = tokio::time::sleep(LAST_REQUEST_GRACE) => {}
+        }
+        Pin::new(&mut conn).graceful_shutdown();
+        let _ = (&mut conn).await;
+        drop(guard); // the connection slot is free only now
     }
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = tokio::time::sleep(LAST_REQUEST_GRACE) => {}
-    }
-    conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
-    drop(guard); // the connection slot is free only now
 }
 
 #[cfg(test)]
@@ -262,6 +282,46 @@ mod tests {
         assert_eq!(
             decide(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
             Decision::Known(Protocol::Http2)
+        );
+    }
+
+    /// The connection task is most of what a held request costs: the connection must be stored
+    /// once, not once per `async fn` layer (an `async fn` keeps moved arguments twice).
+    #[tokio::test]
+    async fn the_connection_task_stores_the_connection_once() {
+        use crate::proxy::Shared;
+        let cfg = crate::Config::parse(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: a\n    hosts: [a]\n    backend: { static: { addresses: [\"127.0.0.1:1\"] } }\n",
+        )
+        .unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        let shared = Arc::new(Shared {
+            services: crate::services::Services::new(
+                metrics.clone(),
+                crate::gate::HeldLimit::new(1),
+                None,
+                cfg.timeouts,
+            ),
+            upstreams: crate::upstream::Upstreams::new(&cfg.timeouts),
+            response_timeout: cfg.timeouts.upstream_response,
+            metrics,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_client, (server, remote)) =
+            tokio::join!(async { TcpStream::connect(addr).await.unwrap() }, async {
+                listener.accept().await.unwrap()
+            });
+        let inbound = Arc::new(Inbound::new(&cfg.timeouts));
+        let conns = crate::server::Connections::new(1);
+        let (_close, close) = watch::channel(false);
+        let svc = Proxy::new(shared, remote, "http");
+        let conn_size = std::mem::size_of::<Conn<TcpStream>>();
+        let task = inbound.serve_tcp(server, svc, close, conns.try_open().unwrap());
+        let task_size = std::mem::size_of_val(&task);
+        assert!(
+            task_size < conn_size + 512,
+            "connection task {task_size} bytes for a {conn_size}-byte connection"
         );
     }
 
