@@ -16,7 +16,7 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -157,6 +157,13 @@ impl Endpoint {
 
 type Grant = Result<Permit, ProxyError>;
 
+/// Told when a request is held while the service has no endpoint: the service must be woken
+/// (a scaler driver started on demand, see [`crate::scaler::Driver`]).
+pub trait OnDemand: Send + Sync {
+    /// A request is held on `gate`, which has no endpoint.
+    fn demand(self: Arc<Self>, gate: &Arc<Gate>);
+}
+
 struct Queue {
     next_id: u64,
     /// Ordered by arrival; removal by id is O(log n) when a client leaves.
@@ -176,8 +183,9 @@ pub struct Gate {
     queue: Mutex<Queue>,
     held: AtomicUsize,
     /// Fires on every change of the held count (only the slow path holds, so the warm path
-    /// never touches it): KEDA streams push on it.
-    held_events: watch::Sender<usize>,
+    /// never touches it): KEDA streams push on it. Created by the first subscriber (under the
+    /// queue lock, like every change of the count).
+    held_events: OnceLock<watch::Sender<usize>>,
     /// Times the queue went from empty to non-empty: a watcher that sees this move knows a
     /// request was held even if the queue emptied again before it looked.
     holds_total: AtomicU64,
@@ -201,6 +209,7 @@ pub struct Gate {
     rolling_out: AtomicBool,
     /// The rollout's state for the admin API (`None`: no `rollout:` configured).
     rollout_report: Mutex<Option<serde_json::Value>>,
+    on_demand: OnceLock<Arc<dyn OnDemand>>,
 }
 
 /// What a request got from [`Gate::acquire`].
@@ -227,7 +236,7 @@ impl Gate {
                 waiters: BTreeMap::new(),
             }),
             held: AtomicUsize::new(0),
-            held_events: watch::Sender::new(0),
+            held_events: OnceLock::new(),
             holds_total: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             state: AtomicU8::new(State::Idle as u8),
@@ -243,7 +252,14 @@ impl Gate {
             paused: AtomicBool::new(false),
             rolling_out: AtomicBool::new(false),
             rollout_report: Mutex::new(None),
+            on_demand: OnceLock::new(),
         })
+    }
+
+    /// Sets what is told when a request is held while the service has no endpoint (once; a
+    /// later call is ignored).
+    pub fn set_on_demand(&self, hook: Arc<dyn OnDemand>) {
+        let _ = self.on_demand.set(hook);
     }
 
     /// The service's name.
@@ -268,7 +284,10 @@ impl Gate {
 
     /// A receiver that sees every change of the held count, at once (no ticker).
     pub fn subscribe_held(&self) -> watch::Receiver<usize> {
-        self.held_events.subscribe()
+        let _q = self.queue.lock();
+        self.held_events
+            .get_or_init(|| watch::Sender::new(self.held()))
+            .subscribe()
     }
 
     /// Times the hold queue went from empty to non-empty (monotonic).
@@ -375,6 +394,9 @@ impl Gate {
         };
         if cold {
             self.demand.notify_one();
+            if let Some(hook) = self.on_demand.get() {
+                hook.clone().demand(self);
+            }
         }
         let mut held = Held {
             gate: self,
@@ -500,7 +522,9 @@ impl Gate {
         if old == 0 {
             self.holds_total.fetch_add(1, Ordering::SeqCst);
         }
-        self.held_events.send_replace(n);
+        if let Some(events) = self.held_events.get() {
+            events.send_replace(n);
+        }
     }
 
     /// Hands free slots to held requests, oldest first. Runs under the queue lock.

@@ -174,8 +174,10 @@ async fn serve(cfg: Config, path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // The config whose listeners and limits are in force; services follow every reload.
+    // The config whose listeners and limits are in force; the services live in `running` (a
+    // copy here would only cost memory: reloads compare the other sections).
     let mut running_cfg = cfg;
+    running_cfg.services = Vec::new();
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM received"); break }
@@ -187,7 +189,6 @@ async fn serve(cfg: Config, path: PathBuf) -> ExitCode {
                     if !r.needs_restart.is_empty() {
                         warn!(sections = ?r.needs_restart, "SIGHUP: these changes take effect after a restart");
                     }
-                    running_cfg.services = new.services;
                 }
                 Err(e) => {
                     error!("SIGHUP: {} is invalid; keeping the running configuration", path.display());

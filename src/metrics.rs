@@ -1,8 +1,20 @@
 //! Metrics: one struct owns every Prometheus metric. It is created at start and passed down;
 //! each service gets a [`ServiceMetrics`] with its label values bound once, so the request path
 //! never formats labels or looks up a metric family.
+//!
+//! Memory per service is kept small, since a replica may front thousands of mostly idle
+//! services: the per-service gauges (held, in flight, ready endpoints, state) are plain atomics
+//! written into the exposition at scrape time rather than one Prometheus child per series, and
+//! a service's histograms and labelled counters are created on first use, so an idle service
+//! that never saw a request exports its gauges only.
 
-use parking_lot::RwLock;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::{Mutex, RwLock};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -18,14 +30,51 @@ const ACTIVATION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
-/// Every metric Reveille exports.
+/// A per-service gauge family, rendered from [`ServiceGauges`] at scrape time: name, help,
+/// and which gauge.
+type GaugeFamily = (&'static str, &'static str, fn(&ServiceGauges) -> i64);
+
+const SERVICE_GAUGES: [GaugeFamily; 3] = [
+    (
+        "reveille_requests_held",
+        "Requests held in the service's queue, waiting for a ready endpoint.",
+        |g| g.held.get(),
+    ),
+    (
+        "reveille_requests_in_flight",
+        "Requests forwarded to the service's backend and not yet finished.",
+        |g| g.in_flight.get(),
+    ),
+    (
+        "reveille_ready_endpoints",
+        "Ready backend endpoints of the service.",
+        |g| g.ready_endpoints.get(),
+    ),
+];
+const SERVICE_STATE: (&str, &str) = (
+    "reveille_service_state",
+    "1 for the service's current activation state, 0 for the others.",
+);
+
+/// Every metric Reveille exports. Cloning is cheap (one shared set of families).
 #[derive(Clone)]
 pub struct Metrics {
+    families: Arc<Families>,
+}
+
+impl Deref for Metrics {
+    type Target = Families;
+
+    fn deref(&self) -> &Families {
+        &self.families
+    }
+}
+
+/// The metric families (see [`Metrics`]).
+pub struct Families {
     registry: Registry,
-    held: IntGaugeVec,
-    in_flight: IntGaugeVec,
-    ready_endpoints: IntGaugeVec,
-    state: IntGaugeVec,
+    /// Every service's gauges, by name (sorted, as the exposition lists them).
+    services: Mutex<BTreeMap<Arc<str>, Arc<ServiceGauges>>>,
     requests: IntCounterVec,
     request_duration: HistogramVec,
     hold_duration: HistogramVec,
@@ -98,27 +147,8 @@ impl Metrics {
             "KEDA StreamIsActive streams open on this replica.",
         ));
         must(registry.register(Box::new(keda_streams.clone())));
-        Metrics {
-            held: gauge(
-                "reveille_requests_held",
-                "Requests held in the service's queue, waiting for a ready endpoint.",
-                &["service"],
-            ),
-            in_flight: gauge(
-                "reveille_requests_in_flight",
-                "Requests forwarded to the service's backend and not yet finished.",
-                &["service"],
-            ),
-            ready_endpoints: gauge(
-                "reveille_ready_endpoints",
-                "Ready backend endpoints of the service.",
-                &["service"],
-            ),
-            state: gauge(
-                "reveille_service_state",
-                "1 for the service's current activation state, 0 for the others.",
-                &["service", "state"],
-            ),
+        let families = Families {
+            services: Mutex::new(BTreeMap::new()),
             requests: counter(
                 "reveille_requests_total",
                 "Requests answered, by HTTP status code.",
@@ -192,44 +222,43 @@ impl Metrics {
                 &["service"],
             ),
             registry,
+        };
+        Metrics {
+            families: Arc::new(families),
         }
     }
 
-    /// Binds the per-service label values once.
+    /// Binds the per-service label values once. A service of the same name (a replaced one)
+    /// shares its gauges, as it shares its series.
     pub fn service(&self, name: &str) -> ServiceMetrics {
-        let held = self.held.with_label_values(&[name]);
-        let in_flight = self.in_flight.with_label_values(&[name]);
-        let ready_endpoints = self.ready_endpoints.with_label_values(&[name]);
-        held.set(0);
-        in_flight.set(0);
-        ready_endpoints.set(0);
+        let gauges = {
+            let mut services = self.services.lock();
+            match services.get(name) {
+                Some(g) => g.clone(),
+                None => {
+                    let g = Arc::new(ServiceGauges {
+                        name: name.into(),
+                        ..ServiceGauges::default()
+                    });
+                    services.insert(g.name.clone(), g.clone());
+                    g
+                }
+            }
+        };
         ServiceMetrics {
-            name: name.into(),
-            held,
-            in_flight,
-            ready_endpoints,
-            request_duration: self.request_duration.with_label_values(&[name]),
-            hold_duration: self.hold_duration.with_label_values(&[name]),
-            activation_duration: self.activation_duration.with_label_values(&[name]),
-            wakeup: Phase::ALL.map(|p| self.wakeup.with_label_values(&[name, p.as_str()])),
-            codes: RwLock::new(Vec::new()),
+            shared: gauges,
             parent: self.clone(),
         }
     }
 
     /// Removes every series of a service (after it was removed from the config).
     pub fn forget_service(&self, name: &str) {
-        let _ = self.held.remove_label_values(&[name]);
-        let _ = self.in_flight.remove_label_values(&[name]);
-        let _ = self.ready_endpoints.remove_label_values(&[name]);
+        self.services.lock().remove(name);
         let _ = self.request_duration.remove_label_values(&[name]);
         let _ = self.hold_duration.remove_label_values(&[name]);
         let _ = self.activation_duration.remove_label_values(&[name]);
         for p in Phase::ALL {
             let _ = self.wakeup.remove_label_values(&[name, p.as_str()]);
-        }
-        for state in crate::gate::State::ALL {
-            let _ = self.state.remove_label_values(&[name, state.as_str()]);
         }
     }
 
@@ -263,32 +292,140 @@ impl Metrics {
         let mut buf = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail on I/O; a failure would be a malformed metric.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        let mut text = String::from_utf8(buf).unwrap_or_default();
+        self.render_service_gauges(&mut text);
+        text
+    }
+
+    /// Appends the per-service gauge families (like the registry, a family without a series
+    /// is left out).
+    fn render_service_gauges(&self, out: &mut String) {
+        // A snapshot of the gauge handles: the lock is not held while formatting.
+        let services: Vec<Arc<ServiceGauges>> = self.services.lock().values().cloned().collect();
+        if services.is_empty() {
+            return;
+        }
+        let names: Vec<String> = services.iter().map(|g| escape(&g.name)).collect();
+        out.reserve(services.len() * 320);
+        for (family, help, value) in SERVICE_GAUGES {
+            let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} gauge");
+            for (g, name) in services.iter().zip(&names) {
+                let _ = writeln!(out, "{family}{{service=\"{name}\"}} {}", value(g));
+            }
+        }
+        let (family, help) = SERVICE_STATE;
+        let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} gauge");
+        for (g, name) in services.iter().zip(&names) {
+            let now = g.state.load(Ordering::Relaxed);
+            for s in crate::gate::State::ALL {
+                let _ = writeln!(
+                    out,
+                    "{family}{{service=\"{name}\",state=\"{}\"}} {}",
+                    s.as_str(),
+                    u8::from(s as u8 == now)
+                );
+            }
+        }
     }
 }
 
-/// One service's metric handles, label values bound.
-pub struct ServiceMetrics {
-    name: Box<str>,
+/// A label value escaped for the text format (backslash, double quote, newline).
+fn escape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A gauge of one service: a plain atomic, read at scrape time.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    /// Sets the value.
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Subtracts one.
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The value now.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One service's gauges and its lazily created series (shared by gates of the same name).
+#[derive(Default)]
+pub struct ServiceGauges {
+    name: Arc<str>,
     /// Held requests.
-    pub held: prometheus::IntGauge,
+    pub held: Gauge,
     /// In-flight requests.
-    pub in_flight: prometheus::IntGauge,
+    pub in_flight: Gauge,
     /// Ready endpoints.
-    pub ready_endpoints: prometheus::IntGauge,
-    request_duration: prometheus::Histogram,
-    hold_duration: prometheus::Histogram,
-    activation_duration: prometheus::Histogram,
-    wakeup: [prometheus::Histogram; 3],
+    pub ready_endpoints: Gauge,
+    state: AtomicU8,
+    request_duration: OnceLock<prometheus::Histogram>,
+    hold_duration: OnceLock<prometheus::Histogram>,
+    activation_duration: OnceLock<prometheus::Histogram>,
+    wakeup: [OnceLock<prometheus::Histogram>; 3],
     codes: RwLock<Vec<(u16, IntCounter)>>,
+}
+
+/// One service's metric handles, label values bound (series created on first use).
+pub struct ServiceMetrics {
+    shared: Arc<ServiceGauges>,
     parent: Metrics,
 }
 
+impl Deref for ServiceMetrics {
+    type Target = ServiceGauges;
+
+    fn deref(&self) -> &ServiceGauges {
+        &self.shared
+    }
+}
+
 impl ServiceMetrics {
+    /// The service's series of a histogram family, created on first use.
+    fn histogram<'a>(
+        &self,
+        cell: &'a OnceLock<prometheus::Histogram>,
+        family: &HistogramVec,
+        extra: Option<&str>,
+    ) -> &'a prometheus::Histogram {
+        cell.get_or_init(|| match extra {
+            None => family.with_label_values(&[self.name.as_ref()]),
+            Some(v) => family.with_label_values(&[self.name.as_ref(), v]),
+        })
+    }
+
     /// Counts a finished request and its duration up to the response headers.
     pub fn request(&self, code: u16, seconds: f64) {
-        self.request_duration.observe(seconds);
-        if let Some((_, c)) = self.codes.read().iter().find(|(k, _)| *k == code) {
+        let s = &self.shared;
+        self.histogram(&s.request_duration, &self.parent.request_duration, None)
+            .observe(seconds);
+        if let Some((_, c)) = s.codes.read().iter().find(|(k, _)| *k == code) {
+            c.inc();
+            return;
+        }
+        let mut codes = s.codes.write();
+        if let Some((_, c)) = codes.iter().find(|(k, _)| *k == code) {
             c.inc();
             return;
         }
@@ -297,12 +434,14 @@ impl ServiceMetrics {
             .requests
             .with_label_values(&[self.name.as_ref(), code.to_string().as_str()]);
         c.inc();
-        self.codes.write().push((code, c));
+        codes.push((code, c));
     }
 
     /// Records how long a request was held.
     pub fn held_for(&self, seconds: f64) {
-        self.hold_duration.observe(seconds);
+        let s = &self.shared;
+        self.histogram(&s.hold_duration, &self.parent.hold_duration, None)
+            .observe(seconds);
     }
 
     /// Counts a rejection by Reveille (queue full, hold timeout, ...).
@@ -320,13 +459,21 @@ impl ServiceMetrics {
             .with_label_values(&[self.name.as_ref(), outcome])
             .inc();
         if let Some(s) = seconds {
-            self.activation_duration.observe(s);
+            let sh = &self.shared;
+            self.histogram(
+                &sh.activation_duration,
+                &self.parent.activation_duration,
+                None,
+            )
+            .observe(s);
         }
     }
 
     /// Records the time from a wake-up's start to one of its milestones.
     pub fn wake_phase(&self, phase: Phase, seconds: f64) {
-        self.wakeup[phase as usize].observe(seconds);
+        let cell = &self.shared.wakeup[phase as usize];
+        self.histogram(cell, &self.parent.wakeup, Some(phase.as_str()))
+            .observe(seconds);
     }
 
     /// Counts a failed Kubernetes API call.
@@ -379,12 +526,7 @@ impl ServiceMetrics {
 
     /// Publishes the service's activation state.
     pub fn state(&self, state: crate::gate::State) {
-        for s in crate::gate::State::ALL {
-            self.parent
-                .state
-                .with_label_values(&[self.name.as_ref(), s.as_str()])
-                .set(i64::from(s == state));
-        }
+        self.shared.state.store(state as u8, Ordering::Relaxed);
     }
 }
 
@@ -425,5 +567,57 @@ mod tests {
         assert!(!m
             .render()
             .contains("reveille_requests_held{service=\"hello\"}"));
+    }
+
+    #[test]
+    fn an_idle_service_exports_its_gauges_and_no_histogram_series() {
+        let m = Metrics::new();
+        let s = m.service("idle");
+        s.state(crate::gate::State::Idle);
+        let text = m.render();
+        for line in [
+            "reveille_requests_held{service=\"idle\"} 0",
+            "reveille_requests_in_flight{service=\"idle\"} 0",
+            "reveille_ready_endpoints{service=\"idle\"} 0",
+            "reveille_service_state{service=\"idle\",state=\"idle\"} 1",
+            "reveille_service_state{service=\"idle\",state=\"ready\"} 0",
+            "# TYPE reveille_service_state gauge",
+        ] {
+            assert!(text.contains(line), "missing {line} in {text}");
+        }
+        assert!(!text.contains("_bucket{"), "{text}");
+        s.state(crate::gate::State::Ready);
+        s.held_for(0.2);
+        let text = m.render();
+        assert!(text.contains("reveille_service_state{service=\"idle\",state=\"ready\"} 1"));
+        assert!(text.contains("reveille_service_state{service=\"idle\",state=\"idle\"} 0"));
+        assert!(text.contains("reveille_hold_duration_seconds_count{service=\"idle\"} 1"));
+        assert!(
+            !text.contains("reveille_request_duration_seconds"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_service_of_the_same_name_shares_its_series_and_names_are_escaped() {
+        let m = Metrics::new();
+        let a = m.service("a\"b");
+        let b = m.service("a\"b");
+        a.held.set(2);
+        assert_eq!(b.held.get(), 2);
+        a.request(200, 0.1);
+        b.request(200, 0.1);
+        let text = m.render();
+        assert!(
+            text.contains("reveille_requests_held{service=\"a\\\"b\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("reveille_requests_total{code=\"200\",service=\"a\\\"b\"} 2"));
+        assert!(
+            m.render()
+                .matches("# TYPE reveille_requests_held gauge")
+                .count()
+                == 1
+        );
     }
 }

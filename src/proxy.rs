@@ -59,7 +59,8 @@ pub struct Shared {
 #[derive(Clone)]
 pub struct Proxy {
     shared: Arc<Shared>,
-    remote: SocketAddr,
+    /// The client's address as an `X-Forwarded-For` value, made once per connection.
+    client_ip: HeaderValue,
     proto: &'static str,
 }
 
@@ -68,7 +69,7 @@ impl Proxy {
     pub fn new(shared: Arc<Shared>, remote: SocketAddr, proto: &'static str) -> Self {
         Proxy {
             shared,
-            remote,
+            client_ip: upstream::client_ip(remote),
             proto,
         }
     }
@@ -214,40 +215,50 @@ impl Proxy {
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let body_was_empty = http_body::Body::is_end_stream(&body);
-        let out = Outgoing::new(parts, self.remote, self.proto, upgrade);
+        let mut out = Outgoing::with_client_ip(parts, &self.client_ip, self.proto, upgrade);
         let slot = BodySlot::new(body);
         let protocol = gate.settings().protocol;
-        let client = match gate.settings().upstream.as_ref() {
-            Some(own) => own,
-            None => match self.shared.upstreams.for_protocol(protocol) {
-                Some(shared) => shared,
-                // A TLS service always has its own client; never fall back to cleartext.
-                None => {
-                    return Err(ProxyError::UpstreamConnect {
-                        service: gate.name().clone(),
-                    })
-                }
-            },
+        let Some(upstream) = self
+            .shared
+            .upstreams
+            .pick(gate.settings().upstream.as_ref(), protocol)
+        else {
+            // A TLS service always has its own client; never fall back to cleartext.
+            return Err(ProxyError::UpstreamConnect {
+                service: gate.name().clone(),
+            });
         };
         let timeout = self.shared.response_timeout;
         let cold = acquired.cold && acquired.held_for.is_some();
         let mut permit = acquired.permit;
         let mut attempt = 1;
-        let mut resp = loop {
-            let req = out.request(&permit.endpoint().authority, protocol, slot.body());
-            let err = match tokio::time::timeout(timeout, client.request(req)).await {
-                Ok(Ok(resp)) => break resp,
-                Ok(Err(e)) => e,
-                Err(_) => {
+        let idempotent = idempotent(out.method());
+        let (mut resp, lease) = loop {
+            // The headers are copied only when a sent request may be sent again.
+            let keep_headers =
+                idempotent && attempt < MAX_ATTEMPTS && (body_was_empty || slot.untouched());
+            let err = match upstream
+                .send(
+                    permit.endpoint(),
+                    &mut out,
+                    slot.body(),
+                    timeout,
+                    keep_headers,
+                )
+                .await
+            {
+                Ok(answer) => break answer,
+                Err(upstream::SendError::Timeout) => {
                     return Err(ProxyError::UpstreamTimeout {
                         service: gate.name().clone(),
                         after: timeout,
                     })
                 }
+                Err(e) => e,
             };
             let unsent = body_was_empty || slot.untouched();
-            let retry = err.is_connect() || (idempotent(out.method()) && unsent);
-            debug!(service = %gate.name(), endpoint = %permit.endpoint().addr, attempt, retry, error = ?err, "upstream failed");
+            let retry = err.is_connect() || (idempotent && unsent && keep_headers);
+            debug!(service = %gate.name(), endpoint = %permit.endpoint().addr, attempt, retry, error = %err, "upstream failed");
             if !retry || attempt >= MAX_ATTEMPTS || Instant::now() >= deadline {
                 let service = gate.name().clone();
                 return Err(if err.is_connect() {
@@ -270,14 +281,14 @@ impl Proxy {
         }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
-                return Ok(splice(resp, client_upgrade, permit));
+                return Ok(splice(resp, client_upgrade, permit, lease));
             }
         }
         upstream::strip_hop_by_hop(resp.headers_mut());
         let (parts, body) = resp.into_parts();
         Ok(Response::from_parts(
             parts,
-            ProxyBody::upstream(body, permit),
+            ProxyBody::upstream(body, permit, lease),
         ))
     }
 }
@@ -316,6 +327,7 @@ fn splice(
     mut resp: Response<Incoming>,
     client: hyper::upgrade::OnUpgrade,
     permit: crate::gate::Permit,
+    lease: Option<upstream::Lease>,
 ) -> Response<ProxyBody> {
     let backend = hyper::upgrade::on(&mut resp);
     let (mut parts, _) = resp.into_parts();
@@ -329,6 +341,10 @@ fn splice(
     }
     tokio::spawn(async move {
         let _permit = permit;
+        if let Some(lease) = lease {
+            // Our connection: driving it to its end hands it over to `backend`.
+            lease.finish().await;
+        }
         match tokio::try_join!(client, backend) {
             Ok((c, b)) => {
                 let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));

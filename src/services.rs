@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
 use tracing::info;
 
 use crate::config::{Service, Timeouts};
@@ -23,15 +22,15 @@ use crate::error::ProxyError;
 use crate::gate::{Gate, GateSettings, HeldLimit};
 use crate::metrics::Metrics;
 use crate::router::Router;
-use crate::scaler;
+use crate::scaler::{self, Driver};
 use crate::upstream;
 
 /// One service as routing and reporting see it.
 pub struct ServiceEntry {
     /// Its gate (live counts).
     pub gate: Arc<Gate>,
-    /// Its configuration.
-    pub spec: Service,
+    /// Its configuration (shared with its driver).
+    pub spec: Arc<Service>,
 }
 
 impl ServiceEntry {
@@ -83,9 +82,7 @@ impl Snapshot {
 /// A running service: its entry and its driver.
 struct Live {
     entry: Arc<ServiceEntry>,
-    stop: watch::Sender<bool>,
-    /// Turns true once the driver has stopped (and its backend with it).
-    done: watch::Receiver<bool>,
+    driver: Arc<Driver>,
 }
 
 /// What a reload changed.
@@ -101,15 +98,19 @@ pub struct Changes {
     pub removed: Vec<String>,
 }
 
+/// The config file's services and those from Kubernetes objects.
+type Sources = (Vec<Arc<Service>>, Vec<Arc<Service>>);
+
 /// The live set of services.
 pub struct Services {
     current: ArcSwap<Snapshot>,
     live: tokio::sync::Mutex<HashMap<String, Live>>,
     metrics: Metrics,
     held_limit: Arc<HeldLimit>,
-    kube: Option<scaler::kubernetes::KubeContext>,
-    /// The two sources of services: the config file, and Kubernetes objects (CRD).
-    sources: tokio::sync::Mutex<(Vec<Service>, Vec<Service>)>,
+    kube: Option<Arc<scaler::kubernetes::KubeContext>>,
+    /// The two sources of services: the config file, and Kubernetes objects (CRD). A spec
+    /// equal to a live service's is that service's (shared, not a copy).
+    sources: tokio::sync::Mutex<Sources>,
     timeouts: Timeouts,
 }
 
@@ -128,7 +129,7 @@ impl Services {
             live: tokio::sync::Mutex::new(HashMap::new()),
             metrics,
             held_limit,
-            kube,
+            kube: kube.map(Arc::new),
             sources: tokio::sync::Mutex::new((Vec::new(), Vec::new())),
             timeouts,
         })
@@ -143,8 +144,8 @@ impl Services {
     /// change does); services from Kubernetes objects stay.
     pub async fn apply(&self, specs: &[Service]) -> Changes {
         let mut sources = self.sources.lock().await;
-        sources.0 = specs.to_vec();
-        let all: Vec<Service> = sources.0.iter().chain(&sources.1).cloned().collect();
+        sources.0 = self.share(specs);
+        let all: Vec<Arc<Service>> = sources.0.iter().chain(&sources.1).cloned().collect();
         self.apply_all(&all).await
     }
 
@@ -152,7 +153,7 @@ impl Services {
     /// defined in both is the file's).
     pub async fn apply_objects(&self, specs: &[Service]) -> Changes {
         let mut sources = self.sources.lock().await;
-        sources.1 = specs.to_vec();
+        sources.1 = self.share(specs);
         let mut all = sources.0.clone();
         all.extend(
             sources
@@ -164,7 +165,24 @@ impl Services {
         self.apply_all(&all).await
     }
 
-    async fn apply_all(&self, specs: &[Service]) -> Changes {
+    /// `specs` as shared specs: a spec equal to a live service's is that service's.
+    fn share(&self, specs: &[Service]) -> Vec<Arc<Service>> {
+        let current = self.current.load();
+        let live: HashMap<&str, &Arc<Service>> = current
+            .services
+            .iter()
+            .map(|e| (e.spec.name.as_str(), &e.spec))
+            .collect();
+        specs
+            .iter()
+            .map(|s| match live.get(s.name.as_str()) {
+                Some(l) if ***l == *s => Arc::clone(l),
+                _ => Arc::new(s.clone()),
+            })
+            .collect()
+    }
+
+    async fn apply_all(&self, specs: &[Arc<Service>]) -> Changes {
         let mut live = self.live.lock().await;
         let mut next: HashMap<String, Live> = HashMap::with_capacity(specs.len());
         let mut order = Vec::with_capacity(specs.len());
@@ -180,13 +198,12 @@ impl Services {
                             gate: old.entry.gate.clone(),
                             spec: spec.clone(),
                         }),
-                        stop: old.stop,
-                        done: old.done,
+                        driver: old.driver,
                     }
                 }
                 Some(old) => {
                     changes.replaced.push(spec.name.clone());
-                    let new = self.launch(spec, Some(old.done.clone()));
+                    let new = self.launch(spec, Some(old.driver.clone()));
                     retired.push((old, true));
                     new
                 }
@@ -209,13 +226,13 @@ impl Services {
             gate.fail_held(ProxyError::ServiceRemoved {
                 service: gate.name().clone(),
             });
-            let _ = old.stop.send(true);
+            old.driver.stop();
             if !replaced {
                 let metrics = self.metrics.clone();
                 let name = gate.name().to_string();
-                let mut done = old.done;
+                let driver = old.driver;
                 tokio::spawn(async move {
-                    let _ = done.wait_for(|d| *d).await;
+                    driver.stopped().await;
                     metrics.forget_service(&name);
                 });
             }
@@ -231,14 +248,14 @@ impl Services {
     pub async fn stop_all(&self) {
         let mut live = self.live.lock().await;
         for l in live.values() {
-            let _ = l.stop.send(true);
+            l.driver.stop();
         }
-        for (_, mut l) in live.drain() {
-            let _ = l.done.wait_for(|d| *d).await;
+        for (_, l) in live.drain() {
+            l.driver.stopped().await;
         }
     }
 
-    fn launch(&self, spec: &Service, after: Option<watch::Receiver<bool>>) -> Live {
+    fn launch(&self, spec: &Arc<Service>, after: Option<Arc<Driver>>) -> Live {
         let gate = Gate::new(
             &spec.name,
             GateSettings {
@@ -254,26 +271,14 @@ impl Services {
             },
             self.metrics.service(&spec.name),
         );
-        let (stop, stop_rx) = watch::channel(false);
-        let (done_tx, done) = watch::channel(false);
-        let driver_gate = gate.clone();
-        let driver_spec = spec.clone();
-        let kube = self.kube.clone();
-        tokio::spawn(async move {
-            if let Some(mut before) = after {
-                // The old backend must be gone first: a process would clash on its port.
-                let _ = before.wait_for(|d| *d).await;
-            }
-            let _ = scaler::spawn_driver(driver_gate, &driver_spec, kube.as_ref(), stop_rx).await;
-            let _ = done_tx.send(true);
-        });
+        // The old backend must be gone first: a process would clash on its port.
+        let driver = Driver::launch(&gate, spec.clone(), self.kube.clone(), after);
         Live {
             entry: Arc::new(ServiceEntry {
                 gate,
                 spec: spec.clone(),
             }),
-            stop,
-            done,
+            driver,
         }
     }
 }
@@ -286,4 +291,95 @@ fn same_gate(a: &Service, b: &Service) -> bool {
         && a.concurrency == b.concurrency
         && a.protocol == b.protocol
         && a.upstream_tls == b.upstream_tls
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn config(command: &str) -> Config {
+        Config::parse(&format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: a\n    hosts: [a.test]\n    backend:\n      process:\n        command: [{command}]\n        address: 127.0.0.1:9\n        start_attempts: 1\n        start_timeout: 30s\n        stop_grace: 1s\n"
+        ))
+        .unwrap()
+    }
+
+    fn services(cfg: &Config) -> Arc<Services> {
+        Services::new(Metrics::new(), HeldLimit::new(100), None, cfg.timeouts)
+    }
+
+    async fn running(s: &Services, name: &str) -> bool {
+        s.live.lock().await[name].driver.running()
+    }
+
+    fn deadline() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(20)
+    }
+
+    #[tokio::test]
+    async fn a_process_driver_runs_only_while_a_request_needs_it() {
+        let cfg = config("/bin/false");
+        let s = services(&cfg);
+        s.apply(&cfg.services).await;
+        let gate = s.load().gate("a").unwrap().clone();
+        assert!(!running(&s, "a").await, "no task for an idle service");
+        for _ in 0..2 {
+            // The held request starts the driver; the backend exits at once, so it fails.
+            let e = gate.acquire(deadline()).await.err().unwrap();
+            assert_eq!(e.kind(), "activation_failed");
+            let t0 = tokio::time::Instant::now();
+            while running(&s, "a").await {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "driver still running"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(gate.state(), crate::gate::State::Idle);
+        }
+        tokio::time::timeout(Duration::from_secs(5), s.stop_all())
+            .await
+            .expect("an idle service stops at once");
+    }
+
+    #[tokio::test]
+    async fn stopping_a_waking_service_answers_its_held_requests_and_ends_the_driver() {
+        let cfg = config("sleep, \"30\"");
+        let s = services(&cfg);
+        s.apply(&cfg.services).await;
+        let gate = s.load().gate("a").unwrap().clone();
+        let g = gate.clone();
+        let held = tokio::spawn(async move { g.acquire(deadline()).await.err().unwrap() });
+        let t0 = tokio::time::Instant::now();
+        while !(running(&s, "a").await && gate.state() == crate::gate::State::Waking) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "driver not started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::timeout(Duration::from_secs(10), s.stop_all())
+            .await
+            .expect("stopped");
+        assert_eq!(held.await.unwrap().kind(), "shutting_down");
+    }
+
+    #[tokio::test]
+    async fn a_reload_shares_unchanged_specs_and_a_removed_idle_service_is_forgotten() {
+        let cfg = config("/bin/false");
+        let s = services(&cfg);
+        s.apply(&cfg.services).await;
+        let before = s.load().services[0].spec.clone();
+        let changes = s.apply(&cfg.services).await;
+        assert_eq!(changes, Changes::default());
+        assert!(Arc::ptr_eq(&before, &s.load().services[0].spec));
+        assert!(Arc::ptr_eq(&before, &s.sources.lock().await.0[0]));
+        let changes = s.apply(&[]).await;
+        assert_eq!(changes.removed, vec!["a".to_string()]);
+        let t0 = tokio::time::Instant::now();
+        while s.metrics.render().contains("service=\"a\"") {
+            assert!(t0.elapsed() < Duration::from_secs(10), "series kept");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }

@@ -98,6 +98,9 @@ struct Entry {
 pub struct Local {
     services: ArcSwap<BTreeMap<String, Arc<Entry>>>,
     window: Duration,
+    /// Bumped by every [`Local::sync`], so a long-lived KEDA stream can follow a service whose
+    /// gate a reload replaced.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Local {
@@ -106,6 +109,7 @@ impl Local {
         let local = Local {
             services: ArcSwap::from_pointee(BTreeMap::new()),
             window,
+            generation: tokio::sync::watch::channel(0).0,
         };
         local.sync(gates);
         local
@@ -133,6 +137,12 @@ impl Local {
             })
             .collect();
         self.services.store(Arc::new(services));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Changes whenever the set of services (or one's gate) may have changed.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// The gate of a local service.

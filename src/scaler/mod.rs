@@ -1,5 +1,5 @@
-//! Scalers: what wakes a service and tells its gate which endpoints are ready. One driver task
-//! per service runs the activation state machine for its platform:
+//! Scalers: what wakes a service and tells its gate which endpoints are ready. A driver task per
+//! service runs the activation state machine for its platform:
 //!
 //! - [`process`]: starts a local command on demand, probes it until ready, stops it when idle.
 //! - [`r#static`]: fixed addresses, always ready (plain proxying).
@@ -8,6 +8,12 @@
 //!
 //! A driver only talks to its [`Gate`]: it waits for demand and idleness there, and publishes
 //! endpoints and the state. It stops when `stop` turns true (Reveille is shutting down).
+//!
+//! A [`Driver`] owns the task. A process backend's task is started by the first request held
+//! while the service has no endpoint and ends once the backend is stopped and nothing is held,
+//! so an idle service costs no task (a replica may front thousands of them); the other
+//! backends' tasks run from launch until stopped (a Kubernetes service must follow its pods
+//! even while idle).
 
 pub mod kubernetes;
 pub mod process;
@@ -15,36 +21,157 @@ pub mod r#static;
 
 use std::sync::Arc;
 
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use parking_lot::Mutex;
+use tokio::sync::{watch, Notify};
 
 use crate::config::{Backend, Service};
-use crate::gate::Gate;
+use crate::gate::{Gate, OnDemand};
 
-/// Starts the driver task of a service's backend.
-pub fn spawn_driver(
-    gate: Arc<Gate>,
-    service: &Service,
-    kube: Option<&kubernetes::KubeContext>,
-    stop: watch::Receiver<bool>,
-) -> JoinHandle<()> {
-    match &service.backend {
-        Backend::Process(p) => {
-            tokio::spawn(process::run(gate, p.clone(), service.idle_timeout, stop))
+/// A service's driver: starts its task (at once, or on demand for a process backend), stops
+/// it, and tells when it has stopped (its backend with it).
+pub struct Driver {
+    service: Arc<Service>,
+    kube: Option<Arc<kubernetes::KubeContext>>,
+    state: Mutex<DriverState>,
+    done: Notify,
+}
+
+struct DriverState {
+    /// The running task's stop signal; `None` while no task runs.
+    running: Option<watch::Sender<bool>>,
+    /// [`Driver::stop`] was called: no task starts any more.
+    stopped: bool,
+    /// Stopped, and no task runs.
+    done: bool,
+    /// The driver this one replaces: its backend must be gone before ours starts (a process
+    /// would clash on its port). Taken by the first task.
+    after: Option<Arc<Driver>>,
+}
+
+impl Driver {
+    /// The driver of `gate`'s service, started after `after` (the replaced service's driver)
+    /// is done. A process backend's driver waits for the gate's first demand; the others
+    /// start now.
+    pub fn launch(
+        gate: &Arc<Gate>,
+        service: Arc<Service>,
+        kube: Option<Arc<kubernetes::KubeContext>>,
+        after: Option<Arc<Driver>>,
+    ) -> Arc<Driver> {
+        let lazy = matches!(service.backend, Backend::Process(_));
+        let driver = Arc::new(Driver {
+            service,
+            kube,
+            state: Mutex::new(DriverState {
+                running: None,
+                stopped: false,
+                done: false,
+                after,
+            }),
+            done: Notify::new(),
+        });
+        gate.set_on_demand(driver.clone());
+        if !lazy {
+            driver.start(gate);
         }
-        Backend::Static(s) => tokio::spawn(r#static::run(gate, s.addresses.clone(), stop)),
-        Backend::Kubernetes(k) => {
-            let Some(ctx) = kube.cloned() else {
-                return tokio::spawn(kubernetes::unavailable(gate, stop));
-            };
-            tokio::spawn(kubernetes::run(
-                gate,
-                k.clone(),
-                service.idle_timeout,
-                ctx,
-                stop,
-            ))
+        driver
+    }
+
+    /// Starts the task unless it runs or the driver was stopped.
+    fn start(self: &Arc<Self>, gate: &Arc<Gate>) {
+        let mut st = self.state.lock();
+        if st.stopped || st.running.is_some() {
+            return;
         }
+        let (stop, stop_rx) = watch::channel(false);
+        st.running = Some(stop);
+        let after = st.after.take();
+        drop(st);
+        tokio::spawn(self.clone().run(gate.clone(), stop_rx, after));
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        gate: Arc<Gate>,
+        stop: watch::Receiver<bool>,
+        after: Option<Arc<Driver>>,
+    ) {
+        if let Some(before) = after {
+            before.stopped().await;
+        }
+        loop {
+            match &self.service.backend {
+                Backend::Process(p) => {
+                    process::run(&gate, p, self.service.idle_timeout, stop.clone()).await
+                }
+                Backend::Static(s) => r#static::run(gate.clone(), &s.addresses, stop.clone()).await,
+                Backend::Kubernetes(k) => match &self.kube {
+                    Some(ctx) => {
+                        kubernetes::run(
+                            gate.clone(),
+                            k.clone(),
+                            self.service.idle_timeout,
+                            (**ctx).clone(),
+                            stop.clone(),
+                        )
+                        .await
+                    }
+                    None => kubernetes::unavailable(gate.clone(), stop.clone()).await,
+                },
+            }
+            let mut st = self.state.lock();
+            // A process driver returns when nothing is held; a request held since (it found
+            // the task still running, so it started none) keeps it going.
+            if !st.stopped && gate.held() > 0 && matches!(self.service.backend, Backend::Process(_))
+            {
+                continue;
+            }
+            st.running = None;
+            if st.stopped {
+                st.done = true;
+                self.done.notify_waiters();
+            }
+            return;
+        }
+    }
+
+    /// Stops the task (and its backend); no task starts any more. See [`Driver::stopped`].
+    pub fn stop(&self) {
+        let mut st = self.state.lock();
+        st.stopped = true;
+        match &st.running {
+            Some(stop) => {
+                let _ = stop.send(true);
+            }
+            None => {
+                st.done = true;
+                self.done.notify_waiters();
+            }
+        }
+    }
+
+    /// Resolves once [`Driver::stop`] was called and the task (with its backend) is gone.
+    pub async fn stopped(&self) {
+        loop {
+            let done = self.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.state.lock().done {
+                return;
+            }
+            done.await;
+        }
+    }
+
+    /// Whether the task runs now.
+    pub fn running(&self) -> bool {
+        self.state.lock().running.is_some()
+    }
+}
+
+impl OnDemand for Driver {
+    fn demand(self: Arc<Self>, gate: &Arc<Gate>) {
+        self.start(gate);
     }
 }
 

@@ -37,15 +37,20 @@ enum StartError {
     Stopped,
 }
 
-/// The driver loop: Idle → Waking → Ready → Stopping → Idle, until `stop`.
+/// The driver loop: Idle → Waking → Ready → Stopping → Idle, until `stop`, or until the
+/// service is idle with nothing held (the driver was started by a held request and the next
+/// one starts it again, see [`super::Driver`]).
 pub async fn run(
-    gate: Arc<Gate>,
-    cfg: ProcessBackend,
+    gate: &Arc<Gate>,
+    cfg: &ProcessBackend,
     idle_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
         gate.set_state(State::Idle);
+        if gate.held() == 0 {
+            return;
+        }
         tokio::select! {
             _ = gate.wait_for_demand() => {}
             _ = stopped(&mut stop) => return,
@@ -54,7 +59,7 @@ pub async fn run(
         // One span per wake-up: its events are the milestones (spawned, ready, forwarded).
         let span = gate.wake().begin(gate.name(), gate.held());
         let started = Instant::now();
-        let result = start_until_ready(&gate, &cfg, &mut stop)
+        let result = start_until_ready(gate, cfg, &mut stop)
             .instrument(span.clone())
             .await;
         let mut child = match result {

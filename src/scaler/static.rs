@@ -9,8 +9,8 @@ use tokio::sync::watch;
 use crate::gate::{Gate, State};
 
 /// Publishes the addresses as ready and keeps them until shutdown.
-pub async fn run(gate: Arc<Gate>, addresses: Vec<SocketAddr>, mut stop: watch::Receiver<bool>) {
-    gate.set_endpoints(&addresses);
+pub async fn run(gate: Arc<Gate>, addresses: &[SocketAddr], mut stop: watch::Receiver<bool>) {
+    gate.set_endpoints(addresses);
     gate.set_state(State::Ready);
     super::stopped(&mut stop).await;
 }
