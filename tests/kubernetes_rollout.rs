@@ -464,6 +464,42 @@ async fn a_rollout_at_zero_waits_for_the_next_wake_up_by_default() {
     stop_running(r).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keda_mode_at_zero_wake_asks_keda_and_never_patches() {
+    let sim = Rollout::start(NS, "web").await;
+    sim.roll_to("v1", 1, 1, true, true).await;
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nkeda: {{ listen: 127.0.0.1:0 }}\nservices:\n  - name: web\n    hosts: [web.test]\n    backend:\n      kubernetes: {{ namespace: {NS}, deployment: web, service: web, port: http, scaling: keda }}\n    rollout: {{ {STEPS}, at_zero: wake }}\n"
+    );
+    let r = start_reveille(&sim, reveille::Config::parse(&yaml).unwrap()).await;
+    let want = sim.addrs("v1");
+    wait_until("routing to v1", LONG, || async { routed(&r) == want }).await;
+    let mut g = grpc(r.keda_addr.unwrap());
+    assert!(!is_active(&mut g, "web").await, "idle");
+    // KEDA scaled it to zero; then a new version is rolled out.
+    sim.api.put("deployments", "Deployment", {
+        let mut d = sim.api.get("deployments", NS, "web").unwrap();
+        d["spec"]["replicas"] = serde_json::json!(0);
+        d
+    });
+    sim.remove_version("v1");
+    sim.roll_to("v2", 2, 0, false, true).await;
+    wait_until("KEDA told to wake it for validation", LONG, || async {
+        is_active(&mut grpc(r.keda_addr.unwrap()), "web").await
+    })
+    .await;
+    assert_eq!(sim.replicas(), 0, "Reveille never patches in KEDA mode");
+    assert_eq!(sim.api.knobs.scale_patches.load(Ordering::SeqCst), 0);
+    // KEDA scales up; the pod is validated; the service is no longer active.
+    sim.add_pods("v2", 1, false, true).await;
+    wait_until("validated, then inactive", LONG, || async {
+        sim.validated_conditions("v2")[0]["status"] == "True"
+            && !is_active(&mut grpc(r.keda_addr.unwrap()), "web").await
+    })
+    .await;
+    stop_running(r).await;
+}
+
 async fn stop_running(r: Running) {
     stop(r).await;
 }
