@@ -615,7 +615,9 @@ impl Gate {
     /// for KEDA and is not scaled to zero); wakes KEDA streams on a change.
     pub fn set_rolling_out(&self, on: bool) {
         if self.rolling_out.swap(on, Ordering::SeqCst) != on {
-            self.held_events.send_modify(|_| {});
+            if let Some(events) = self.held_events.get() {
+                events.send_modify(|_| {});
+            }
         }
     }
 
