@@ -285,17 +285,13 @@ mod tests {
         );
     }
 
-    /// The connection task is most of what a held request costs: the connection must be stored
-    /// once, not once per `async fn` layer (an `async fn` keeps moved arguments twice).
-    #[tokio::test]
-    async fn the_connection_task_stores_the_connection_once() {
-        use crate::proxy::Shared;
+    fn shared() -> (crate::Config, Arc<crate::proxy::Shared>) {
         let cfg = crate::Config::parse(
             "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: a\n    hosts: [a]\n    backend: { static: { addresses: [\"127.0.0.1:1\"] } }\n",
         )
         .unwrap();
         let metrics = crate::metrics::Metrics::new();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(crate::proxy::Shared {
             services: crate::services::Services::new(
                 metrics.clone(),
                 crate::gate::HeldLimit::new(1),
@@ -306,6 +302,14 @@ mod tests {
             response_timeout: cfg.timeouts.upstream_response,
             metrics,
         });
+        (cfg, shared)
+    }
+
+    /// The connection task is most of what a held request costs: the connection must be stored
+    /// once, not once per `async fn` layer (an `async fn` keeps moved arguments twice).
+    #[tokio::test]
+    async fn the_connection_task_stores_the_connection_once() {
+        let (cfg, shared) = shared();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_client, (server, remote)) =
@@ -323,6 +327,36 @@ mod tests {
             task_size < conn_size + 512,
             "connection task {task_size} bytes for a {conn_size}-byte connection"
         );
+    }
+
+    /// A held request's future (the boxed `Proxy::call`) carries one copy of the request, not
+    /// one per `async` layer.
+    #[tokio::test]
+    async fn a_request_future_stays_small() {
+        use hyper::service::Service;
+        use tokio::io::AsyncWriteExt;
+        let (_, shared) = shared();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (s, remote) = listener.accept().await.unwrap();
+            let svc = Proxy::new(shared, remote, "http");
+            let serve = hyper::service::service_fn(move |req| {
+                let fut = svc.call(req);
+                let _ = tx.send(std::mem::size_of_val(&*fut));
+                fut
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(s), serve)
+                .await;
+        });
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n")
+            .await
+            .unwrap();
+        let size = rx.recv().await.unwrap();
+        assert!(size < 1024, "request future {size} bytes");
     }
 
     #[test]

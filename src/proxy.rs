@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -81,8 +82,9 @@ impl hyper::service::Service<Request<Incoming>> for Proxy {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { Ok(this.handle(req).await) })
+        // No `async` block around `handle`: it would keep its own copy of the request and the
+        // service beside the ones in `handle`'s future, in every held request.
+        Box::pin(self.clone().handle(req).map(Ok))
     }
 }
 
@@ -93,71 +95,76 @@ struct Routed {
 }
 
 impl Proxy {
-    async fn handle(self, mut req: Request<Incoming>) -> Response<ProxyBody> {
-        let arrived = Instant::now();
-        if let Err(e) = crate::limits::check_request(&req) {
-            self.shared
-                .metrics
-                .reject_unrouted(e.kind(), e.status().as_u16());
-            return error_response(&e);
-        }
-        if let Some(resp) = knative_probe(&req) {
-            return resp;
-        }
-        let routed = match self.route(&req) {
-            Ok(r) => r,
-            Err(e) => {
+    /// A plain `fn` returning an `async move` block, not an `async fn`: the block uses its
+    /// captures in place, where an `async fn` keeps a second copy of its moved arguments.
+    fn handle(self, req: Request<Incoming>) -> impl Future<Output = Response<ProxyBody>> + Send {
+        let mut req = req;
+        async move {
+            let arrived = Instant::now();
+            if let Err(e) = crate::limits::check_request(&req) {
                 self.shared
                     .metrics
                     .reject_unrouted(e.kind(), e.status().as_u16());
                 return error_response(&e);
             }
-        };
-        let gate = routed.gate;
-        if routed.knative {
-            let h = req.headers_mut();
-            h.remove(&KNATIVE_REVISION);
-            h.remove(&KNATIVE_NAMESPACE);
-            if let Some(host) = h.get(header::HOST).cloned() {
-                h.insert(&K_ORIGINAL_HOST, host);
+            if let Some(resp) = knative_probe(&req) {
+                return resp;
             }
-            h.insert(&K_PROXY_REQUEST, HeaderValue::from_static("activator"));
-        }
-        let deadline = arrived + gate.settings().hold_timeout;
-        let mut gate = gate;
-        let mut acquired = gate.acquire(deadline).await;
-        // A reload replaced the service while the request was held: follow it to the new gate,
-        // keeping its place in time (the deadline), not in the old queue.
-        // Each hop goes to a newer gate, and the deadline bounds the whole wait.
-        loop {
-            if !matches!(
-                acquired,
-                Err(ProxyError::ServiceRemoved { .. } | ProxyError::ShuttingDown { .. })
-            ) {
-                break;
-            }
-            let Some(next) = self.shared.services.load().gate(gate.name()).cloned() else {
-                break;
+            let routed = match self.route(&req) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.shared
+                        .metrics
+                        .reject_unrouted(e.kind(), e.status().as_u16());
+                    return error_response(&e);
+                }
             };
-            if Arc::ptr_eq(&next, &gate) {
-                break;
+            let gate = routed.gate;
+            if routed.knative {
+                let h = req.headers_mut();
+                h.remove(&KNATIVE_REVISION);
+                h.remove(&KNATIVE_NAMESPACE);
+                if let Some(host) = h.get(header::HOST).cloned() {
+                    h.insert(&K_ORIGINAL_HOST, host);
+                }
+                h.insert(&K_PROXY_REQUEST, HeaderValue::from_static("activator"));
             }
-            gate = next;
-            acquired = gate.acquire(deadline).await;
+            let deadline = arrived + gate.settings().hold_timeout;
+            let mut gate = gate;
+            let mut acquired = gate.acquire(deadline).await;
+            // A reload replaced the service while the request was held: follow it to the new gate,
+            // keeping its place in time (the deadline), not in the old queue.
+            // Each hop goes to a newer gate, and the deadline bounds the whole wait.
+            loop {
+                if !matches!(
+                    acquired,
+                    Err(ProxyError::ServiceRemoved { .. } | ProxyError::ShuttingDown { .. })
+                ) {
+                    break;
+                }
+                let Some(next) = self.shared.services.load().gate(gate.name()).cloned() else {
+                    break;
+                };
+                if Arc::ptr_eq(&next, &gate) {
+                    break;
+                }
+                gate = next;
+                acquired = gate.acquire(deadline).await;
+            }
+            let resp = match acquired {
+                // Boxed: a held request then carries only the hold state, not the forwarding one.
+                Ok(acquired) => Box::pin(self.forward(req, acquired, &gate, deadline)).await,
+                Err(e) => Err(e),
+            };
+            let resp = resp.unwrap_or_else(|e| {
+                gate.metrics().rejected(e.kind());
+                debug!(service = %gate.name(), kind = e.kind(), "rejected: {e}");
+                error_response(&e)
+            });
+            gate.metrics()
+                .request(resp.status().as_u16(), arrived.elapsed().as_secs_f64());
+            resp
         }
-        let resp = match acquired {
-            // Boxed: a held request then carries only the hold state, not the forwarding one.
-            Ok(acquired) => Box::pin(self.forward(req, acquired, &gate, deadline)).await,
-            Err(e) => Err(e),
-        };
-        let resp = resp.unwrap_or_else(|e| {
-            gate.metrics().rejected(e.kind());
-            debug!(service = %gate.name(), kind = e.kind(), "rejected: {e}");
-            error_response(&e)
-        });
-        gate.metrics()
-            .request(resp.status().as_u16(), arrived.elapsed().as_secs_f64());
-        resp
     }
 
     fn route(&self, req: &Request<Incoming>) -> Result<Routed, ProxyError> {
