@@ -347,11 +347,14 @@ struct Host {
 }
 
 impl Host {
-    fn checkout(&self, cx: &mut Context<'_>) -> Option<Conn> {
+    /// The most recently used idle connection. It is not driven here: one the backend closed
+    /// since it was parked hands the request back untouched when driven (see
+    /// [`Http1Pool::send`]), and driving it now would only register this task's waker where
+    /// sending the request then wakes it for nothing.
+    fn checkout(&self) -> Option<Conn> {
         loop {
-            // The lock is held for a pop only: never while driving a connection.
-            let mut conn = self.idle.lock().pop()?.conn;
-            if conn.ready(cx) {
+            let conn = self.idle.lock().pop()?.conn;
+            if conn.io.is_some() && conn.sender.is_ready() {
                 return Some(conn);
             }
         }
@@ -495,7 +498,7 @@ impl Http1Pool {
         loop {
             tries += 1;
             let pooled = if tries <= STALE_TRIES {
-                std::future::poll_fn(|cx| Poll::Ready(host.checkout(cx))).await
+                host.checkout()
             } else {
                 None
             };
@@ -667,8 +670,26 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Whether `name` is hop-by-hop by itself (not by being listed in `Connection`).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::PROXY_AUTHENTICATE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually there is none: one pass over the few names present costs less than a hashed
+    // lookup per hop-by-hop name. (Names listed in `Connection` need `Connection` itself.)
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Every `Connection` line counts, and a name counts even beside non-UTF-8 junk.
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
