@@ -456,11 +456,6 @@ impl Http1Pool {
         }))
     }
 
-    /// Idle connections to `addr` (for tests and metrics).
-    pub fn idle(&self, addr: SocketAddr) -> usize {
-        self.0.hosts.get(&addr).map_or(0, |h| h.idle.lock().len())
-    }
-
     fn host(&self, addr: SocketAddr) -> Arc<Host> {
         if let Some(h) = self.0.hosts.get(&addr) {
             return h.clone();
