@@ -347,11 +347,14 @@ struct Host {
 }
 
 impl Host {
-    fn checkout(&self, cx: &mut Context<'_>) -> Option<Conn> {
+    /// The most recently used idle connection. It is not driven here: one the backend closed
+    /// since it was parked hands the request back untouched when driven (see
+    /// [`Http1Pool::send`]), and driving it now would only register this task's waker where
+    /// sending the request then wakes it for nothing.
+    fn checkout(&self) -> Option<Conn> {
         loop {
-            // The lock is held for a pop only: never while driving a connection.
-            let mut conn = self.idle.lock().pop()?.conn;
-            if conn.ready(cx) {
+            let conn = self.idle.lock().pop()?.conn;
+            if conn.io.is_some() && conn.sender.is_ready() {
                 return Some(conn);
             }
         }
@@ -404,8 +407,32 @@ impl Lease {
     }
 }
 
+/// FNV-1a, for endpoint addresses (few, and not chosen by clients): cheaper than SipHash on the
+/// per-request lookup.
+#[derive(Default, Clone, Copy)]
+struct AddrHasher(u64);
+
+impl std::hash::Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
 struct PoolInner {
-    hosts: dashmap::DashMap<SocketAddr, Arc<Host>>,
+    hosts: dashmap::DashMap<SocketAddr, Arc<Host>, std::hash::BuildHasherDefault<AddrHasher>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     builder: hyper::client::conn::http1::Builder,
@@ -421,17 +448,12 @@ impl Http1Pool {
     pub fn new(timeouts: &Timeouts) -> Self {
         let builder = hyper::client::conn::http1::Builder::new();
         Http1Pool(Arc::new(PoolInner {
-            hosts: dashmap::DashMap::new(),
+            hosts: dashmap::DashMap::default(),
             connect_timeout: timeouts.upstream_connect,
             idle_timeout: timeouts.upstream_idle,
             builder,
             reaper: std::sync::Once::new(),
         }))
-    }
-
-    /// Idle connections to `addr` (for tests and metrics).
-    pub fn idle(&self, addr: SocketAddr) -> usize {
-        self.0.hosts.get(&addr).map_or(0, |h| h.idle.lock().len())
     }
 
     fn host(&self, addr: SocketAddr) -> Arc<Host> {
@@ -495,7 +517,7 @@ impl Http1Pool {
         loop {
             tries += 1;
             let pooled = if tries <= STALE_TRIES {
-                std::future::poll_fn(|cx| Poll::Ready(host.checkout(cx))).await
+                host.checkout()
             } else {
                 None
             };
@@ -667,8 +689,26 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Whether `name` is hop-by-hop by itself (not by being listed in `Connection`).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::PROXY_AUTHENTICATE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually there is none: one pass over the few names present costs less than a hashed
+    // lookup per hop-by-hop name. (Names listed in `Connection` need `Connection` itself.)
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Every `Connection` line counts, and a name counts even beside non-UTF-8 junk.
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -735,33 +775,38 @@ impl Outgoing {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, u);
         }
-        if !headers.contains_key(header::HOST) {
+        let host = match headers.get(header::HOST) {
+            Some(host) => Some(host.clone()),
             // HTTP/2 clients send :authority instead of Host.
-            if let Some(a) = uri.authority() {
-                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                    headers.insert(header::HOST, v);
-                }
-            }
-        }
-        if let Some(host) = headers.get(header::HOST).cloned() {
+            None => uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .inspect(|v| {
+                    headers.insert(header::HOST, v.clone());
+                }),
+        };
+        if let Some(host) = host {
             headers.insert(&X_FORWARDED_HOST, host);
         }
         // Every earlier hop, however many lines they came on (RFC 9110 §5.3), then the client.
-        let xff = if headers.contains_key(&X_FORWARDED_FOR) {
-            let mut xff = Vec::new();
-            for prev in headers.get_all(&X_FORWARDED_FOR) {
-                if prev.to_str().is_ok() {
-                    xff.extend_from_slice(prev.as_bytes());
-                    xff.extend_from_slice(b", ");
+        match headers.entry(&X_FORWARDED_FOR) {
+            header::Entry::Vacant(e) => {
+                e.insert(client_ip.clone());
+            }
+            header::Entry::Occupied(mut e) => {
+                let mut xff = Vec::new();
+                for prev in e.iter() {
+                    if prev.to_str().is_ok() {
+                        xff.extend_from_slice(prev.as_bytes());
+                        xff.extend_from_slice(b", ");
+                    }
+                }
+                xff.extend_from_slice(client_ip.as_bytes());
+                if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
+                    // Replaces every earlier line.
+                    e.insert(v);
                 }
             }
-            xff.extend_from_slice(client_ip.as_bytes());
-            HeaderValue::from_maybe_shared(Bytes::from(xff)).ok()
-        } else {
-            Some(client_ip.clone())
-        };
-        if let Some(v) = xff {
-            headers.insert(&X_FORWARDED_FOR, v);
         }
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         let path_and_query = uri
@@ -1003,6 +1048,33 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-keep"]);
+    }
+
+    #[test]
+    fn forwarded_headers_join_earlier_hops_and_take_host_from_the_authority() {
+        let mut req = Request::get("http://auth.test:81/p?q=1").body(()).unwrap();
+        let h = req.headers_mut();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        h.append(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"caf\xe9").unwrap(),
+        );
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
+        let (parts, ()) = req.into_parts();
+        let ip = client_ip(([192, 0, 2, 7], 4000).into());
+        let out = Outgoing::with_client_ip(parts, &ip, "https", None);
+        let xff: Vec<_> = out.headers.get_all(&X_FORWARDED_FOR).iter().collect();
+        assert_eq!(xff, ["10.0.0.1, 10.0.0.2, 192.0.2.7"]);
+        assert_eq!(out.headers[header::HOST], "auth.test:81");
+        assert_eq!(out.headers[&X_FORWARDED_HOST], "auth.test:81");
+        assert_eq!(out.headers[&X_FORWARDED_PROTO], "https");
+        assert_eq!(out.path_and_query, "/p?q=1");
+
+        // No earlier hop: the connection's value as it is.
+        let (parts, ()) = Request::get("/").body(()).unwrap().into_parts();
+        let out = Outgoing::with_client_ip(parts, &ip, "http", None);
+        assert_eq!(out.headers[&X_FORWARDED_FOR], "192.0.2.7");
+        assert!(!out.headers.contains_key(header::HOST));
     }
 
     #[test]
