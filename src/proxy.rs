@@ -217,7 +217,7 @@ impl Proxy {
         let out = Outgoing::new(parts, self.remote, self.proto, upgrade);
         let slot = BodySlot::new(body);
         let protocol = gate.settings().protocol;
-        let client = match gate.settings().upstream.as_ref() {
+        let client = match gate.settings().upstream.as_deref() {
             Some(own) => own,
             None => match self.shared.upstreams.for_protocol(protocol) {
                 Some(shared) => shared,

@@ -107,7 +107,7 @@ struct Entry {
 
 /// The local services and their rate trackers; replaced whole when services are reloaded.
 pub struct Local {
-    services: ArcSwap<BTreeMap<String, Arc<Entry>>>,
+    services: ArcSwap<BTreeMap<Arc<str>, Arc<Entry>>>,
     window: Duration,
 }
 
@@ -140,7 +140,7 @@ impl Local {
                         })
                     }
                 };
-                (g.name().to_string(), entry)
+                (g.name().clone(), entry)
             })
             .collect();
         self.services.store(Arc::new(services));
@@ -153,7 +153,7 @@ impl Local {
 
     /// The names of every local service.
     pub fn names(&self) -> Vec<String> {
-        self.services.load().keys().cloned().collect()
+        self.services.load().keys().map(|k| k.to_string()).collect()
     }
 
     /// One service's counts now.
@@ -168,7 +168,7 @@ impl Local {
                 .services
                 .load()
                 .iter()
-                .map(|(k, e)| (k.clone(), entry_counts(e)))
+                .map(|(k, e)| (k.to_string(), entry_counts(e)))
                 .collect(),
         }
     }
