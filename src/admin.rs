@@ -172,6 +172,7 @@ pub fn services(state: &AdminState) -> Vec<u8> {
         backend: &'static str,
         queue_capacity: usize,
         concurrency: Option<usize>,
+        rollout: Option<Value>,
     }
     let snapshot = state.services.load();
     let mut out = Vec::with_capacity(64 + snapshot.services.len() * 320);
@@ -206,6 +207,7 @@ pub fn services(state: &AdminState) -> Vec<u8> {
                 backend: s.backend_kind(),
                 queue_capacity: g.settings().capacity,
                 concurrency: g.settings().concurrency,
+                rollout: g.rollout_report(),
             },
         );
     }

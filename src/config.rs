@@ -18,10 +18,14 @@ use serde::{Deserialize, Deserializer};
 mod keda;
 pub use keda::*;
 mod kubernetes;
+mod rollout;
 
 pub use kubernetes::{
     Coordination, CrdWatch, KubernetesBackend, PortRef, Scaling, Workload, WorkloadKind,
     DEFAULT_LEASE_DURATION, DEFAULT_LEASE_NAME, DEFAULT_PEER_TIMEOUT, DEFAULT_REPLICAS,
+};
+pub use rollout::{
+    AtZero, OnFailure, Rollout, ValidationStep, DEFAULT_QUIESCE, DEFAULT_STEP_TIMEOUT,
 };
 
 /// Default proxy listener.
@@ -391,6 +395,7 @@ struct RawService {
     concurrency: usize,
     #[serde(default)]
     keda: keda::RawServiceKeda,
+    rollout: Option<rollout::RawRollout>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -688,6 +693,19 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
                 Backend::Static(StaticBackend { addresses: vec![] })
             }
         };
+        let mut backend = backend;
+        if let Some(raw) = s.rollout {
+            let r = rollout::validate(&mut p, &format!("{at}.rollout"), raw);
+            match &mut backend {
+                Backend::Kubernetes(k) if k.workload.kind == WorkloadKind::Deployment => {
+                    k.rollout = Some(r);
+                }
+                _ => p.add(
+                    format!("{at}.rollout"),
+                    "only for a `kubernetes` backend with a `deployment` (a rollout follows a Deployment's ReplicaSets)",
+                ),
+            }
+        }
         let keda = keda::validate_service(&mut p, &format!("{at}.keda"), s.keda);
         let upstream_tls = validate_upstream_tls(&mut p, &at, s.protocol, s.upstream_tls);
         services.push(Service {

@@ -60,6 +60,46 @@ pub struct ReveilleServiceSpec {
     /// In-flight limit per endpoint; 0 = unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u32>,
+    /// Controlled rollouts of the Deployment (see the README): validation steps, `quiesce`,
+    /// `on_failure`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
+}
+
+/// `spec.rollout`: as `rollout` in the config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RolloutSpec {
+    /// Steps run in order against each new pod before it gets traffic.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub validation: Vec<ValidationStepSpec>,
+    /// Bound on waiting for the old version's in-flight requests at the switch (like `5s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiesce: Option<String>,
+    /// `hold` (default) or `rollback`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<String>,
+    /// A rollout while at zero: `wait` (default; validated at the next wake-up) or `wake`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_zero: Option<String>,
+}
+
+/// One validation step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ValidationStepSpec {
+    /// HTTP method (default `GET`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Request path, starting with `/`.
+    pub path: String,
+    /// Request body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// Expected response status (default 200).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_status: Option<i64>,
+    /// Bound on the step (like `10s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
 }
 
 /// `spec.backend`.
@@ -355,5 +395,44 @@ mod tests {
         let c = condition(&obj, &Err(problems));
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Invalid"));
         assert!(c.message.contains("spec.backend.kubernetes.port"));
+    }
+
+    #[test]
+    fn an_object_can_ask_for_controlled_rollouts() {
+        let obj = object(json!({
+            "hosts": ["orders.test"],
+            "backend": {"kubernetes": {"deployment": "order-sync", "service": "order-sync", "port": 8080}},
+            "rollout": {
+                "validation": [{"path": "/healthz"}, {"method": "POST", "path": "/validate", "body": "{}", "expect_status": 204, "timeout": "2s"}],
+                "quiesce": "1s",
+                "on_failure": "rollback",
+            },
+        }));
+        let s = to_service(&obj).unwrap();
+        let Backend::Kubernetes(k) = &s.backend else {
+            panic!("{:?}", s.backend)
+        };
+        let r = k.rollout.as_ref().expect("rollout");
+        assert_eq!(r.validation.len(), 2);
+        assert_eq!(r.validation[1].expect_status, 204);
+        assert_eq!(r.quiesce, std::time::Duration::from_secs(1));
+        assert_eq!(r.on_failure, crate::config::OnFailure::Rollback);
+        let bad = object(json!({
+            "hosts": ["orders.test"],
+            "backend": {"kubernetes": {"deployment": "order-sync", "service": "order-sync", "port": 8080}},
+            "rollout": {"validation": [{"path": "healthz"}]},
+        }));
+        assert_eq!(
+            to_service(&bad).unwrap_err(),
+            vec!["spec.rollout.validation[0].path: is required and must start with `/`"]
+        );
+        // The generated schema knows the field (the API server would prune it otherwise).
+        let crd = serde_json::to_value(ReveilleService::crd()).unwrap();
+        let props = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"];
+        assert!(
+            props["rollout"]["properties"]["validation"].is_object(),
+            "{props}"
+        );
     }
 }

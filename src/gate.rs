@@ -15,7 +15,7 @@
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -208,6 +208,13 @@ pub struct Gate {
     last_activation_us: AtomicU64,
     wake: WakeTracker,
     metrics: ServiceMetrics,
+    /// While set, new requests are held and no permit is handed out (a version switch waits
+    /// for the old version's requests in flight); see [`Gate::switch_endpoints`].
+    paused: AtomicBool,
+    /// A controlled rollout is validating or switching: the service counts as active.
+    rolling_out: AtomicBool,
+    /// The rollout's state for the admin API (`None`: no `rollout:` configured).
+    rollout_report: Mutex<Option<serde_json::Value>>,
     on_demand: OnceLock<Arc<dyn OnDemand>>,
 }
 
@@ -248,6 +255,9 @@ impl Gate {
             last_activation_us: AtomicU64::new(u64::MAX),
             wake: WakeTracker::new(),
             metrics,
+            paused: AtomicBool::new(false),
+            rolling_out: AtomicBool::new(false),
+            rollout_report: Mutex::new(None),
             on_demand: OnceLock::new(),
         })
     }
@@ -348,13 +358,19 @@ impl Gate {
         deadline: Instant,
     ) -> Result<Acquired, ProxyError> {
         self.touch();
-        if self.held.load(Ordering::SeqCst) == 0 {
+        if self.held.load(Ordering::SeqCst) == 0 && !self.paused.load(Ordering::SeqCst) {
             if let Some(ep) = self.pick() {
-                return Ok(Acquired {
-                    permit: self.permit(ep),
-                    held_for: None,
-                    cold: false,
-                });
+                let permit = self.permit(ep);
+                // A switch that paused meanwhile either sees this request in flight (and waits
+                // for it) or this check sees the pause (and the request is held instead).
+                if !self.paused.load(Ordering::SeqCst) {
+                    return Ok(Acquired {
+                        permit,
+                        held_for: None,
+                        cold: false,
+                    });
+                }
+                drop(permit);
             }
         }
         let since = Instant::now();
@@ -519,6 +535,10 @@ impl Gate {
 
     /// Hands free slots to held requests, oldest first. Runs under the queue lock.
     fn dispatch_locked(self: &Arc<Self>, q: &mut Queue) {
+        if self.paused.load(Ordering::SeqCst) {
+            self.set_held(q.waiters.len());
+            return;
+        }
         while let Some(entry) = q.waiters.first_entry() {
             if entry.get().tx.is_closed() {
                 entry.remove();
@@ -581,6 +601,60 @@ impl Gate {
         });
         let mut q = self.queue.lock();
         self.dispatch_locked(&mut q);
+    }
+
+    /// Switches to a new set of endpoints so that no request starts on the old set after one
+    /// has started on the new: new requests are held, requests in flight (all on the old set)
+    /// get up to `quiesce` to finish, then the new set is installed and the held requests go
+    /// to it in arrival order. True when the old requests finished within `quiesce`.
+    pub async fn switch_endpoints(
+        self: &Arc<Self>,
+        addrs: &[SocketAddr],
+        quiesce: Duration,
+    ) -> bool {
+        /// Ends the pause even if the switch is dropped half-way (its task aborted).
+        struct Resume<'a>(&'a Arc<Gate>);
+        impl Drop for Resume<'_> {
+            fn drop(&mut self) {
+                self.0.paused.store(false, Ordering::SeqCst);
+                let mut q = self.0.queue.lock();
+                self.0.dispatch_locked(&mut q);
+            }
+        }
+        self.paused.store(true, Ordering::SeqCst);
+        let resume = Resume(self);
+        let drained = tokio::time::timeout(quiesce, self.wait_drained())
+            .await
+            .is_ok();
+        // Installed while still paused; the held requests go when the pause ends.
+        self.set_endpoints(addrs);
+        drop(resume);
+        drained
+    }
+
+    /// Marks a controlled rollout as validating or switching (the service counts as active
+    /// for KEDA and is not scaled to zero); wakes KEDA streams on a change.
+    pub fn set_rolling_out(&self, on: bool) {
+        if self.rolling_out.swap(on, Ordering::SeqCst) != on {
+            if let Some(events) = self.held_events.get() {
+                events.send_modify(|_| {});
+            }
+        }
+    }
+
+    /// Publishes the rollout's state for the admin API.
+    pub fn set_rollout_report(&self, report: serde_json::Value) {
+        *self.rollout_report.lock() = Some(report);
+    }
+
+    /// The rollout's state, if the service has `rollout:`.
+    pub fn rollout_report(&self) -> Option<serde_json::Value> {
+        self.rollout_report.lock().clone()
+    }
+
+    /// Whether a controlled rollout is validating or switching.
+    pub fn rolling_out(&self) -> bool {
+        self.rolling_out.load(Ordering::SeqCst)
     }
 
     /// Answers every held request with `err` (activation failed, shutting down).

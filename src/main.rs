@@ -36,7 +36,7 @@ enum Cmd {
         /// Config file (YAML).
         #[arg(long, short)]
         config: PathBuf,
-        /// Runtime worker threads (default: the CPU count).
+        /// Runtime worker threads (default: the CPU count); 1 runs everything on one thread.
         #[arg(long)]
         workers: Option<usize>,
     },
@@ -117,9 +117,15 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let mut rt = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = workers {
-                rt.worker_threads(n.max(1));
+            // One worker: a current-thread runtime. Its run queue is plain FIFO; the
+            // multi-thread scheduler's LIFO slot runs the task woken last first, which with one
+            // worker leaves the oldest requests waiting (the long tail of HTTP/2 streams).
+            let mut rt = match workers {
+                Some(0 | 1) => tokio::runtime::Builder::new_current_thread(),
+                _ => tokio::runtime::Builder::new_multi_thread(),
+            };
+            if let Some(n) = workers.filter(|n| *n > 1) {
+                rt.worker_threads(n);
             }
             let rt = match rt.enable_all().build() {
                 Ok(rt) => rt,

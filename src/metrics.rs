@@ -89,6 +89,9 @@ pub struct Families {
     kube_api_errors: IntCounterVec,
     scale_patches: IntCounterVec,
     scale_down_deferred: IntCounterVec,
+    rollout_validations: IntCounterVec,
+    rollout_switches: IntCounterVec,
+    rollout_rollbacks: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -202,6 +205,21 @@ impl Metrics {
                 "reveille_scale_down_deferred_total",
                 "Scale-downs put off, by reason (rollout, peer_active, not_leader, peer_unknown, demand).",
                 &["service", "reason"],
+            ),
+            rollout_validations: counter(
+                "reveille_rollout_validations_total",
+                "Validations of a new pod in a controlled rollout, by result (passed, failed).",
+                &["service", "result"],
+            ),
+            rollout_switches: counter(
+                "reveille_rollout_switches_total",
+                "Switches of a service's traffic to a newly validated version, by whether the old version's in-flight requests finished within quiesce (drained, timeout).",
+                &["service", "quiesce"],
+            ),
+            rollout_rollbacks: counter(
+                "reveille_rollout_rollbacks_total",
+                "Deployments patched back to the previous revision after a failed validation.",
+                &["service"],
             ),
             registry,
         };
@@ -479,6 +497,30 @@ impl ServiceMetrics {
         self.parent
             .scale_down_deferred
             .with_label_values(&[self.name.as_ref(), reason])
+            .inc();
+    }
+
+    /// Counts a pod validation (`passed` or `failed`).
+    pub fn rollout_validation(&self, result: &'static str) {
+        self.parent
+            .rollout_validations
+            .with_label_values(&[self.name.as_ref(), result])
+            .inc();
+    }
+
+    /// Counts a switch to a new version (`drained` or `timeout`).
+    pub fn rollout_switch(&self, quiesce: &'static str) {
+        self.parent
+            .rollout_switches
+            .with_label_values(&[self.name.as_ref(), quiesce])
+            .inc();
+    }
+
+    /// Counts a rollback patch.
+    pub fn rollout_rollback(&self) {
+        self.parent
+            .rollout_rollbacks
+            .with_label_values(&[self.name.as_ref()])
             .inc();
     }
 

@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -59,7 +60,8 @@ pub struct Shared {
 #[derive(Clone)]
 pub struct Proxy {
     shared: Arc<Shared>,
-    remote: SocketAddr,
+    /// The client's address as an `X-Forwarded-For` value, made once per connection.
+    client_ip: HeaderValue,
     proto: &'static str,
 }
 
@@ -68,7 +70,7 @@ impl Proxy {
     pub fn new(shared: Arc<Shared>, remote: SocketAddr, proto: &'static str) -> Self {
         Proxy {
             shared,
-            remote,
+            client_ip: upstream::client_ip(remote),
             proto,
         }
     }
@@ -80,8 +82,9 @@ impl hyper::service::Service<Request<Incoming>> for Proxy {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { Ok(this.handle(req).await) })
+        // No `async` block around `handle`: it would keep its own copy of the request and the
+        // service beside the ones in `handle`'s future, in every held request.
+        Box::pin(self.clone().handle(req).map(Ok))
     }
 }
 
@@ -92,71 +95,76 @@ struct Routed {
 }
 
 impl Proxy {
-    async fn handle(self, mut req: Request<Incoming>) -> Response<ProxyBody> {
-        let arrived = Instant::now();
-        if let Err(e) = crate::limits::check_request(&req) {
-            self.shared
-                .metrics
-                .reject_unrouted(e.kind(), e.status().as_u16());
-            return error_response(&e);
-        }
-        if let Some(resp) = knative_probe(&req) {
-            return resp;
-        }
-        let routed = match self.route(&req) {
-            Ok(r) => r,
-            Err(e) => {
+    /// A plain `fn` returning an `async move` block, not an `async fn`: the block uses its
+    /// captures in place, where an `async fn` keeps a second copy of its moved arguments.
+    fn handle(self, req: Request<Incoming>) -> impl Future<Output = Response<ProxyBody>> + Send {
+        let mut req = req;
+        async move {
+            let arrived = Instant::now();
+            if let Err(e) = crate::limits::check_request(&req) {
                 self.shared
                     .metrics
                     .reject_unrouted(e.kind(), e.status().as_u16());
                 return error_response(&e);
             }
-        };
-        let gate = routed.gate;
-        if routed.knative {
-            let h = req.headers_mut();
-            h.remove(&KNATIVE_REVISION);
-            h.remove(&KNATIVE_NAMESPACE);
-            if let Some(host) = h.get(header::HOST).cloned() {
-                h.insert(&K_ORIGINAL_HOST, host);
+            if let Some(resp) = knative_probe(&req) {
+                return resp;
             }
-            h.insert(&K_PROXY_REQUEST, HeaderValue::from_static("activator"));
-        }
-        let deadline = arrived + gate.settings().hold_timeout;
-        let mut gate = gate;
-        let mut acquired = gate.acquire(deadline).await;
-        // A reload replaced the service while the request was held: follow it to the new gate,
-        // keeping its place in time (the deadline), not in the old queue.
-        // Each hop goes to a newer gate, and the deadline bounds the whole wait.
-        loop {
-            if !matches!(
-                acquired,
-                Err(ProxyError::ServiceRemoved { .. } | ProxyError::ShuttingDown { .. })
-            ) {
-                break;
-            }
-            let Some(next) = self.shared.services.load().gate(gate.name()).cloned() else {
-                break;
+            let routed = match self.route(&req) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.shared
+                        .metrics
+                        .reject_unrouted(e.kind(), e.status().as_u16());
+                    return error_response(&e);
+                }
             };
-            if Arc::ptr_eq(&next, &gate) {
-                break;
+            let gate = routed.gate;
+            if routed.knative {
+                let h = req.headers_mut();
+                h.remove(&KNATIVE_REVISION);
+                h.remove(&KNATIVE_NAMESPACE);
+                if let Some(host) = h.get(header::HOST).cloned() {
+                    h.insert(&K_ORIGINAL_HOST, host);
+                }
+                h.insert(&K_PROXY_REQUEST, HeaderValue::from_static("activator"));
             }
-            gate = next;
-            acquired = gate.acquire(deadline).await;
+            let deadline = arrived + gate.settings().hold_timeout;
+            let mut gate = gate;
+            let mut acquired = gate.acquire(deadline).await;
+            // A reload replaced the service while the request was held: follow it to the new gate,
+            // keeping its place in time (the deadline), not in the old queue.
+            // Each hop goes to a newer gate, and the deadline bounds the whole wait.
+            loop {
+                if !matches!(
+                    acquired,
+                    Err(ProxyError::ServiceRemoved { .. } | ProxyError::ShuttingDown { .. })
+                ) {
+                    break;
+                }
+                let Some(next) = self.shared.services.load().gate(gate.name()).cloned() else {
+                    break;
+                };
+                if Arc::ptr_eq(&next, &gate) {
+                    break;
+                }
+                gate = next;
+                acquired = gate.acquire(deadline).await;
+            }
+            let resp = match acquired {
+                // Boxed: a held request then carries only the hold state, not the forwarding one.
+                Ok(acquired) => Box::pin(self.forward(req, acquired, &gate, deadline)).await,
+                Err(e) => Err(e),
+            };
+            let resp = resp.unwrap_or_else(|e| {
+                gate.metrics().rejected(e.kind());
+                debug!(service = %gate.name(), kind = e.kind(), "rejected: {e}");
+                error_response(&e)
+            });
+            gate.metrics()
+                .request(resp.status().as_u16(), arrived.elapsed().as_secs_f64());
+            resp
         }
-        let resp = match acquired {
-            // Boxed: a held request then carries only the hold state, not the forwarding one.
-            Ok(acquired) => Box::pin(self.forward(req, acquired, &gate, deadline)).await,
-            Err(e) => Err(e),
-        };
-        let resp = resp.unwrap_or_else(|e| {
-            gate.metrics().rejected(e.kind());
-            debug!(service = %gate.name(), kind = e.kind(), "rejected: {e}");
-            error_response(&e)
-        });
-        gate.metrics()
-            .request(resp.status().as_u16(), arrived.elapsed().as_secs_f64());
-        resp
     }
 
     fn route(&self, req: &Request<Incoming>) -> Result<Routed, ProxyError> {
@@ -214,40 +222,50 @@ impl Proxy {
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let body_was_empty = http_body::Body::is_end_stream(&body);
-        let out = Outgoing::new(parts, self.remote, self.proto, upgrade);
+        let mut out = Outgoing::with_client_ip(parts, &self.client_ip, self.proto, upgrade);
         let slot = BodySlot::new(body);
         let protocol = gate.settings().protocol;
-        let client = match gate.settings().upstream.as_deref() {
-            Some(own) => own,
-            None => match self.shared.upstreams.for_protocol(protocol) {
-                Some(shared) => shared,
-                // A TLS service always has its own client; never fall back to cleartext.
-                None => {
-                    return Err(ProxyError::UpstreamConnect {
-                        service: gate.name().clone(),
-                    })
-                }
-            },
+        let Some(upstream) = self
+            .shared
+            .upstreams
+            .pick(gate.settings().upstream.as_deref(), protocol)
+        else {
+            // A TLS service always has its own client; never fall back to cleartext.
+            return Err(ProxyError::UpstreamConnect {
+                service: gate.name().clone(),
+            });
         };
         let timeout = self.shared.response_timeout;
         let cold = acquired.cold && acquired.held_for.is_some();
         let mut permit = acquired.permit;
         let mut attempt = 1;
-        let mut resp = loop {
-            let req = out.request(&permit.endpoint().authority, protocol, slot.body());
-            let err = match tokio::time::timeout(timeout, client.request(req)).await {
-                Ok(Ok(resp)) => break resp,
-                Ok(Err(e)) => e,
-                Err(_) => {
+        let idempotent = idempotent(out.method());
+        let (mut resp, lease) = loop {
+            // The headers are copied only when a sent request may be sent again.
+            let keep_headers =
+                idempotent && attempt < MAX_ATTEMPTS && (body_was_empty || slot.untouched());
+            let err = match upstream
+                .send(
+                    permit.endpoint(),
+                    &mut out,
+                    slot.body(),
+                    timeout,
+                    keep_headers,
+                )
+                .await
+            {
+                Ok(answer) => break answer,
+                Err(upstream::SendError::Timeout) => {
                     return Err(ProxyError::UpstreamTimeout {
                         service: gate.name().clone(),
                         after: timeout,
                     })
                 }
+                Err(e) => e,
             };
             let unsent = body_was_empty || slot.untouched();
-            let retry = err.is_connect() || (idempotent(out.method()) && unsent);
-            debug!(service = %gate.name(), endpoint = %permit.endpoint().addr, attempt, retry, error = ?err, "upstream failed");
+            let retry = err.is_connect() || (idempotent && unsent && keep_headers);
+            debug!(service = %gate.name(), endpoint = %permit.endpoint().addr, attempt, retry, error = %err, "upstream failed");
             if !retry || attempt >= MAX_ATTEMPTS || Instant::now() >= deadline {
                 let service = gate.name().clone();
                 return Err(if err.is_connect() {
@@ -270,14 +288,14 @@ impl Proxy {
         }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
-                return Ok(splice(resp, client_upgrade, permit));
+                return Ok(splice(resp, client_upgrade, permit, lease));
             }
         }
         upstream::strip_hop_by_hop(resp.headers_mut());
         let (parts, body) = resp.into_parts();
         Ok(Response::from_parts(
             parts,
-            ProxyBody::upstream(body, permit),
+            ProxyBody::upstream(body, permit, lease),
         ))
     }
 }
@@ -316,6 +334,7 @@ fn splice(
     mut resp: Response<Incoming>,
     client: hyper::upgrade::OnUpgrade,
     permit: crate::gate::Permit,
+    lease: Option<upstream::Lease>,
 ) -> Response<ProxyBody> {
     let backend = hyper::upgrade::on(&mut resp);
     let (mut parts, _) = resp.into_parts();
@@ -329,6 +348,10 @@ fn splice(
     }
     tokio::spawn(async move {
         let _permit = permit;
+        if let Some(lease) = lease {
+            // Our connection: driving it to its end hands it over to `backend`.
+            lease.finish().await;
+        }
         match tokio::try_join!(client, backend) {
             Ok((c, b)) => {
                 let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));

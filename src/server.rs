@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulConnection;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -26,27 +24,16 @@ use crate::admin::{self, AdminState};
 use crate::config::{Backend, Config};
 use crate::error::ProxyError;
 use crate::gate::{Gate, HeldLimit};
+use crate::inbound::Inbound;
 use crate::keda::{self, Cluster, Local, PeerSource, Scaler, ServiceTargets, StaticPeers};
-use crate::limits::{MAX_HEADERS, MAX_HEADER_BYTES};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Shared};
 use crate::services::{Changes, Services};
 use crate::tls::TlsListener;
 use crate::{scaler, upstream};
 
-/// HTTP/2 clients are pinged this often; one that does not answer within
-/// [`H2_PING_TIMEOUT`] is disconnected (HTTP/1's idle keep-alive connections are closed by
-/// `timeouts.client_header`, which also bounds the wait for the next request).
-const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
-/// See [`H2_PING_INTERVAL`].
-const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
-
 /// Extra time after the grace for the 503s of still-held requests to be written.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
-/// On shutdown, how long a connection may still send a request before it is closed once idle.
-/// A client that connected just before the shutdown has its request on the way; closing the
-/// connection at once would lose it.
-const LAST_REQUEST_GRACE: Duration = Duration::from_millis(500);
 
 /// A running Reveille.
 pub struct Running {
@@ -278,25 +265,12 @@ pub async fn start_with(
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let (close_listeners, close_rx) = watch::channel(false);
     let conns = Connections::new(config.limits.max_connections);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.timeouts.client_header)
-        .keep_alive(true)
-        .max_buf_size(MAX_HEADER_BYTES)
-        .max_headers(MAX_HEADERS);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .keep_alive_interval(Some(H2_PING_INTERVAL))
-        .keep_alive_timeout(H2_PING_TIMEOUT);
+    let inbound = Arc::new(Inbound::new(&config.timeouts));
 
     let tls_task = tls_listener.map(|t| {
         t.serve(
             shared.clone(),
-            builder.clone(),
+            inbound.clone(),
             config.timeouts.client_header,
             close_rx.clone(),
             conns.clone(),
@@ -306,7 +280,7 @@ pub async fn start_with(
     let proxy_task = tokio::spawn(accept_proxy(
         proxy_listener,
         shared,
-        builder,
+        inbound,
         close_rx,
         conns.clone(),
     ));
@@ -392,7 +366,7 @@ pub async fn start_with(
 async fn accept_proxy(
     listener: TcpListener,
     shared: Arc<Shared>,
-    builder: auto::Builder<TokioExecutor>,
+    inbound: Arc<Inbound>,
     close: watch::Receiver<bool>,
     conns: Arc<Connections>,
 ) {
@@ -406,10 +380,11 @@ async fn accept_proxy(
         };
         let _ = stream.set_nodelay(true);
         let svc = Proxy::new(shared.clone(), remote, "http");
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        tokio::spawn(drive(conn, conn_close.clone(), guard));
+        tokio::spawn(
+            inbound
+                .clone()
+                .serve_tcp(stream, svc, conn_close.clone(), guard),
+        );
     };
     loop {
         tokio::select! {
@@ -428,27 +403,6 @@ async fn accept_proxy(
     while let Some(Ok((stream, remote))) = listener.accept().now_or_never() {
         serve(stream, remote);
     }
-}
-
-/// Serves one connection until it ends; on shutdown, lets it send a last request, then closes
-/// it once its in-progress requests are answered.
-pub(crate) async fn drive<C: GracefulConnection>(
-    conn: C,
-    mut close: watch::Receiver<bool>,
-    guard: ConnectionGuard,
-) {
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = scaler::stopped(&mut close) => {}
-    }
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = tokio::time::sleep(LAST_REQUEST_GRACE) => {}
-    }
-    conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
-    drop(guard); // the connection slot is free only now
 }
 
 /// Open client connections, plain and TLS: bounded by `limits.max_connections`, and waited

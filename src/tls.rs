@@ -17,8 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use rustls::crypto::CryptoProvider;
@@ -34,9 +32,10 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::config::Tls;
+use crate::inbound::{drive, Inbound};
 use crate::proxy::{Proxy, Shared};
 use crate::scaler;
-use crate::server::{drive, Connections};
+use crate::server::Connections;
 
 /// ALPN protocols offered, in order of preference.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -308,7 +307,7 @@ impl TlsListener {
     pub(crate) fn serve(
         self,
         shared: Arc<Shared>,
-        builder: auto::Builder<TokioExecutor>,
+        inbound: Arc<Inbound>,
         handshake_timeout: Duration,
         close: watch::Receiver<bool>,
         conns: Arc<Connections>,
@@ -326,7 +325,7 @@ impl TlsListener {
                 self.listener,
                 acceptor,
                 shared,
-                builder,
+                inbound,
                 handshake_timeout,
                 close,
                 conns,
@@ -346,7 +345,7 @@ async fn accept_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
-    builder: auto::Builder<TokioExecutor>,
+    inbound: Arc<Inbound>,
     handshake_timeout: Duration,
     mut close: watch::Receiver<bool>,
     conns: Arc<Connections>,
@@ -372,7 +371,7 @@ async fn accept_tls(
         let close = close.clone();
         let acceptor = acceptor.clone();
         let shared = shared.clone();
-        let builder = builder.clone();
+        let inbound = inbound.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
@@ -387,14 +386,13 @@ async fn accept_tls(
             };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
             let svc = Proxy::new(shared, remote, "https");
-            let io = TokioIo::new(tls);
-            if h2 {
-                let conn = builder.http2_only().serve_connection(io, svc).into_owned();
-                drive(conn, close, guard).await;
+            // ALPN decides: `h2` is HTTP/2, anything else (or none) HTTP/1.1.
+            let conn = if h2 {
+                inbound.http2(tls, svc)
             } else {
-                let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
-                drive(conn, close, guard).await;
-            }
+                inbound.http1(tls, svc)
+            };
+            drive(conn, close, guard).await;
         });
     }
 }

@@ -1,13 +1,24 @@
-//! Upstream: the pooled HTTP client to backends and the header rewriting around it. Bodies are
-//! streamed both ways, never buffered; the endpoint slot ([`Permit`]) rides along with the
+//! Upstream: the pooled HTTP clients to backends and the header rewriting around them. Bodies
+//! are streamed both ways, never buffered; the endpoint slot ([`Permit`]) rides along with the
 //! response body and is released when the body ends, so in-flight counts cover streaming.
 //!
-//! Cleartext backends (`http1`, `h2c`) share one pooled client per protocol ([`Upstreams`]).
-//! A TLS service (`h2`, `https`) gets its own pooled client ([`tls_client`], kept on its gate's
-//! settings): its [`Connector`] connects TCP to the endpoint's address, then does the rustls
-//! handshake with the configured server name (SNI and certificate check) and roots, offering
-//! ALPN `h2` or `http/1.1`. A failed handshake is a connect error, so it is retried on another
-//! endpoint like a refused connection.
+//! Cleartext HTTP/1.1 backends go through [`Http1Pool`], a pool of our own: per endpoint
+//! address, idle `hyper::client::conn::http1` connections (LIFO, a bounded idle count, an idle
+//! timeout). A connection is not given a task of its own: the request's task drives it while
+//! waiting for the response head, and the response body drives it while the client reads the
+//! body ([`ProxyBody`]), so a proxied request is written, answered and streamed back without
+//! crossing tasks. When the body ends, the connection goes back to the pool; a connection that
+//! closes, errs, or whose body is dropped early, is dropped. A reaper task drops idle
+//! connections past the idle timeout and those the backend closed. The response timeout is a
+//! timer per connection, re-armed per request (extending a pending tokio timer is one atomic
+//! operation, not a timer-wheel registration).
+//!
+//! h2c backends share one pooled hyper-util client ([`Upstreams::h2c`]). A TLS service (`h2`,
+//! `https`) gets its own pooled client ([`tls_client`], kept on its gate's settings): its
+//! [`Connector`] connects TCP to the endpoint's address, then does the rustls handshake with
+//! the configured server name (SNI and certificate check) and roots, offering ALPN `h2` or
+//! `http/1.1`. A failed handshake is a connect error, so it is retried on another endpoint like
+//! a refused connection.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,7 +29,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Uri, Version};
+use http::{Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -31,7 +42,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::config::{Protocol, Timeouts, UpstreamTls};
-use crate::gate::Permit;
+use crate::gate::{Endpoint, Permit};
 
 /// A pooled client to backends (one per cleartext protocol, one per TLS service).
 pub type UpstreamClient = Client<Connector, RequestBody>;
@@ -217,10 +228,10 @@ pub fn tls_client(tls: &UpstreamTls, protocol: Protocol, timeouts: &Timeouts) ->
     pooled(connector, h2, timeouts)
 }
 
-/// One pooled client per backend protocol.
+/// The shared upstream clients of the cleartext protocols.
 pub struct Upstreams {
     /// HTTP/1.1 backends.
-    pub http1: UpstreamClient,
+    pub http1: Http1Pool,
     /// HTTP/2 cleartext (prior knowledge) backends, e.g. gRPC.
     pub h2c: UpstreamClient,
 }
@@ -233,19 +244,350 @@ impl Upstreams {
             tls: None,
         };
         Upstreams {
-            http1: pooled(connector.clone(), false, timeouts),
+            http1: Http1Pool::new(timeouts),
             h2c: pooled(connector, true, timeouts),
         }
     }
 
-    /// The shared client for a cleartext protocol; `None` for the TLS ones, whose client is
-    /// the service's own (on its gate's settings).
-    pub fn for_protocol(&self, p: Protocol) -> Option<&UpstreamClient> {
-        match p {
-            Protocol::Http1 => Some(&self.http1),
-            Protocol::H2c => Some(&self.h2c),
-            Protocol::H2 | Protocol::Https => None,
+    /// Where a service's requests go: its own client (`own`, TLS services) or the shared one
+    /// of its cleartext protocol; `None` for a TLS protocol without its own client (never
+    /// falls back to cleartext).
+    pub fn pick<'a>(
+        &'a self,
+        own: Option<&'a UpstreamClient>,
+        p: Protocol,
+    ) -> Option<Upstream<'a>> {
+        match (own, p) {
+            (Some(own), p) => Some(Upstream::Client(own, p)),
+            (None, Protocol::Http1) => Some(Upstream::Http1(&self.http1)),
+            (None, Protocol::H2c) => Some(Upstream::Client(&self.h2c, p)),
+            (None, Protocol::H2 | Protocol::Https) => None,
         }
+    }
+}
+
+/// Idle connections kept per endpoint address at most.
+const MAX_IDLE_PER_ENDPOINT: usize = 1024;
+/// Pooled connections tried per attempt before connecting anew (each one found closed or not
+/// ready hands the request back untouched).
+const STALE_TRIES: u32 = 4;
+
+/// Why sending a request to a backend failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection: nothing was sent, so a retry elsewhere is always safe.
+    Connect(BoxError),
+    /// No response head within the response timeout.
+    Timeout,
+    /// The request may have reached the backend.
+    Failed(BoxError),
+}
+
+impl SendError {
+    /// Whether the failure was connecting (nothing sent).
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_))
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(e) => write!(f, "connect: {e}"),
+            SendError::Timeout => f.write_str("no response in time"),
+            SendError::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// hyper's connection state machine (with upgrades; its type cannot be named).
+type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
+/// What a pooled connection keeps between requests: one allocation each per connection, none
+/// per request.
+struct ConnIo {
+    driver: Driver,
+    /// The response timer, re-armed per request.
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// One HTTP/1.1 connection to a backend, driven by whichever task uses it.
+struct Conn {
+    sender: hyper::client::conn::http1::SendRequest<RequestBody>,
+    /// `None` once the connection has finished (closed, failed, or upgraded): dropping hyper's
+    /// state answers any request it still held.
+    io: Option<ConnIo>,
+}
+
+impl Conn {
+    /// Drives the connection; returns whether it has finished.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(io) = self.io.as_mut() {
+            if io.driver.as_mut().poll(cx).is_ready() {
+                self.io = None;
+            }
+        }
+        self.io.is_none()
+    }
+
+    /// Whether it can take a request now. Driving it first notices a close by the backend.
+    fn ready(&mut self, cx: &mut Context<'_>) -> bool {
+        !self.drive(cx) && self.sender.is_ready()
+    }
+}
+
+struct Idle {
+    conn: Conn,
+    since: std::time::Instant,
+}
+
+/// The idle connections to one endpoint address.
+struct Host {
+    idle: Mutex<Vec<Idle>>,
+}
+
+impl Host {
+    fn checkout(&self, cx: &mut Context<'_>) -> Option<Conn> {
+        loop {
+            // The lock is held for a pop only: never while driving a connection.
+            let mut conn = self.idle.lock().pop()?.conn;
+            if conn.ready(cx) {
+                return Some(conn);
+            }
+        }
+    }
+
+    fn put(&self, conn: Conn) {
+        let mut idle = self.idle.lock();
+        if idle.len() < MAX_IDLE_PER_ENDPOINT {
+            idle.push(Idle {
+                conn,
+                since: std::time::Instant::now(),
+            });
+        }
+    }
+}
+
+/// A connection lent to one request; goes back to its pool with [`Lease::release`] once the
+/// response is complete, and is closed if dropped before.
+pub struct Lease {
+    conn: Conn,
+    host: Arc<Host>,
+}
+
+impl Lease {
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        self.conn.drive(cx)
+    }
+
+    /// Returns the connection to the pool if it is ready for another request.
+    fn release(mut self) {
+        // Settle the connection to idle, leaving no waker of this task behind: an idle
+        // connection must not wake the last task that used it.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if self.conn.ready(&mut cx) {
+            self.host.put(self.conn);
+        }
+    }
+
+    /// Drives the connection to its end (after a `101 Switching Protocols`, this hands the
+    /// connection over to the response's upgrade).
+    pub async fn finish(mut self) {
+        std::future::poll_fn(|cx| {
+            if self.drive(cx) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+struct PoolInner {
+    hosts: dashmap::DashMap<SocketAddr, Arc<Host>>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    builder: hyper::client::conn::http1::Builder,
+    reaper: std::sync::Once,
+}
+
+/// The pool of HTTP/1.1 cleartext connections to backends, by endpoint address.
+#[derive(Clone)]
+pub struct Http1Pool(Arc<PoolInner>);
+
+impl Http1Pool {
+    /// An empty pool.
+    pub fn new(timeouts: &Timeouts) -> Self {
+        let builder = hyper::client::conn::http1::Builder::new();
+        Http1Pool(Arc::new(PoolInner {
+            hosts: dashmap::DashMap::new(),
+            connect_timeout: timeouts.upstream_connect,
+            idle_timeout: timeouts.upstream_idle,
+            builder,
+            reaper: std::sync::Once::new(),
+        }))
+    }
+
+    /// Idle connections to `addr` (for tests and metrics).
+    pub fn idle(&self, addr: SocketAddr) -> usize {
+        self.0.hosts.get(&addr).map_or(0, |h| h.idle.lock().len())
+    }
+
+    fn host(&self, addr: SocketAddr) -> Arc<Host> {
+        if let Some(h) = self.0.hosts.get(&addr) {
+            return h.clone();
+        }
+        self.0.reaper.call_once(|| {
+            let pool = Arc::downgrade(&self.0);
+            let every =
+                (self.0.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+            tokio::spawn(reap(pool, every));
+        });
+        self.0
+            .hosts
+            .entry(addr)
+            .or_insert_with(|| {
+                Arc::new(Host {
+                    idle: Mutex::new(Vec::new()),
+                })
+            })
+            .clone()
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Conn, SendError> {
+        let tcp = tokio::time::timeout(self.0.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| SendError::Connect("connecting to the backend timed out".into()))?
+            .map_err(|e| SendError::Connect(e.into()))?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, driver) = self
+            .0
+            .builder
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        Ok(Conn {
+            sender,
+            io: Some(ConnIo {
+                driver: Box::pin(driver.with_upgrades()),
+                timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            }),
+        })
+    }
+
+    /// Sends one attempt of `out` to `addr` on a pooled connection (or a new one), driving the
+    /// connection in this task until the response head arrives or `timeout` passes. With
+    /// `keep_headers`, `out` keeps its headers for another attempt; without, they move into the
+    /// request (no copy) and come back only if the request was never written.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        out: &mut Outgoing,
+        body: RequestBody,
+        timeout: Duration,
+        keep_headers: bool,
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
+        let host = self.host(addr);
+        let mut req = None;
+        let mut body = Some(body);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let pooled = if tries <= STALE_TRIES {
+                std::future::poll_fn(|cx| Poll::Ready(host.checkout(cx))).await
+            } else {
+                None
+            };
+            let fresh = pooled.is_none();
+            let mut conn = match pooled {
+                Some(c) => c,
+                None => match self.connect(addr).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        if let Some(r) = req.take() {
+                            out.restore(r);
+                        }
+                        return Err(e);
+                    }
+                },
+            };
+            let r = req.take().unwrap_or_else(|| {
+                out.origin_request(body.take().expect("one body per send"), keep_headers)
+            });
+            if let Some(io) = conn.io.as_mut() {
+                io.timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + timeout);
+            }
+            let mut answer = std::pin::pin!(conn.sender.try_send_request(r));
+            let outcome = std::future::poll_fn(|cx| {
+                conn.drive(cx);
+                if let Poll::Ready(r) = answer.as_mut().poll(cx) {
+                    return Poll::Ready(Outcome::Answer(r));
+                }
+                match conn.io.as_mut() {
+                    // Finished, and hyper's state (dropped) answered nothing: cannot happen,
+                    // but a request must never hang on it.
+                    None => Poll::Ready(Outcome::Ended),
+                    Some(io) => match io.timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Outcome::TimedOut),
+                        Poll::Pending => Poll::Pending,
+                    },
+                }
+            })
+            .await;
+            match outcome {
+                Outcome::Answer(Ok(resp)) => return Ok((resp, Lease { conn, host })),
+                Outcome::Answer(Err(mut e)) => {
+                    if let Some(r) = e.take_message() {
+                        // Never written: the connection closed or was not ready after all.
+                        if fresh {
+                            out.restore(r);
+                            return Err(SendError::Failed(e.into_error().into()));
+                        }
+                        req = Some(r);
+                        continue;
+                    }
+                    return Err(SendError::Failed(e.into_error().into()));
+                }
+                Outcome::TimedOut => return Err(SendError::Timeout),
+                Outcome::Ended => {
+                    return Err(SendError::Failed(
+                        "the backend connection ended without an answer".into(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// How waiting for a response head ended (short-lived, on the stack: its size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Outcome {
+    Answer(Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<RequestBody>>>),
+    TimedOut,
+    Ended,
+}
+
+/// Drops idle connections past the idle timeout and those their backend closed, every `every`,
+/// until the pool is gone.
+async fn reap(pool: std::sync::Weak<PoolInner>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let now = std::time::Instant::now();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        pool.hosts.retain(|_, host| {
+            let mut idle = host.idle.lock();
+            idle.retain_mut(|i| {
+                now.duration_since(i.since) < pool.idle_timeout && i.conn.ready(&mut cx)
+            });
+            // A host nobody holds and with nothing idle is forgotten (endpoints come and go).
+            !idle.is_empty() || Arc::strong_count(host) > 1
+        });
     }
 }
 
@@ -371,6 +713,17 @@ impl Outgoing {
         proto: &'static str,
         upgrade: Option<HeaderValue>,
     ) -> Self {
+        Self::with_client_ip(parts, &client_ip(client), proto, upgrade)
+    }
+
+    /// [`Outgoing::new`] with the client's address already made a header value
+    /// ([`client_ip`], once per connection rather than per request).
+    pub fn with_client_ip(
+        parts: http::request::Parts,
+        client_ip: &HeaderValue,
+        proto: &'static str,
+        upgrade: Option<HeaderValue>,
+    ) -> Self {
         let http::request::Parts {
             method,
             uri,
@@ -393,17 +746,21 @@ impl Outgoing {
         if let Some(host) = headers.get(header::HOST).cloned() {
             headers.insert(&X_FORWARDED_HOST, host);
         }
-        let ip = client.ip().to_string();
         // Every earlier hop, however many lines they came on (RFC 9110 §5.3), then the client.
-        let mut xff = String::new();
-        for prev in headers.get_all(&X_FORWARDED_FOR) {
-            if let Ok(prev) = prev.to_str() {
-                xff.push_str(prev);
-                xff.push_str(", ");
+        let xff = if headers.contains_key(&X_FORWARDED_FOR) {
+            let mut xff = Vec::new();
+            for prev in headers.get_all(&X_FORWARDED_FOR) {
+                if prev.to_str().is_ok() {
+                    xff.extend_from_slice(prev.as_bytes());
+                    xff.extend_from_slice(b", ");
+                }
             }
-        }
-        xff.push_str(&ip);
-        if let Ok(v) = HeaderValue::from_str(&xff) {
+            xff.extend_from_slice(client_ip.as_bytes());
+            HeaderValue::from_maybe_shared(Bytes::from(xff)).ok()
+        } else {
+            Some(client_ip.clone())
+        };
+        if let Some(v) = xff {
             headers.insert(&X_FORWARDED_FOR, v);
         }
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
@@ -428,12 +785,14 @@ impl Outgoing {
         &mut self.headers
     }
 
-    /// The request for one attempt at `authority`.
+    /// The request for one attempt at `authority` (through a hyper-util client, which wants an
+    /// absolute URI). With `keep_headers` the headers are copied for another attempt, else moved.
     pub fn request(
-        &self,
+        &mut self,
         authority: &http::uri::Authority,
         protocol: Protocol,
         body: RequestBody,
+        keep_headers: bool,
     ) -> Request<RequestBody> {
         let uri = Uri::builder()
             .scheme(if protocol.is_tls() { "https" } else { "http" })
@@ -448,8 +807,78 @@ impl Outgoing {
             Protocol::Http1 | Protocol::Https => Version::HTTP_11,
             Protocol::H2c | Protocol::H2 => Version::HTTP_2,
         };
-        *req.headers_mut() = self.headers.clone();
+        *req.headers_mut() = self.take_headers(keep_headers);
         req
+    }
+
+    /// The HTTP/1.1 request for one attempt on a connection of our own (origin-form target).
+    fn origin_request(&mut self, body: RequestBody, keep_headers: bool) -> Request<RequestBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = Uri::from(self.path_and_query.clone());
+        *req.headers_mut() = self.take_headers(keep_headers);
+        req
+    }
+
+    fn take_headers(&mut self, keep: bool) -> HeaderMap {
+        if keep {
+            self.headers.clone()
+        } else {
+            std::mem::take(&mut self.headers)
+        }
+    }
+
+    /// Takes the headers back from a request that was never written.
+    fn restore(&mut self, req: Request<RequestBody>) {
+        let (parts, _) = req.into_parts();
+        if self.headers.is_empty() {
+            self.headers = parts.headers;
+        }
+    }
+}
+
+/// A client's address as the value this hop adds to `X-Forwarded-For`.
+pub fn client_ip(client: SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&client.ip().to_string()).expect("an IP address is a valid header value")
+}
+
+/// Where one attempt goes: the HTTP/1.1 pool of our own, or a hyper-util client (h2c, TLS).
+#[derive(Clone, Copy)]
+pub enum Upstream<'a> {
+    /// Cleartext HTTP/1.1.
+    Http1(&'a Http1Pool),
+    /// A hyper-util client for the given protocol.
+    Client(&'a UpstreamClient, Protocol),
+}
+
+impl Upstream<'_> {
+    /// Sends one attempt to `endpoint`. See [`Http1Pool::send`] for `keep_headers` (a hyper-util
+    /// client always keeps them).
+    pub async fn send(
+        self,
+        endpoint: &Endpoint,
+        out: &mut Outgoing,
+        body: RequestBody,
+        timeout: Duration,
+        keep_headers: bool,
+    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+        match self {
+            Upstream::Http1(pool) => pool
+                .send(endpoint.addr, out, body, timeout, keep_headers)
+                .await
+                .map(|(resp, lease)| (resp, Some(lease))),
+            Upstream::Client(client, protocol) => {
+                // The client takes the request whatever happens, and a failed connect is always
+                // retried: keep the headers.
+                let req = out.request(&endpoint.authority, protocol, body, true);
+                match tokio::time::timeout(timeout, client.request(req)).await {
+                    Ok(Ok(resp)) => Ok((resp, None)),
+                    Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(e.into())),
+                    Ok(Err(e)) => Err(SendError::Failed(e.into())),
+                    Err(_) => Err(SendError::Timeout),
+                }
+            }
+        }
     }
 }
 
@@ -458,8 +887,8 @@ pin_project_lite::pin_project! {
     /// or a small body Reveille wrote itself.
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
-        /// Streamed from the backend.
-        Upstream { #[pin] body: Incoming, permit: Option<Permit> },
+        /// Streamed from the backend; with a pooled connection, the body drives it.
+        Upstream { #[pin] body: Incoming, permit: Option<Permit>, lease: Option<Lease> },
         /// Written by Reveille.
         Local { #[pin] body: Full<Bytes> },
     }
@@ -473,11 +902,20 @@ impl ProxyBody {
         }
     }
 
-    /// The backend's body, keeping `permit` until it ends.
-    pub fn upstream(body: Incoming, permit: Permit) -> Self {
+    /// The backend's body, keeping `permit` until it ends; `lease` is the connection it comes
+    /// on when that is ours to drive, returned to the pool when the body ends.
+    pub fn upstream(body: Incoming, permit: Permit, mut lease: Option<Lease>) -> Self {
+        if body.is_end_stream() {
+            // Nothing more to read (HEAD, 204, 304, an empty body): the connection is free now
+            // (hyper may never poll an empty body).
+            if let Some(l) = lease.take() {
+                l.release();
+            }
+        }
         ProxyBody::Upstream {
             body,
             permit: Some(permit),
+            lease,
         }
     }
 }
@@ -491,12 +929,39 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.project() {
-            ProxyBodyProj::Upstream { body, permit } => {
-                let r = body.poll_frame(cx);
-                if let Poll::Ready(None | Some(Err(_))) = r {
-                    // Done: the endpoint slot is free for the next request now, not when the
-                    // connection gets around to dropping the body.
-                    permit.take();
+            ProxyBodyProj::Upstream {
+                mut body,
+                permit,
+                lease,
+            } => {
+                let mut r = body.as_mut().poll_frame(cx);
+                if r.is_pending() {
+                    if let Some(l) = lease.as_mut() {
+                        // Our connection: read on (this fills the body), then look again.
+                        l.drive(cx);
+                        r = body.as_mut().poll_frame(cx);
+                    }
+                }
+                match &r {
+                    Poll::Ready(Some(Err(_))) => {
+                        permit.take();
+                        lease.take();
+                    }
+                    // hyper stops polling a body once it says it has ended, so the end is
+                    // seen with the last frame too.
+                    Poll::Ready(None) | Poll::Ready(Some(Ok(_))) if body.is_end_stream() => {
+                        // Done: the endpoint slot is free for the next request now, not when
+                        // the connection gets around to dropping the body; the connection goes
+                        // back to the pool.
+                        permit.take();
+                        if let Some(l) = lease.take() {
+                            l.release();
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        permit.take();
+                    }
+                    _ => {}
                 }
                 r
             }

@@ -262,6 +262,77 @@ async fn a_head_that_never_ends_is_cut_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_or_a_preface_that_stops_is_cut_off() {
+    let mut yaml = process_config(free_port(), "0s", &[]);
+    yaml.push_str("timeouts:\n  client_header: 300ms\n");
+    let r = start(&yaml).await;
+    // Nothing at all, or the start of the HTTP/2 preface (which could still become
+    // "PRI * HTTP/2.0" or "PROPFIND"), then silence: closed without an answer (bounded by
+    // exchange's 10 s).
+    for bytes in [&b""[..], b"P", b"PRI"] {
+        let resp = exchange(r.proxy_addr, bytes).await;
+        assert_eq!(
+            resp,
+            b"",
+            "for {bytes:?}: {}",
+            String::from_utf8_lossy(&resp)
+        );
+    }
+    stop(r).await;
+}
+
+/// Writes `parts` with a pause between them, then reads until `want` bytes came or the
+/// server closes.
+async fn trickle(addr: SocketAddr, parts: &[&[u8]], want: usize) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    for p in parts {
+        s.write_all(p).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while out.len() < want {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("no answer in 10 s: {:?}", String::from_utf8_lossy(&out)),
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_bytes_sent_one_by_one_still_pick_the_right_protocol() {
+    let r = start(&process_config(free_port(), "0s", &[])).await;
+    // HTTP/1 whose method starts like the HTTP/2 preface.
+    let resp = trickle(
+        r.proxy_addr,
+        &[
+            b"P",
+            b"R",
+            b"OPFIND /dav HTTP/1.1\r\nHost: hello.test\r\nConnection: close\r\n\r\n",
+        ],
+        usize::MAX,
+    )
+    .await;
+    assert_eq!(status_line(&resp), "HTTP/1.1 200 OK");
+    // The HTTP/2 preface in pieces, then an empty SETTINGS frame: the answer is HTTP/2 frames,
+    // the first one the server's SETTINGS (type 4 on stream 0).
+    let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+    let resp = trickle(
+        r.proxy_addr,
+        &[b"P", b"RI", b" * HTTP/2.0\r\n\r\nSM\r\n\r\n", &settings],
+        9,
+    )
+    .await;
+    assert!(resp.len() >= 9, "{resp:?}");
+    assert_eq!(resp[3], 4, "a SETTINGS frame first: {resp:?}");
+    assert_eq!(&resp[5..9], &[0, 0, 0, 0], "on stream 0: {resp:?}");
+    assert_eq!(backend_log(r.proxy_addr).await, "PROPFIND /dav\n");
+    stop(r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_limits_answer_431_and_414() {
     use http_body_util::{BodyExt, Empty};
     use hyper_util::rt::{TokioExecutor, TokioIo};

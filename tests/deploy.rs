@@ -311,3 +311,48 @@ fn the_shipped_config_validates() {
         .iter()
         .any(|s| matches!(s.backend, reveille::config::Backend::Kubernetes(_))));
 }
+
+#[test]
+fn rollout_rbac_grants_exactly_what_rollouts_use() {
+    let docs = documents();
+    let (_, role) = docs
+        .iter()
+        .find(|(_, d)| {
+            s(d, &["kind"]) == Some("ClusterRole")
+                && s(d, &["metadata", "name"]) == Some("reveille-rollout")
+        })
+        .expect("ClusterRole reveille-rollout");
+    let mut granted: Vec<String> = Vec::new();
+    for r in role["rules"].as_array().unwrap() {
+        for g in r["apiGroups"].as_array().unwrap() {
+            for res in r["resources"].as_array().unwrap() {
+                for v in r["verbs"].as_array().unwrap() {
+                    granted.push(format!(
+                        "{}/{} {}",
+                        g.as_str().unwrap(),
+                        res.as_str().unwrap(),
+                        v.as_str().unwrap()
+                    ));
+                }
+            }
+        }
+    }
+    granted.sort();
+    let mut want = vec![
+        "/pods get",
+        "/pods list",
+        "/pods watch",
+        "/pods/status patch",
+        "/events create",
+        "apps/replicasets list",
+        "apps/replicasets watch",
+        "apps/deployments patch",
+    ];
+    want.sort();
+    assert_eq!(granted, want);
+    // Granted per namespace only: no ClusterRoleBinding uses it.
+    assert!(!docs.iter().any(|(_, d)| {
+        s(d, &["kind"]) == Some("ClusterRoleBinding")
+            && s(d, &["roleRef", "name"]) == Some("reveille-rollout")
+    }));
+}

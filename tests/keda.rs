@@ -135,6 +135,57 @@ async fn stream_pushes_true_on_the_first_held_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_follows_a_service_replaced_by_a_reload() {
+    let (p1, p2) = (free_port(), free_port());
+    let first_yaml = config(p1, "1s");
+    let first = reveille::Config::parse(&first_yaml).unwrap();
+    let r = start(&first_yaml).await;
+    let mut g = grpc(r.keda_addr.expect("keda listener"));
+    let mut stream = g
+        .stream_is_active(sor("hello", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    let initial = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("initial state")
+        .unwrap()
+        .unwrap();
+    assert!(!initial.result);
+
+    // A new backend (another port): the service gets a new gate, the stream was opened on the
+    // old one and stays open.
+    let second = reveille::Config::parse(&config(p2, "1s")).unwrap();
+    let before = r.gates[0].clone();
+    r.reload(&second, &first).await;
+    let c = client();
+    let proxy = r.proxy_addr;
+    let req = tokio::spawn(async move { get(&c, proxy, "hello.test", "/after-reload").await });
+    let pushed = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a push for the request held on the new gate")
+        .unwrap()
+        .unwrap();
+    assert!(pushed.result);
+    assert_eq!(
+        before.holds_total(),
+        0,
+        "the request was held on the new gate"
+    );
+    assert_eq!(req.await.unwrap().status, 200);
+
+    // Removed by a reload: the stream ends (KEDA reopens it and gets "not configured").
+    let other = config(p1, "1s").replace("name: hello", "name: other");
+    let other = reveille::Config::parse(&other).unwrap();
+    r.reload(&other, &second).await;
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the stream ends");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    stop(r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_service_and_bad_metadata_are_clear_errors() {
     let port = free_port();
     let r = start(&config(port, "0s")).await;

@@ -374,9 +374,13 @@ fn replica_addr() -> SocketAddr {
 /// Reveille replicas: admin addresses chosen up front, each listed in its own EndpointSlice of
 /// the `reveille-admin` Service (as Kubernetes would list two pods).
 fn replica_config(identity: &str, admin: SocketAddr) -> reveille::Config {
+    replica_config_with_lease(identity, admin, "2s")
+}
+
+fn replica_config_with_lease(identity: &str, admin: SocketAddr, lease: &str) -> reveille::Config {
     let ip = admin.ip();
     let s = format!(
-        "listen: 127.0.0.1:0\nadmin: {admin}\ncoordination: {{ namespace: reveille, identity: {identity}, lease_duration: 2s, peers_service: reveille-admin, pod_ip: {ip}, peer_timeout: 1s }}\nservices:\n  - name: orders\n    hosts: [orders.test]\n    backend:\n      kubernetes: {{ namespace: {NS}, deployment: order-sync, service: order-sync, port: http }}\n    idle_timeout: 1s\n"
+        "listen: 127.0.0.1:0\nadmin: {admin}\ncoordination: {{ namespace: reveille, identity: {identity}, lease_duration: {lease}, peers_service: reveille-admin, pod_ip: {ip}, peer_timeout: 1s }}\nservices:\n  - name: orders\n    hosts: [orders.test]\n    backend:\n      kubernetes: {{ namespace: {NS}, deployment: order-sync, service: order-sync, port: http }}\n    idle_timeout: 1s\n"
     );
     reveille::Config::parse(&s).unwrap_or_else(|e| panic!("bad test config: {e}\n{s}"))
 }
@@ -510,6 +514,29 @@ async fn a_killed_leader_is_replaced_and_an_unreachable_peer_only_delays() {
     );
     wait_until("the new leader scales to zero", LONG, || async {
         cluster.replicas(NS, "order-sync") == 0
+    })
+    .await;
+    stop(b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_leader_hands_the_lease_over_at_once() {
+    let cluster = Cluster::start().await;
+    cluster.add_deployment(NS, "order-sync", "order-sync", 1, Duration::ZERO);
+    let (pa, pb) = (replica_addr(), replica_addr());
+    publish_admin(&cluster, "a", pa);
+    // A lease far longer than the test's patience: `b` can only lead this soon if `a` lets go.
+    let a = start_reveille(&cluster, replica_config_with_lease("a", pa, "300s")).await;
+    wait_until("a leads", LONG, || async {
+        lease_holder(&cluster).as_deref() == Some("a")
+    })
+    .await;
+    stop(a).await;
+    assert_eq!(lease_holder(&cluster), None, "a stopped but kept the lease");
+    publish_admin(&cluster, "b", pb);
+    let b = start_reveille(&cluster, replica_config_with_lease("b", pb, "300s")).await;
+    wait_until("b takes over the released lease", LONG, || async {
+        lease_holder(&cluster).as_deref() == Some("b")
     })
     .await;
     stop(b).await;

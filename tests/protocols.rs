@@ -390,6 +390,74 @@ async fn a_refused_connect_is_retried_on_another_endpoint_body_intact() {
     stop(r).await;
 }
 
+/// A loopback address whose connects hang: a listener that never accepts, its accept queue
+/// filled, so the kernel drops further SYNs (as a firewalled or vanished pod IP does).
+async fn blackhole() -> (SocketAddr, tokio::net::TcpListener, Vec<TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(([127, 0, 0, 1], free_port()).into()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut filling = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => filling.push(s),
+            Ok(Err(e)) => panic!("connect to the blackhole failed at once: {e}"),
+            Err(_) => return (addr, listener, filling),
+        }
+    }
+    panic!("the accept queue never filled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_connect_times_out_and_is_retried_on_another_endpoint() {
+    let live = demo_in_process().await;
+    let (dead, _listener, _filling) = blackhole().await;
+    let r = start(&static_config(
+        &[dead, live],
+        "timeouts: { upstream_connect: 200ms }",
+        "",
+    ))
+    .await;
+    let c = client();
+    for i in 0..10 {
+        let resp = send(
+            &c,
+            r.proxy_addr,
+            "POST",
+            "hello.test",
+            "/_demo/echo",
+            format!("body {i}"),
+        )
+        .await;
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(resp.body, format!("body {i}"));
+    }
+    // Each body reached the live backend exactly once.
+    let log = get(&c, r.proxy_addr, "hello.test", "/_demo/log").await.body;
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.starts_with("POST /_demo/echo"))
+            .count(),
+        10
+    );
+    stop(r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_connect_to_the_only_endpoint_ends_in_502_within_the_hold_deadline() {
+    let (dead, _listener, _filling) = blackhole().await;
+    let r = start(&static_config(
+        &[dead],
+        "timeouts: { upstream_connect: 200ms }",
+        "queue: { timeout: 2s }",
+    ))
+    .await;
+    let c = client();
+    let resp = get(&c, r.proxy_addr, "hello.test", "/").await;
+    assert!(resp.status == 502 || resp.status == 504, "{resp:?}");
+    stop(r).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_are_closed_and_counted() {
     let backend = demo_in_process().await;

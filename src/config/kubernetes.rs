@@ -161,6 +161,8 @@ pub struct KubernetesBackend {
     /// Whether Reveille scales the workload to zero after `idle_timeout` (direct mode only;
     /// default true). Turn off when an HPA or KEDA also manages the workload.
     pub scale_down: bool,
+    /// Controlled rollouts (the service's `rollout:`; Deployments only); `None`: off.
+    pub rollout: Option<super::Rollout>,
 }
 
 /// A scalable workload.
@@ -324,6 +326,7 @@ pub(crate) fn validate(p: &mut Problems, at: &str, raw: RawKubernetes) -> Kubern
         replicas,
         scaling,
         scale_down: scaling == Scaling::Direct && raw.scale_down.unwrap_or(true),
+        rollout: None,
     }
 }
 

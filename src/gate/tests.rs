@@ -260,3 +260,87 @@ async fn held_changes_fire_the_event_source() {
     let _warm = g.acquire(deadline()).await.unwrap();
     assert!(!rx.has_changed().unwrap());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_switch_holds_new_requests_until_the_old_ones_finish() {
+    let g = gate(100, None);
+    g.set_endpoints(&[addr(1)]);
+    let old = g.acquire(deadline()).await.unwrap();
+    let switch = {
+        let g = g.clone();
+        tokio::spawn(async move { g.switch_endpoints(&[addr(2)], Duration::from_secs(3)).await })
+    };
+    tokio::task::yield_now().await;
+    // A request arriving mid-switch is held, not sent to the old endpoint.
+    let newer = {
+        let g = g.clone();
+        tokio::spawn(async move {
+            g.acquire(deadline())
+                .await
+                .map(|a| a.permit.endpoint().addr)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(g.held(), 1, "held while the old request is in flight");
+    assert!(!newer.is_finished());
+    drop(old);
+    assert!(switch.await.unwrap(), "drained within quiesce");
+    assert_eq!(newer.await.unwrap().unwrap(), addr(2));
+    let a = g.acquire(deadline()).await.unwrap();
+    assert_eq!(a.permit.endpoint().addr, addr(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_switch_waits_no_longer_than_quiesce() {
+    let g = gate(100, None);
+    g.set_endpoints(&[addr(1)]);
+    let _stuck = g.acquire(deadline()).await.unwrap();
+    let started = Instant::now();
+    let drained = g.switch_endpoints(&[addr(2)], Duration::from_secs(2)).await;
+    assert!(!drained);
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    let a = g.acquire(deadline()).await.unwrap();
+    assert_eq!(a.permit.endpoint().addr, addr(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn rolling_out_wakes_held_watchers() {
+    let g = gate(10, None);
+    let mut rx = g.subscribe_held();
+    rx.borrow_and_update();
+    g.set_rolling_out(true);
+    assert!(g.rolling_out());
+    assert!(rx.has_changed().unwrap());
+    rx.borrow_and_update();
+    g.set_rolling_out(true);
+    assert!(!rx.has_changed().unwrap(), "no change, no wake-up");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_aborted_switch_does_not_leave_the_gate_paused() {
+    let g = gate(100, None);
+    g.set_endpoints(&[addr(1)]);
+    let _stuck = g.acquire(deadline()).await.unwrap();
+    let switch = {
+        let g = g.clone();
+        tokio::spawn(async move {
+            g.switch_endpoints(&[addr(2)], Duration::from_secs(60))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let held = {
+        let g = g.clone();
+        tokio::spawn(async move {
+            g.acquire(deadline())
+                .await
+                .map(|a| a.permit.endpoint().addr)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(g.held(), 1);
+    switch.abort();
+    let _ = switch.await;
+    // The pause ends with the switch; the old endpoints stay (the switch never finished).
+    assert_eq!(held.await.unwrap().unwrap(), addr(1));
+}

@@ -49,12 +49,14 @@ pub struct Totals {
     pub replicas: usize,
     /// Of those, replicas counted with their last answer because they did not answer now.
     pub stale: usize,
+    /// A controlled rollout is validating or switching on some replica.
+    pub rolling_out: bool,
 }
 
 impl Totals {
-    /// Whether anything is held or in flight anywhere.
+    /// Whether anything is held or in flight anywhere, or a rollout is in progress.
     pub fn active(&self) -> bool {
-        self.concurrency > 0
+        self.concurrency > 0 || self.rolling_out
     }
 }
 
@@ -120,6 +122,7 @@ impl Cluster {
             in_flight: own.in_flight,
             rate: own.rate,
             replicas: 1,
+            rolling_out: own.rolling_out,
             ..Totals::default()
         };
         for (counts, stale) in peers {
@@ -129,9 +132,12 @@ impl Cluster {
                 t.rate += c.rate;
                 t.replicas += 1;
                 t.stale += usize::from(*stale);
+                t.rolling_out |= c.rolling_out;
             }
         }
-        t.concurrency = t.held + t.in_flight;
+        // A rollout in progress counts as one request, so every trigger (metric or activity)
+        // keeps the service up until it is done.
+        t.concurrency = (t.held + t.in_flight).max(u64::from(t.rolling_out));
         t
     }
 

@@ -38,6 +38,9 @@ pub struct ServiceCounts {
     /// replica idle). Absent from older replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_for_ms: Option<u64>,
+    /// A controlled rollout is validating or switching here (the service counts as active).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolling_out: bool,
 }
 
 /// Every service's counts on one replica (the body of admin `/api/local`).
@@ -109,6 +112,9 @@ struct Entry {
 pub struct Local {
     services: ArcSwap<BTreeMap<Arc<str>, Arc<Entry>>>,
     window: Duration,
+    /// Bumped by every [`Local::sync`], so a long-lived KEDA stream can follow a service whose
+    /// gate a reload replaced.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Local {
@@ -117,6 +123,7 @@ impl Local {
         let local = Local {
             services: ArcSwap::from_pointee(BTreeMap::new()),
             window,
+            generation: tokio::sync::watch::channel(0).0,
         };
         local.sync(gates);
         local
@@ -144,6 +151,12 @@ impl Local {
             })
             .collect();
         self.services.store(Arc::new(services));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Changes whenever the set of services (or one's gate) may have changed.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// The gate of a local service.
@@ -203,6 +216,7 @@ fn entry_counts(e: &Entry) -> ServiceCounts {
         rate: e.rate.lock().rate(Instant::now(), total),
         holds_total: e.gate.holds_total(),
         idle_for_ms: Some(e.gate.idle_for().as_millis() as u64),
+        rolling_out: e.gate.rolling_out(),
     }
 }
 

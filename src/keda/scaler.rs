@@ -99,16 +99,40 @@ impl ExternalScaler for Scaler {
         let metrics = self.metrics.clone();
         let name = service.clone();
         let mut held = gate.subscribe_held();
+        let mut reloads = cluster.local().subscribe();
+        // Dropped when the event task ends (the service is gone): the interval task follows,
+        // and the stream closes.
+        let (events_done, mut events_ended) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             let _streams = streams;
+            let _events_done = events_done;
+            let mut gate = gate;
             let (peer_tx, mut peer_rx) = mpsc::channel(4);
             let mut peers = cluster.watch_peers(&name, peer_tx);
             held.borrow_and_update();
+            reloads.borrow_and_update();
             let mut seen = gate.holds_total();
             let mut resync = tokio::time::interval(PEER_RESYNC);
             loop {
                 let push = tokio::select! {
                     _ = events_tx.closed() => return,
+                    _ = reloads.changed() => {
+                        reloads.borrow_and_update();
+                        // A reload replaced the service's gate: follow the new one. Removed:
+                        // end the stream, so KEDA's reopen gets "not configured".
+                        match cluster.local().gate(&name) {
+                            Some(g) if Arc::ptr_eq(&g, &gate) => false,
+                            Some(g) => {
+                                held = g.subscribe_held();
+                                held.borrow_and_update();
+                                seen = g.holds_total();
+                                let push = g.held() > 0;
+                                gate = g;
+                                push
+                            }
+                            None => return,
+                        }
+                    }
                     changed = held.changed() => {
                         if changed.is_err() {
                             return; // the service is gone
@@ -116,7 +140,7 @@ impl ExternalScaler for Scaler {
                         held.borrow_and_update();
                         // A new hold since the last look, even if already released again.
                         let holds = gate.holds_total();
-                        let push = holds != seen;
+                        let push = holds != seen || gate.rolling_out();
                         seen = holds;
                         push
                     }
@@ -149,6 +173,7 @@ impl ExternalScaler for Scaler {
             loop {
                 tokio::select! {
                     _ = tx.closed() => return,
+                    _ = &mut events_ended => return,
                     _ = tick.tick() => {}
                 }
                 let active = cluster.totals(&service).await.is_some_and(|t| t.active());

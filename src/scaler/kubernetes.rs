@@ -15,6 +15,7 @@
 pub mod coordinate;
 pub mod endpoints;
 pub mod lease;
+pub mod rollout;
 pub mod scale;
 
 use std::sync::Arc;
@@ -146,12 +147,27 @@ pub async fn run(
 ) {
     let client = ctx.client;
     let routing = Routing::new(gate.clone());
+    // With `rollout:` the endpoints go through the rollout controller, which routes one version.
+    let (rollout_tx, _rollout) = match cfg.rollout {
+        Some(_) => {
+            let (tx, rx) = watch::channel(Vec::new());
+            let task = tokio::spawn(rollout::run(
+                client.clone(),
+                cfg.clone(),
+                routing.clone(),
+                rx,
+            ));
+            (Some(tx), Some(AbortOnDrop(task)))
+        }
+        None => (None, None),
+    };
     let _watch = AbortOnDrop(tokio::spawn(endpoints::watch_endpoints(
         client.clone(),
         cfg.namespace.clone(),
         cfg.service.clone(),
         cfg.port.clone(),
         routing.clone(),
+        rollout_tx,
     )));
     let mut d = Driver {
         workload: WorkloadApi::new(client, &cfg.namespace, &cfg.workload),
@@ -325,6 +341,11 @@ impl Driver {
         let recheck = self.idle_timeout.min(SCALE_DOWN_RECHECK);
         loop {
             let reason = match self.cluster_verdict().await {
+                // A controlled rollout is validating or switching (`rollout:`).
+                Ok(()) if self.gate.rolling_out() => {
+                    self.gate.metrics().scale_down_deferred("rollout");
+                    "validating a new version".to_string()
+                }
                 Ok(()) => match self.workload.rollout_in_progress().await {
                     Ok(None) => break,
                     Ok(Some(reason)) => {
@@ -360,6 +381,13 @@ impl Driver {
         if self.gate.held() > 0 {
             self.gate.metrics().scale_down_deferred("demand");
             self.routing.restore();
+            return true;
+        }
+        if self.gate.rolling_out() {
+            self.gate.metrics().scale_down_deferred("rollout");
+            info!("scale-down put off: a rollout began while draining");
+            self.routing.restore();
+            self.gate.set_state(State::Ready);
             return true;
         }
         // Peers may have had traffic while this replica drained.

@@ -3,7 +3,9 @@
 //! `resourceVersion`; collections LIST and WATCH (chunked JSON lines, bookmarks, `410 Gone` in
 //! the stream for a compacted resourceVersion); items GET, POST, PUT and merge-PATCH with
 //! optimistic concurrency (`409 Conflict`); Deployments and StatefulSets have a `scale`
-//! subresource, every object a `status` one.
+//! subresource, every object a `status` one. PATCH follows the request's content type: JSON
+//! merge patch, strategic merge patch (lists of objects with a `type` — conditions — merged by
+//! it, as for pod status), or JSON patch (RFC 6902). POST honours `metadata.generateName`.
 //!
 //! [`Cluster`](super::fake_cluster) builds on it to simulate workloads and their pods.
 #![allow(dead_code)]
@@ -258,6 +260,12 @@ impl FakeApi {
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<WatchBody> {
         let method = req.method().clone();
+        let content_type = req
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         let path = req.uri().path().to_string();
         let query: HashMap<String, String> = req.uri().query().map(url_pairs).unwrap_or_default();
         let body = req
@@ -301,7 +309,7 @@ impl FakeApi {
                 self.patch_scale(plural, ns.unwrap_or(""), name, &body)
             }
             (Method::PATCH, Some(name), sub) => {
-                self.patch(plural, ns.unwrap_or(""), name, sub, &body)
+                self.patch(plural, ns.unwrap_or(""), name, sub, &content_type, &body)
             }
             (Method::PUT, Some(name), sub) => {
                 self.replace(plural, ns.unwrap_or(""), name, sub, &body)
@@ -420,6 +428,12 @@ impl FakeApi {
             return status(400, "BadRequest", "invalid JSON");
         };
         obj["metadata"]["namespace"] = json!(ns);
+        if obj["metadata"]["name"].as_str().unwrap_or("").is_empty() {
+            if let Some(prefix) = obj["metadata"]["generateName"].as_str() {
+                let n = self.store.lock().rv + 1;
+                obj["metadata"]["name"] = json!(format!("{prefix}{n:05x}"));
+            }
+        }
         let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
         if self.get(plural, ns, &name).is_some() {
             return status(
@@ -467,6 +481,7 @@ impl FakeApi {
         ns: &str,
         name: &str,
         sub: Option<&str>,
+        content_type: &str,
         body: &[u8],
     ) -> Response<WatchBody> {
         let Ok(patch) = serde_json::from_slice::<Value>(body) else {
@@ -475,13 +490,37 @@ impl FakeApi {
         let Some(mut obj) = self.get(plural, ns, name) else {
             return status(404, "NotFound", "not found");
         };
+        if content_type.starts_with("application/json-patch+json") {
+            if let Err(why) = json_patch(&mut obj, &patch) {
+                return status(422, "Invalid", &why);
+            }
+            let g = obj["metadata"]["generation"].as_i64().unwrap_or(1);
+            if sub.is_none() {
+                obj["metadata"]["generation"] = json!(g + 1);
+            }
+            return json_resp(200, &self.put(plural, kind_of(plural), obj));
+        }
+        let strategic = content_type.starts_with("application/strategic-merge-patch+json");
         if let Some(rv) = patch["metadata"]["resourceVersion"].as_str() {
             if Some(rv) != obj["metadata"]["resourceVersion"].as_str() {
                 return status(409, "Conflict", "the object has been modified");
             }
         }
-        let _ = sub;
-        merge(&mut obj, &patch);
+        if sub == Some("status") {
+            // Only the status changes through the status subresource.
+            let mut st = obj["status"].clone();
+            let p = &patch["status"];
+            if strategic {
+                strategic_merge(&mut st, p);
+            } else {
+                merge(&mut st, p);
+            }
+            obj["status"] = st;
+        } else if strategic {
+            strategic_merge(&mut obj, &patch);
+        } else {
+            merge(&mut obj, &patch);
+        }
         json_resp(200, &self.put(plural, kind_of(plural), obj))
     }
 
@@ -547,6 +586,9 @@ fn kind_of(plural: &str) -> &'static str {
         "endpointslices" => "EndpointSlice",
         "leases" => "Lease",
         "reveilleservices" => "ReveilleService",
+        "pods" => "Pod",
+        "replicasets" => "ReplicaSet",
+        "events" => "Event",
         _ => "Object",
     }
 }
@@ -569,6 +611,87 @@ pub fn merge(target: &mut Value, patch: &Value) {
         }
         other => *target = other.clone(),
     }
+}
+
+/// A strategic merge patch, as far as the tests need it: objects merge like a merge patch, and
+/// a list of objects that all have a `type` (conditions) merges item by item on it.
+pub fn strategic_merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    strategic_merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t @ Value::Array(_), Value::Array(p))
+            if p.iter().all(|i| i["type"].is_string())
+                && t.as_array().unwrap().iter().all(|i| i["type"].is_string()) =>
+        {
+            let items = t.as_array_mut().unwrap();
+            for item in p {
+                match items.iter_mut().find(|i| i["type"] == item["type"]) {
+                    Some(old) => strategic_merge(old, item),
+                    None => items.push(item.clone()),
+                }
+            }
+        }
+        (t, p) => {
+            if t.is_null() && p.is_object() {
+                *t = json!({});
+                strategic_merge(t, p);
+            } else {
+                *t = p.clone();
+            }
+        }
+    }
+}
+
+/// RFC 6902 JSON patch: `add`, `replace`, `remove` and `test` on object paths.
+pub fn json_patch(target: &mut Value, ops: &Value) -> Result<(), String> {
+    let ops = ops.as_array().ok_or("a JSON patch is a list")?;
+    for op in ops {
+        let path = op["path"].as_str().ok_or("op without a path")?;
+        let keys: Vec<String> = path
+            .split('/')
+            .skip(1)
+            .map(|k| k.replace("~1", "/").replace("~0", "~"))
+            .collect();
+        let (last, parents) = keys.split_last().ok_or("empty path")?;
+        let mut at = &mut *target;
+        for k in parents {
+            at = at
+                .get_mut(k.as_str())
+                .ok_or(format!("{path}: no such parent"))?;
+        }
+        let map = at
+            .as_object_mut()
+            .ok_or(format!("{path}: parent is not an object"))?;
+        match op["op"].as_str() {
+            Some("add") => {
+                map.insert(last.clone(), op["value"].clone());
+            }
+            Some("replace") => {
+                if !map.contains_key(last) {
+                    return Err(format!("{path}: nothing to replace"));
+                }
+                map.insert(last.clone(), op["value"].clone());
+            }
+            Some("remove") => {
+                map.remove(last)
+                    .ok_or(format!("{path}: nothing to remove"))?;
+            }
+            Some("test") => {
+                if map.get(last) != Some(&op["value"]) {
+                    return Err(format!("{path}: test failed"));
+                }
+            }
+            other => return Err(format!("unsupported op {other:?}")),
+        }
+    }
+    Ok(())
 }
 
 /// Equality-only label selectors: `a=b,c=d`.

@@ -85,6 +85,36 @@ impl Routing {
         self.gate.set_endpoints(&inner.addrs);
     }
 
+    /// Switches to another version's addresses: new requests wait while the old version's
+    /// in flight finish (at most `quiesce`), then go to `addrs` (see
+    /// [`Gate::switch_endpoints`]). True when the old requests finished in time.
+    pub async fn switch(&self, addrs: Vec<SocketAddr>, quiesce: Duration) -> bool {
+        let n = addrs.len();
+        let withdrawn = {
+            let mut inner = self.inner.lock();
+            inner.addrs = addrs.clone();
+            inner.withdrawn
+        };
+        let drained = if withdrawn {
+            true
+        } else {
+            let drained = self.gate.switch_endpoints(&addrs, quiesce).await;
+            // A scale-down that withdrew the pods meanwhile wins.
+            let inner = self.inner.lock();
+            if inner.withdrawn {
+                self.gate.set_endpoints(&[]);
+            }
+            drained
+        };
+        self.seen.send_replace(n);
+        drained
+    }
+
+    /// The service's gate.
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
     /// How many ready addresses the watch sees now (routed or not).
     pub fn seen(&self) -> usize {
         *self.seen.borrow()
@@ -96,14 +126,28 @@ impl Routing {
     }
 }
 
+/// One endpoint of a slice, ready or not, with the pod behind it (for controlled rollouts,
+/// which route by the pod's version and validate pods before they are ready).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    /// The pod's address at the service's port.
+    pub addr: SocketAddr,
+    /// The pod's name (`targetRef`), when the slice names one.
+    pub pod: Option<String>,
+    /// Whether the endpoint is ready (or its readiness unset).
+    pub ready: bool,
+}
+
 /// Watches the EndpointSlices of `service` in `namespace` and publishes the ready addresses
-/// into `routing`. Runs until its task is aborted.
+/// into `routing` — or, with `rollout`, every endpoint with its pod into that channel (the
+/// rollout controller decides what is routed). Runs until its task is aborted.
 pub async fn watch_endpoints(
     client: Client,
     namespace: String,
     service: String,
     port: PortRef,
     routing: Arc<Routing>,
+    rollout: Option<watch::Sender<Vec<SliceEndpoint>>>,
 ) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
     let cfg = watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
@@ -123,7 +167,17 @@ pub async fn watch_endpoints(
                 if matches!(event, watcher::Event::InitDone) {
                     debug!(%namespace, %service, "EndpointSlices listed");
                 }
-                routing.publish(ready_addresses(&reader, &port));
+                match &rollout {
+                    None => routing.publish(ready_addresses(&reader, &port)),
+                    Some(tx) => {
+                        let all = all_endpoints(&reader, &port);
+                        tx.send_if_modified(|old| {
+                            let changed = *old != all;
+                            *old = all;
+                            changed
+                        });
+                    }
+                }
             }
             Err(e) => {
                 routing.gate.metrics().kube_api_error("watch_endpoints");
@@ -143,6 +197,50 @@ fn ready_addresses(store: &Store<EndpointSlice>, port: &PortRef) -> Vec<SocketAd
         collect_ready(&slice, port, &mut out);
     }
     out.into_iter().collect()
+}
+
+/// Every endpoint of every slice in the store, ready or not, sorted by address.
+fn all_endpoints(store: &Store<EndpointSlice>, port: &PortRef) -> Vec<SliceEndpoint> {
+    let mut out = Vec::new();
+    for slice in store.state() {
+        let Some(number) = slice_port(&slice, port) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) {
+                out.push(SliceEndpoint {
+                    addr: SocketAddr::new(ip, number),
+                    pod: ep
+                        .target_ref
+                        .as_ref()
+                        .filter(|r| r.kind.as_deref() == Some("Pod"))
+                        .and_then(|r| r.name.clone()),
+                    ready,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| (a.addr, &a.pod).cmp(&(b.addr, &b.pod)));
+    out.dedup();
+    out
+}
+
+/// The slice's port number for `port`, if the slice carries addresses and the port.
+fn slice_port(slice: &EndpointSlice, port: &PortRef) -> Option<u16> {
+    if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+        return None;
+    }
+    match port {
+        PortRef::Number(n) => Some(*n),
+        PortRef::Name(name) => slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok()),
+    }
 }
 
 /// Adds a slice's ready addresses at `port`. An endpoint is usable when `conditions.ready` is

@@ -73,16 +73,62 @@ pub async fn run(
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
             _ = super::super::stopped(&mut stop) => {
+                let held = leadership.is_leader();
                 leadership.set(None);
+                if held {
+                    release(&api, &cfg).await;
+                }
                 return;
             }
         }
     }
 }
 
+/// Gives the lease up on shutdown, so a successor takes over at its next round instead of
+/// waiting a whole lease duration. Only a lease this replica still holds is cleared (the write
+/// carries the `resourceVersion` read); failures are logged and left to expiry.
+async fn release(api: &Api<Lease>, cfg: &Coordination) {
+    let result = async {
+        let Some(mut lease) = bounded_by(RELEASE_TIMEOUT, api.get_opt(&cfg.lease)).await? else {
+            return Ok(false);
+        };
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        if spec.holder_identity.as_deref() != Some(cfg.identity.as_str()) {
+            return Ok(false);
+        }
+        spec.holder_identity = None;
+        spec.acquire_time = None;
+        spec.renew_time = Some(MicroTime(k8s_openapi::jiff::Timestamp::now()));
+        bounded_by(
+            RELEASE_TIMEOUT,
+            api.replace(&cfg.lease, &PostParams::default(), &lease),
+        )
+        .await
+        .map(|_| true)
+    }
+    .await;
+    match result {
+        Ok(true) => info!(lease = %cfg.lease, "released the scale-down lease"),
+        Ok(false) => {}
+        Err(e) => {
+            warn!(lease = %cfg.lease, error = %e, "could not release the lease; it expires instead")
+        }
+    }
+}
+
+/// How long shutdown waits for the lease release.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Bounds one API call, so an unreachable API server never stalls the elector.
 async fn bounded<T>(call: impl std::future::Future<Output = kube::Result<T>>) -> kube::Result<T> {
-    tokio::time::timeout(Duration::from_secs(10), call)
+    bounded_by(Duration::from_secs(10), call).await
+}
+
+async fn bounded_by<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = kube::Result<T>>,
+) -> kube::Result<T> {
+    tokio::time::timeout(limit, call)
         .await
         .unwrap_or_else(|_| Err(kube::Error::Service("lease call timed out".into())))
 }

@@ -1,0 +1,289 @@
+//! A service's `rollout:` section (Kubernetes Deployments only): the validation steps run
+//! against each new version's pods before they get traffic, how long the old version's
+//! in-flight requests may finish at the switch, and what a failed validation does.
+//! Raw YAML shape here, checked into [`Rollout`] with every problem's field path.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{HumanDuration, Problems};
+
+/// Default bound on one validation step (connect, send, response headers).
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound on waiting for the old version's in-flight requests at the switch.
+pub const DEFAULT_QUIESCE: Duration = Duration::from_secs(5);
+/// Most validation steps a service may list.
+pub const MAX_STEPS: usize = 32;
+/// Largest request body a step may send, in bytes.
+pub const MAX_STEP_BODY: usize = 64 * 1024;
+
+/// Controlled rollouts of a Deployment: new versions are validated, then switched to at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollout {
+    /// Steps run in order against each new pod (its IP, before it is ready); all must pass.
+    pub validation: Vec<ValidationStep>,
+    /// Bound on waiting for the old version's in-flight requests at the switch (default 5s).
+    pub quiesce: Duration,
+    /// What a failed validation does besides reporting (default `hold`).
+    pub on_failure: OnFailure,
+    /// A rollout that starts while the service is at zero (default `wait`).
+    pub at_zero: AtZero,
+}
+
+/// What a rollout that starts while the service is scaled to zero does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtZero {
+    /// Validate the new version when the service is next woken by a request.
+    Wait,
+    /// Wake the service now to validate it (it scales to zero again after `idle_timeout`).
+    Wake,
+}
+
+/// One validation request and the status it must get.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidationStep {
+    /// HTTP method (default `GET`).
+    pub method: http::Method,
+    /// Request path (and query), starting with `/`.
+    pub path: String,
+    /// Request body (default empty); sent with `content-type: application/json` when it
+    /// starts with `{` or `[`.
+    pub body: Option<String>,
+    /// The status the response must have (default 200).
+    pub expect_status: u16,
+    /// Bound on the step, from connect to the response's end (default 10s).
+    pub timeout: Duration,
+}
+
+/// What a failed validation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Keep the old version serving; the new pods stay unready (the Deployment's rollout stalls).
+    Hold,
+    /// Also patch the Deployment back to the previous revision's pod template.
+    Rollback,
+}
+
+impl OnFailure {
+    /// The name in the config and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Hold => "hold",
+            OnFailure::Rollback => "rollback",
+        }
+    }
+}
+
+/// `rollout:` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRollout {
+    #[serde(default)]
+    validation: Vec<RawStep>,
+    quiesce: Option<HumanDuration>,
+    on_failure: Option<String>,
+    at_zero: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    method: Option<String>,
+    path: Option<String>,
+    body: Option<String>,
+    expect_status: Option<i64>,
+    timeout: Option<HumanDuration>,
+}
+
+pub(crate) fn validate(p: &mut Problems, at: &str, raw: RawRollout) -> Rollout {
+    if raw.validation.len() > MAX_STEPS {
+        p.add(
+            format!("{at}.validation"),
+            format!("at most {MAX_STEPS} steps"),
+        );
+    }
+    let validation = raw
+        .validation
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| step(p, &format!("{at}.validation[{i}]"), s))
+        .collect();
+    let quiesce = raw.quiesce.map(|d| d.0).unwrap_or(DEFAULT_QUIESCE);
+    if quiesce > Duration::from_secs(300) {
+        p.add(format!("{at}.quiesce"), "must be at most 5m");
+    }
+    let on_failure = match raw.on_failure.as_deref() {
+        None | Some("hold") => OnFailure::Hold,
+        Some("rollback") => OnFailure::Rollback,
+        Some(other) => {
+            p.add(
+                format!("{at}.on_failure"),
+                format!("{other:?}: must be `hold` or `rollback`"),
+            );
+            OnFailure::Hold
+        }
+    };
+    let at_zero = match raw.at_zero.as_deref() {
+        None | Some("wait") => AtZero::Wait,
+        Some("wake") => AtZero::Wake,
+        Some(other) => {
+            p.add(
+                format!("{at}.at_zero"),
+                format!("{other:?}: must be `wait` or `wake`"),
+            );
+            AtZero::Wait
+        }
+    };
+    Rollout {
+        validation,
+        quiesce,
+        on_failure,
+        at_zero,
+    }
+}
+
+fn step(p: &mut Problems, at: &str, s: RawStep) -> ValidationStep {
+    let method = match s.method.as_deref() {
+        None => http::Method::GET,
+        Some(m) => match http::Method::from_bytes(m.as_bytes()) {
+            Ok(method) if m.bytes().all(|b| b.is_ascii_uppercase()) => method,
+            _ => {
+                p.add(
+                    format!("{at}.method"),
+                    format!("{m:?}: must be an upper-case HTTP method like GET or POST"),
+                );
+                http::Method::GET
+            }
+        },
+    };
+    let path = s.path.unwrap_or_default();
+    if !path.starts_with('/') {
+        p.add(format!("{at}.path"), "is required and must start with `/`");
+    } else if path.parse::<http::uri::PathAndQuery>().is_err() {
+        p.add(
+            format!("{at}.path"),
+            format!("{path:?} is not a valid path"),
+        );
+    }
+    if s.body.as_ref().is_some_and(|b| b.len() > MAX_STEP_BODY) {
+        p.add(
+            format!("{at}.body"),
+            format!("at most {MAX_STEP_BODY} bytes"),
+        );
+    }
+    let expect_status = match s.expect_status {
+        None => 200,
+        Some(n) if (100..=599).contains(&n) => n as u16,
+        Some(n) => {
+            p.add(
+                format!("{at}.expect_status"),
+                format!("{n} is not an HTTP status (100-599)"),
+            );
+            200
+        }
+    };
+    let timeout = s.timeout.map(|d| d.0).unwrap_or(DEFAULT_STEP_TIMEOUT);
+    if timeout.is_zero() {
+        p.add(format!("{at}.timeout"), "must be greater than 0");
+    }
+    ValidationStep {
+        method,
+        path,
+        body: s.body,
+        expect_status,
+        timeout,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Backend, Config};
+
+    use super::*;
+
+    fn parse(backend: &str, rollout: &str) -> Result<Option<Rollout>, Vec<String>> {
+        let doc = format!(
+            "services:\n  - name: a\n    hosts: [a.test]\n    backend:\n      {backend}\n    rollout: {rollout}\n"
+        );
+        match Config::parse_with_env(&doc, &|_| None) {
+            Ok(c) => match &c.services[0].backend {
+                Backend::Kubernetes(k) => Ok(k.rollout.clone()),
+                other => panic!("{other:?}"),
+            },
+            Err(e) => Err(e.problems.iter().map(|p| p.to_string()).collect()),
+        }
+    }
+
+    const DEPLOY: &str = "kubernetes: { namespace: ns, deployment: web, service: web, port: http }";
+
+    #[test]
+    fn parses_steps_with_defaults() {
+        let r = parse(
+            DEPLOY,
+            "{ validation: [ { path: /healthz }, { method: POST, path: /validate, body: '{\"dry_run\":true}', expect_status: 204, timeout: 2s } ], quiesce: 1s, on_failure: rollback, at_zero: wake }",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.validation.len(), 2);
+        assert_eq!(r.validation[0].method, http::Method::GET);
+        assert_eq!(r.validation[0].expect_status, 200);
+        assert_eq!(r.validation[0].timeout, DEFAULT_STEP_TIMEOUT);
+        assert_eq!(r.validation[1].method, http::Method::POST);
+        assert_eq!(r.validation[1].body.as_deref(), Some("{\"dry_run\":true}"));
+        assert_eq!(r.validation[1].expect_status, 204);
+        assert_eq!(r.validation[1].timeout, Duration::from_secs(2));
+        assert_eq!(r.quiesce, Duration::from_secs(1));
+        assert_eq!(r.on_failure, OnFailure::Rollback);
+        assert_eq!(r.at_zero, AtZero::Wake);
+        let r = parse(DEPLOY, "{}").unwrap().unwrap();
+        assert_eq!(r.quiesce, DEFAULT_QUIESCE);
+        assert_eq!(r.on_failure, OnFailure::Hold);
+        assert_eq!(r.at_zero, AtZero::Wait);
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let errs = parse(
+            DEPLOY,
+            "{ validation: [ { method: get, path: healthz, expect_status: 99, timeout: 0s } ], on_failure: retry, at_zero: now }",
+        )
+        .unwrap_err();
+        for want in [
+            "services[0].rollout.validation[0].method",
+            "services[0].rollout.validation[0].path",
+            "services[0].rollout.validation[0].expect_status",
+            "services[0].rollout.validation[0].timeout",
+            "services[0].rollout.on_failure",
+            "services[0].rollout.at_zero",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(want)), "{want}: {errs:?}");
+        }
+        let errs = parse(DEPLOY, "{ validation: [ { path: /x, nope: 1 } ] }").unwrap_err();
+        assert!(errs.iter().any(|e| e.contains("nope")), "{errs:?}");
+    }
+
+    #[test]
+    fn only_for_a_kubernetes_deployment() {
+        let errs = parse("static: { addresses: [127.0.0.1:1] }", "{}").unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("services[0].rollout") && e.contains("Deployment")),
+            "{errs:?}"
+        );
+        let errs = parse(
+            "kubernetes: { namespace: ns, statefulset: web, service: web, port: http }",
+            "{}",
+        )
+        .unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.starts_with("services[0].rollout")),
+            "{errs:?}"
+        );
+        assert_eq!(
+            parse(DEPLOY, "null").unwrap(),
+            None,
+            "no rollout unless asked"
+        );
+    }
+}
