@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::keda::Cluster;
@@ -58,8 +59,8 @@ pub async fn handle<B>(
             );
             r
         }
-        "/queue" => json_response(&queue(&state)),
-        "/api/services" => json_response(&services(&state)),
+        "/queue" => json_bytes(queue(&state)),
+        "/api/services" => json_bytes(services(&state)),
         "/api/scaling" => json_response(&scaling(&state).await),
         "/api/local" => local(&state, req.uri().query().unwrap_or("")).await,
         _ => text(
@@ -70,20 +71,35 @@ pub async fn handle<B>(
     Ok(resp)
 }
 
-/// The KEDA HTTP add-on queue format: `{"ns/name": {"Concurrency": n, "RequestCount": n}}`.
-pub fn queue(state: &AdminState) -> Value {
-    let mut m = Map::new();
-    for s in &state.services.load().services {
+/// The KEDA HTTP add-on queue format: `{"ns/name": {"Concurrency": n, "RequestCount": n}}`
+/// (JSON text, written service by service: no document tree for thousands of services).
+pub fn queue(state: &AdminState) -> Vec<u8> {
+    #[derive(Serialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Counts {
+        concurrency: usize,
+        request_count: u64,
+    }
+    let snapshot = state.services.load();
+    let mut out = Vec::with_capacity(64 + snapshot.services.len() * 64);
+    out.push(b'{');
+    for (i, s) in snapshot.services.iter().enumerate() {
         let g = &s.gate;
-        m.insert(
-            format!("{}/{}", s.spec.namespace, g.name()),
-            json!({
-                "Concurrency": g.held() + g.in_flight(),
-                "RequestCount": g.requests_total(),
-            }),
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json(&mut out, &format!("{}/{}", s.spec.namespace, g.name()));
+        out.push(b':');
+        write_json(
+            &mut out,
+            &Counts {
+                concurrency: g.held() + g.in_flight(),
+                request_count: g.requests_total(),
+            },
         );
     }
-    Value::Object(m)
+    out.push(b'}');
+    out
 }
 
 /// Every service's counts summed over all replicas, for KEDA's `metrics-api` trigger:
@@ -133,40 +149,75 @@ async fn local(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
     json_response(&json!(local.all()))
 }
 
-/// Every service's live state.
-pub fn services(state: &AdminState) -> Value {
-    let list: Vec<Value> = state
-        .services
-        .load()
-        .services
-        .iter()
-        .map(|s| {
-            let g = &s.gate;
-            let eps: Vec<Value> = g
-                .endpoints()
-                .iter()
-                .map(|e| json!({"address": e.addr.to_string(), "in_flight": e.in_flight()}))
-                .collect();
-            json!({
-                "name": g.name().as_ref(),
-                "namespace": s.spec.namespace,
-                "state": g.state().as_str(),
-                "held": g.held(),
-                "in_flight": g.in_flight(),
-                "requests_total": g.requests_total(),
-                "ready_endpoints": eps,
-                "last_activation_seconds": g.last_activation().map(|d| d.as_secs_f64()),
-                "idle_for_seconds": g.idle_for().as_secs_f64(),
-                "hosts": s.spec.hosts,
-                "path_prefix": s.spec.path_prefix,
-                "backend": s.backend_kind(),
-                "queue_capacity": g.settings().capacity,
-                "concurrency": g.settings().concurrency,
-                "rollout": g.rollout_report(),
+/// Every service's live state (JSON text, written service by service).
+pub fn services(state: &AdminState) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Endpoint {
+        address: String,
+        in_flight: usize,
+    }
+    #[derive(Serialize)]
+    struct Service<'a> {
+        name: &'a str,
+        namespace: &'a str,
+        state: &'static str,
+        held: usize,
+        in_flight: usize,
+        requests_total: u64,
+        ready_endpoints: Vec<Endpoint>,
+        last_activation_seconds: Option<f64>,
+        idle_for_seconds: f64,
+        hosts: &'a [String],
+        path_prefix: Option<&'a str>,
+        backend: &'static str,
+        queue_capacity: usize,
+        concurrency: Option<usize>,
+        rollout: Option<Value>,
+    }
+    let snapshot = state.services.load();
+    let mut out = Vec::with_capacity(64 + snapshot.services.len() * 320);
+    out.extend_from_slice(b"{\"services\":[");
+    for (i, s) in snapshot.services.iter().enumerate() {
+        let g = &s.gate;
+        if i > 0 {
+            out.push(b',');
+        }
+        let ready_endpoints = g
+            .endpoints()
+            .iter()
+            .map(|e| Endpoint {
+                address: e.addr.to_string(),
+                in_flight: e.in_flight(),
             })
-        })
-        .collect();
-    json!({ "services": list })
+            .collect();
+        write_json(
+            &mut out,
+            &Service {
+                name: g.name(),
+                namespace: &s.spec.namespace,
+                state: g.state().as_str(),
+                held: g.held(),
+                in_flight: g.in_flight(),
+                requests_total: g.requests_total(),
+                ready_endpoints,
+                last_activation_seconds: g.last_activation().map(|d| d.as_secs_f64()),
+                idle_for_seconds: g.idle_for().as_secs_f64(),
+                hosts: &s.spec.hosts,
+                path_prefix: s.spec.path_prefix.as_deref(),
+                backend: s.backend_kind(),
+                queue_capacity: g.settings().capacity,
+                concurrency: g.settings().concurrency,
+                rollout: g.rollout_report(),
+            },
+        );
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// Appends `v` as JSON (the types written here always serialize).
+fn write_json(out: &mut Vec<u8>, v: &impl Serialize) {
+    let _ = serde_json::to_writer(out, v);
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -180,7 +231,11 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 }
 
 fn json_response(v: &Value) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    json_bytes(v.to_string().into_bytes())
+}
+
+fn json_bytes(body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

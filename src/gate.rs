@@ -103,9 +103,15 @@ pub struct GateSettings {
     pub protocol: Protocol,
     /// The service's own pooled client, for TLS backends (`h2`, `https`); `None`: the shared
     /// cleartext client of `protocol`.
-    pub upstream: Option<UpstreamClient>,
+    pub upstream: Option<Box<UpstreamClient>>,
     /// The global bound on held requests.
     pub held_limit: Arc<HeldLimit>,
+}
+
+/// The shared empty endpoint list (a gate without endpoints allocates none of its own).
+fn no_endpoints() -> Arc<Vec<Arc<Endpoint>>> {
+    static EMPTY: OnceLock<Arc<Vec<Arc<Endpoint>>>> = OnceLock::new();
+    EMPTY.get_or_init(|| Arc::new(Vec::new())).clone()
 }
 
 /// A backend address with its in-flight count.
@@ -230,7 +236,7 @@ impl Gate {
         Arc::new(Gate {
             name: name.into(),
             settings,
-            endpoints: ArcSwap::from_pointee(Vec::new()),
+            endpoints: ArcSwap::new(no_endpoints()),
             queue: Mutex::new(Queue {
                 next_id: 0,
                 waiters: BTreeMap::new(),
@@ -588,7 +594,11 @@ impl Gate {
             })
             .collect();
         self.metrics.ready_endpoints.set(new.len() as i64);
-        self.endpoints.store(Arc::new(new));
+        self.endpoints.store(if new.is_empty() {
+            no_endpoints()
+        } else {
+            Arc::new(new)
+        });
         let mut q = self.queue.lock();
         self.dispatch_locked(&mut q);
     }

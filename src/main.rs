@@ -161,9 +161,15 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(cfg: Config, path: PathBuf) -> ExitCode {
+async fn serve(mut cfg: Config, path: PathBuf) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
-    let running = match reveille::start(cfg.clone()).await {
+    // The config whose listeners and limits are in force, without the services: they live in
+    // `running` (with thousands of services, a copy here would only cost memory; reloads
+    // compare the other sections).
+    let services = std::mem::take(&mut cfg.services);
+    let running_cfg = cfg.clone();
+    cfg.services = services;
+    let running = match reveille::start(cfg).await {
         Ok(r) => r,
         Err(e) => {
             error!("{e}");
@@ -180,10 +186,6 @@ async fn serve(cfg: Config, path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // The config whose listeners and limits are in force; the services live in `running` (a
-    // copy here would only cost memory: reloads compare the other sections).
-    let mut running_cfg = cfg;
-    running_cfg.services = Vec::new();
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM received"); break }

@@ -228,7 +228,7 @@ impl Proxy {
         let Some(upstream) = self
             .shared
             .upstreams
-            .pick(gate.settings().upstream.as_ref(), protocol)
+            .pick(gate.settings().upstream.as_deref(), protocol)
         else {
             // A TLS service always has its own client; never fall back to cleartext.
             return Err(ProxyError::UpstreamConnect {

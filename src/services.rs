@@ -46,7 +46,7 @@ pub struct Snapshot {
     pub router: Router<Arc<Gate>>,
     /// Every service, in config order.
     pub services: Vec<Arc<ServiceEntry>>,
-    by_name: HashMap<String, Arc<Gate>>,
+    by_name: HashMap<Arc<str>, Arc<Gate>>,
 }
 
 impl Snapshot {
@@ -69,7 +69,7 @@ impl Snapshot {
                 router.insert(host, s.path_prefix.as_deref(), e.gate.clone());
             }
             router.insert_revision(&s.namespace, &s.name, e.gate.clone());
-            by_name.insert(s.name.clone(), e.gate.clone());
+            by_name.insert(e.gate.name().clone(), e.gate.clone());
         }
         Snapshot {
             router,
@@ -104,7 +104,7 @@ type Sources = (Vec<Arc<Service>>, Vec<Arc<Service>>);
 /// The live set of services.
 pub struct Services {
     current: ArcSwap<Snapshot>,
-    live: tokio::sync::Mutex<HashMap<String, Live>>,
+    live: tokio::sync::Mutex<HashMap<Arc<str>, Live>>,
     metrics: Metrics,
     held_limit: Arc<HeldLimit>,
     kube: Option<Arc<scaler::kubernetes::KubeContext>>,
@@ -184,12 +184,12 @@ impl Services {
 
     async fn apply_all(&self, specs: &[Arc<Service>]) -> Changes {
         let mut live = self.live.lock().await;
-        let mut next: HashMap<String, Live> = HashMap::with_capacity(specs.len());
+        let mut next: HashMap<Arc<str>, Live> = HashMap::with_capacity(specs.len());
         let mut order = Vec::with_capacity(specs.len());
         let mut retired = Vec::new();
         let mut changes = Changes::default();
         for spec in specs {
-            let entry = match live.remove(&spec.name) {
+            let entry = match live.remove(spec.name.as_str()) {
                 Some(old) if old.entry.spec == *spec => old,
                 Some(old) if same_gate(&old.entry.spec, spec) => {
                     changes.rerouted.push(spec.name.clone());
@@ -213,10 +213,10 @@ impl Services {
                 }
             };
             order.push(entry.entry.clone());
-            next.insert(spec.name.clone(), entry);
+            next.insert(entry.entry.gate.name().clone(), entry);
         }
         for (name, old) in live.drain() {
-            changes.removed.push(name);
+            changes.removed.push(name.to_string());
             retired.push((old, false));
         }
         self.current.store(Arc::new(Snapshot::build(order)));
@@ -266,7 +266,7 @@ impl Services {
                 upstream: spec
                     .upstream_tls
                     .as_ref()
-                    .map(|tls| upstream::tls_client(tls, spec.protocol, &self.timeouts)),
+                    .map(|tls| Box::new(upstream::tls_client(tls, spec.protocol, &self.timeouts))),
                 held_limit: self.held_limit.clone(),
             },
             self.metrics.service(&spec.name),

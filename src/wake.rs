@@ -54,7 +54,7 @@ struct Wake {
 /// The timer of a service's current wake-up, if one is under way.
 #[derive(Default)]
 pub struct WakeTracker {
-    current: Mutex<Option<Wake>>,
+    current: Mutex<Option<Box<Wake>>>,
 }
 
 impl WakeTracker {
@@ -67,11 +67,11 @@ impl WakeTracker {
     pub fn begin(&self, service: &str, held: usize) -> Span {
         let span = tracing::info_span!("wakeup", service, held);
         span.in_scope(|| info!("wake-up started"));
-        *self.current.lock() = Some(Wake {
+        *self.current.lock() = Some(Box::new(Wake {
             started: Instant::now(),
             span: span.clone(),
             done: [false; 3],
-        });
+        }));
         span
     }
 

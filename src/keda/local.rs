@@ -50,11 +50,14 @@ pub struct LocalCounts {
     pub services: BTreeMap<String, ServiceCounts>,
 }
 
-/// Request totals sampled over a window; the rate is the growth across it.
+/// Request totals sampled over a window; the rate is the growth across it. Equal samples in a
+/// row are kept as one run (first and last time seen), so an idle service, the common case
+/// among thousands, keeps one run rather than a sample per second of the window.
 #[derive(Debug)]
 pub struct RateTracker {
     window: Duration,
-    samples: VecDeque<(Instant, u64)>,
+    /// `(first seen, last seen, total)`, oldest first.
+    samples: VecDeque<(Instant, Instant, u64)>,
 }
 
 impl RateTracker {
@@ -69,18 +72,29 @@ impl RateTracker {
     /// Adds a sample of the monotonic total, dropping samples the window no longer needs (one
     /// at or before the window's start is kept as the baseline).
     pub fn sample(&mut self, now: Instant, total: u64) {
-        self.samples.push_back((now, total));
+        match self.samples.back_mut() {
+            Some((_, last, t)) if *t == total => *last = now,
+            _ => self.samples.push_back((now, now, total)),
+        }
         let start = now.checked_sub(self.window).unwrap_or(now);
         while self.samples.len() > 1 && self.samples[1].0 <= start {
             self.samples.pop_front();
         }
+        if self.samples.len() < self.samples.capacity() / 4 {
+            self.samples.shrink_to(self.samples.len() * 2);
+        }
     }
 
-    /// Requests per second from the oldest kept sample to `total` now.
+    /// Requests per second from the window's start (or the oldest sample, when younger) to
+    /// `total` now.
     pub fn rate(&self, now: Instant, total: u64) -> f64 {
-        let Some(&(t0, c0)) = self.samples.front() else {
+        let Some(&(first, last, c0)) = self.samples.front() else {
             return 0.0;
         };
+        // The total was `c0` from `first` through `last`: the baseline is the latest moment
+        // known to have it, no later than the window's start.
+        let start = now.checked_sub(self.window).unwrap_or(now);
+        let t0 = start.clamp(first, last.max(first));
         let secs = now.saturating_duration_since(t0).as_secs_f64();
         if secs < 1e-3 {
             return 0.0;
@@ -96,7 +110,7 @@ struct Entry {
 
 /// The local services and their rate trackers; replaced whole when services are reloaded.
 pub struct Local {
-    services: ArcSwap<BTreeMap<String, Arc<Entry>>>,
+    services: ArcSwap<BTreeMap<Arc<str>, Arc<Entry>>>,
     window: Duration,
     /// Bumped by every [`Local::sync`], so a long-lived KEDA stream can follow a service whose
     /// gate a reload replaced.
@@ -133,7 +147,7 @@ impl Local {
                         })
                     }
                 };
-                (g.name().to_string(), entry)
+                (g.name().clone(), entry)
             })
             .collect();
         self.services.store(Arc::new(services));
@@ -152,7 +166,7 @@ impl Local {
 
     /// The names of every local service.
     pub fn names(&self) -> Vec<String> {
-        self.services.load().keys().cloned().collect()
+        self.services.load().keys().map(|k| k.to_string()).collect()
     }
 
     /// One service's counts now.
@@ -167,7 +181,7 @@ impl Local {
                 .services
                 .load()
                 .iter()
-                .map(|(k, e)| (k.clone(), entry_counts(e)))
+                .map(|(k, e)| (k.to_string(), entry_counts(e)))
                 .collect(),
         }
     }
@@ -229,5 +243,34 @@ mod tests {
             r.sample(t0 + Duration::from_secs(s), 100);
         }
         assert_eq!(r.rate(t0 + Duration::from_secs(31), 100), 0.0);
+        // Idle for long: one run is kept, however long.
+        for s in 32..=200u64 {
+            r.sample(t0 + Duration::from_secs(s), 100);
+        }
+        assert_eq!(r.samples.len(), 1);
+        assert!(r.samples.capacity() <= 8, "{}", r.samples.capacity());
+        // Traffic again: 3 requests per second over the last 10 s.
+        for s in 201..=210u64 {
+            r.sample(t0 + Duration::from_secs(s), 100 + (s - 200) * 3);
+        }
+        let rate = r.rate(t0 + Duration::from_secs(210), 130);
+        assert!((rate - 3.0).abs() < 1e-9, "{rate}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_of_equal_samples_gives_the_same_rate_as_every_sample() {
+        // A burst, then idle: the run-length tracker must agree with the growth over the
+        // window's span as sampled every second.
+        let mut r = RateTracker::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let totals = [
+            0u64, 0, 0, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 40, 55, 55, 55,
+        ];
+        for (s, t) in totals.iter().enumerate() {
+            r.sample(t0 + Duration::from_secs(s as u64), *t);
+        }
+        // At 16 s the window starts at 6 s, where the total was 40: 15 requests over 10 s.
+        let rate = r.rate(t0 + Duration::from_secs(16), 55);
+        assert!((rate - 1.5).abs() < 1e-9, "{rate}");
     }
 }
