@@ -385,7 +385,17 @@ services:
                 drop(permit);
                 let mut out = Vec::new();
                 s.read_to_end(&mut out).await?;
-                Ok::<bool, std::io::Error>(out.starts_with(b"HTTP/1.1 200"))
+                if out.starts_with(b"HTTP/1.1 200") {
+                    Ok(())
+                } else {
+                    // Not a 200: the status line (or "closed without a response").
+                    let line = out.split(|b| *b == b'\r').next().unwrap_or_default();
+                    Err(std::io::Error::other(if line.is_empty() {
+                        "closed without a response".to_string()
+                    } else {
+                        String::from_utf8_lossy(line).into_owned()
+                    }))
+                }
             })
         })
         .collect();
@@ -408,10 +418,18 @@ services:
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (mut ok, mut failed) = (0usize, 0usize);
+    let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
     for t in tasks {
         match t.await {
-            Ok(Ok(true)) => ok += 1,
-            _ => failed += 1,
+            Ok(Ok(())) => ok += 1,
+            Ok(Err(e)) => {
+                failed += 1;
+                *reasons.entry(format!("{:?}: {e}", e.kind())).or_default() += 1;
+            }
+            Err(e) => {
+                failed += 1;
+                *reasons.entry(format!("task: {e}")).or_default() += 1;
+            }
         }
     }
     let took = t0.elapsed();
@@ -422,6 +440,7 @@ services:
         "connections": conns,
         "answered_200": ok,
         "failed_or_lost": failed,
+        "failure_reasons": reasons,
         "max_held": max_held,
         "all_held_after_s": all_held_after.map(|d| d.as_secs_f64()),
         "backend_startup_delay_s": startup_delay.as_secs_f64(),
