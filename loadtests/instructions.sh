@@ -13,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+. loadtests/nginx-conf.sh
 N=${1:-20000}
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need valgrind || ! need h2load || ! need nginx; then
@@ -51,38 +52,7 @@ services:
     hosts: [127.0.0.1]
     backend: { static: { addresses: ["127.0.0.1:$ORIGIN"] } }
 YAML
-mkdir -p "$TMP/nginx"
-cat >"$TMP/nginx.conf" <<NGINX
-worker_processes 1;
-master_process off;
-daemon off;
-pid $TMP/nginx.pid;
-error_log $TMP/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  client_body_temp_path $TMP/nginx;
-  proxy_temp_path $TMP/nginx;
-  fastcgi_temp_path $TMP/nginx;
-  uwsgi_temp_path $TMP/nginx;
-  scgi_temp_path $TMP/nginx;
-  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 256; }
-  server {
-    listen 127.0.0.1:$NGINX;
-    listen 127.0.0.1:$NGINX_H2 http2;
-    location / {
-      proxy_pass http://origin;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$remote_addr;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_set_header X-Forwarded-Host \$host;
-    }
-  }
-}
-NGINX
+nginx_conf "$TMP/nginx.conf" "$TMP/nginx" $ORIGIN $NGINX $NGINX_H2 "worker_processes 1;" "master_process off;"
 
 # measure NAME PID PORT H2PORT: instructions per request for HTTP/1.1 and h2c.
 measure() {

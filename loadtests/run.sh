@@ -16,6 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+. loadtests/nginx-conf.sh
 
 WORKERS=${WORKERS:-1}          # proxy worker threads/processes, the same for all three
 DURATION=${DURATION:-8}        # seconds per wrk run
@@ -109,40 +110,8 @@ services:
 YAML
   REVEILLE_LOG=warn bg taskset -c "$PROXY_CPU" "$BIN/reveille" serve --config "$TMP/reveille.yaml" --workers "$WORKERS"
 
-  mkdir -p "$TMP/nginx"
-  cat >"$TMP/nginx.conf" <<NGINX
-worker_processes $WORKERS;
-worker_cpu_affinity auto;
-daemon off;
-pid $TMP/nginx.pid;
-error_log $TMP/nginx/error.log warn;
-events { worker_connections 20000; }
-http {
-  access_log off;
-  keepalive_requests 10000000;  # nginx closes a connection after 1000 requests (HTTP/1.1 and 2) by default
-  client_body_temp_path $TMP/nginx;
-  proxy_temp_path $TMP/nginx;
-  fastcgi_temp_path $TMP/nginx;
-  uwsgi_temp_path $TMP/nginx;
-  scgi_temp_path $TMP/nginx;
-  upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 256; }
-  server {
-    listen 127.0.0.1:$NGINX_PORT;
-    listen 127.0.0.1:$NGINX_H2_PORT http2;
-    location / {
-      proxy_pass http://origin;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$remote_addr;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_set_header X-Forwarded-Host \$host;
-    }
-  }
-}
-NGINX
-  # worker_cpu_affinity would spread workers; taskset keeps them on the proxy CPU.
-  sed -i '/worker_cpu_affinity/d' "$TMP/nginx.conf"
+  # (no worker_cpu_affinity: taskset keeps the workers on the proxy CPU)
+  nginx_conf "$TMP/nginx.conf" "$TMP/nginx" $ORIGIN_PORT $NGINX_PORT $NGINX_H2_PORT "worker_processes $WORKERS;"
   bg taskset -c "$PROXY_CPU" nginx -c "$TMP/nginx.conf" -e "$TMP/nginx/error.log"
 
   cat >"$TMP/haproxy.cfg" <<HAPROXY

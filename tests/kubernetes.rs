@@ -40,16 +40,6 @@ async fn start_reveille(cluster: &Cluster, cfg: reveille::Config) -> Running {
         .expect("start reveille")
 }
 
-fn routed(r: &Running) -> Vec<SocketAddr> {
-    let mut v: Vec<SocketAddr> = r.gates[0].endpoints().iter().map(|e| e.addr).collect();
-    v.sort();
-    v
-}
-
-async fn metrics_text(c: &TestClient, r: &Running) -> String {
-    get(c, r.admin_addr, "admin", "/metrics").await.body
-}
-
 async fn burst(c: &TestClient, r: &Running, n: usize) -> Vec<Resp> {
     let mut tasks = Vec::new();
     for i in 0..n {

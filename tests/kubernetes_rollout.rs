@@ -9,7 +9,6 @@ mod fake_kube;
 mod fake_rollout;
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,16 +34,6 @@ async fn start_reveille(sim: &Rollout, cfg: reveille::Config) -> Running {
     reveille::server::start_with_kube(cfg, Some(client))
         .await
         .expect("start reveille")
-}
-
-fn routed(r: &Running) -> Vec<SocketAddr> {
-    let mut v: Vec<SocketAddr> = r.gates[0].endpoints().iter().map(|e| e.addr).collect();
-    v.sort();
-    v
-}
-
-async fn metrics_text(c: &TestClient, r: &Running) -> String {
-    get(c, r.admin_addr, "admin", "/metrics").await.body
 }
 
 async fn rollout_state(c: &TestClient, r: &Running) -> serde_json::Value {

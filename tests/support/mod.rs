@@ -85,6 +85,18 @@ pub async fn stop(r: Running) {
         .expect("shutdown within 30s");
 }
 
+/// The first service's routed endpoint addresses, sorted.
+pub fn routed(r: &Running) -> Vec<SocketAddr> {
+    let mut v: Vec<SocketAddr> = r.gates[0].endpoints().iter().map(|e| e.addr).collect();
+    v.sort();
+    v
+}
+
+/// The admin `/metrics` text.
+pub async fn metrics_text(c: &TestClient, r: &Running) -> String {
+    get(c, r.admin_addr, "admin", "/metrics").await.body
+}
+
 /// A response, read whole.
 #[derive(Debug)]
 pub struct Resp {

@@ -1,0 +1,41 @@
+# Sourced by run.sh and instructions.sh: nginx as a reverse proxy in front of the origin, set up
+# like Reveille (upstream keep-alive, the same X-Forwarded-* headers, no access log).
+#
+#   nginx_conf FILE DIR ORIGIN_PORT PORT H2_PORT [TOP-LEVEL DIRECTIVES...]
+nginx_conf() {
+  local file=$1 dir=$2 origin=$3 port=$4 h2port=$5
+  shift 5
+  mkdir -p "$dir"
+  {
+    printf '%s\n' "$@"
+    cat <<NGINX
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  keepalive_requests 10000000;  # nginx closes a connection after 1000 requests (HTTP/1.1 and 2) by default
+  client_body_temp_path $dir;
+  proxy_temp_path $dir;
+  fastcgi_temp_path $dir;
+  uwsgi_temp_path $dir;
+  scgi_temp_path $dir;
+  upstream origin { server 127.0.0.1:$origin; keepalive 256; }
+  server {
+    listen 127.0.0.1:$port;
+    listen 127.0.0.1:$h2port http2;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
+    }
+  }
+}
+NGINX
+  } >"$file"
+}
