@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-. loadtests/nginx-conf.sh
+. loadtests/common.sh
 N=${1:-20000}
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need valgrind || ! need h2load || ! need nginx; then
@@ -33,13 +33,6 @@ cleanup() {
   rm -rf "$TMP"
 }
 trap cleanup EXIT
-wait_port() {
-  for _ in $(seq 600); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "port $1 did not open" >&2; return 1
-}
 
 timeout 1800 "$BIN/examples/origin" --listen 127.0.0.1:$ORIGIN --threads 1 & PIDS+=($!)
 wait_port $ORIGIN
@@ -74,11 +67,11 @@ measure() {
 
 REVEILLE_LOG=warn timeout 1800 valgrind -q --tool=callgrind --callgrind-out-file="$TMP/cg-reveille.out" \
   "$BIN/reveille" serve --config "$TMP/reveille.yaml" --workers 1 & PIDS+=($!)
-wait_port $REVEILLE
+wait_port $REVEILLE 60
 measure reveille "$(pgrep -P "${PIDS[-1]}" | head -1)" $REVEILLE $REVEILLE
 kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 
 timeout 1800 valgrind -q --tool=callgrind --callgrind-out-file="$TMP/cg-nginx.out" \
   nginx -c "$TMP/nginx.conf" -e "$TMP/nginx/error.log" & PIDS+=($!)
-wait_port $NGINX
+wait_port $NGINX 60
 measure nginx "$(pgrep -P "${PIDS[-1]}" | head -1)" $NGINX $NGINX_H2

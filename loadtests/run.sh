@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-. loadtests/nginx-conf.sh
+. loadtests/common.sh
 
 WORKERS=${WORKERS:-1}          # proxy worker threads/processes, the same for all three
 DURATION=${DURATION:-8}        # seconds per wrk run
@@ -64,14 +64,6 @@ trap cleanup EXIT
 
 # Every server is bounded in time too: `timeout` ends it if this script is killed.
 bg() { timeout 3600 "$@" & PIDS+=($!); }
-
-wait_port() {
-  for _ in $(seq 200); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "port $1 did not open" >&2; return 1
-}
 
 # utime+stime in clock ticks summed over a process and its children (nginx workers).
 cpu_ticks() {

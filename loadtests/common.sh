@@ -1,5 +1,17 @@
-# Sourced by run.sh and instructions.sh: nginx as a reverse proxy in front of the origin, set up
-# like Reveille (upstream keep-alive, the same X-Forwarded-* headers, no access log).
+# Sourced by run.sh and instructions.sh.
+
+# wait_port PORT [SECONDS]: until 127.0.0.1:PORT accepts (default 10 s; valgrind starts slowly).
+wait_port() {
+  local tries=$(( ${2:-10} * 20 ))
+  for _ in $(seq "$tries"); do
+    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "port $1 did not open" >&2; return 1
+}
+
+# nginx as a reverse proxy in front of the origin, set up like Reveille (upstream keep-alive,
+# the same X-Forwarded-* headers, no access log).
 #
 #   nginx_conf FILE DIR ORIGIN_PORT PORT H2_PORT [TOP-LEVEL DIRECTIVES...]
 nginx_conf() {
