@@ -263,8 +263,9 @@ impl Proxy {
                 }
                 Err(e) => e,
             };
-            let unsent = body_was_empty || slot.untouched();
-            let retry = err.is_connect() || (idempotent && unsent && keep_headers);
+            // `keep_headers` already says idempotent, body unsent before, attempts left; the
+            // body must still be unsent after this attempt.
+            let retry = err.is_connect() || (keep_headers && (body_was_empty || slot.untouched()));
             debug!(service = %gate.name(), endpoint = %permit.endpoint().addr, attempt, retry, error = %err, "upstream failed");
             if !retry || attempt >= MAX_ATTEMPTS || Instant::now() >= deadline {
                 let service = gate.name().clone();
