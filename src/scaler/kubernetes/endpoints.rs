@@ -246,24 +246,8 @@ fn slice_port(slice: &EndpointSlice, port: &PortRef) -> Option<u16> {
 /// Adds a slice's ready addresses at `port`. An endpoint is usable when `conditions.ready` is
 /// true or unset; only its first address counts (the rest are the same pod's).
 pub fn collect_ready(slice: &EndpointSlice, port: &PortRef, out: &mut BTreeSet<SocketAddr>) {
-    if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+    let Some(number) = slice_port(slice, port) else {
         return;
-    }
-    let number = match port {
-        PortRef::Number(n) => *n,
-        PortRef::Name(name) => {
-            let found = slice
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.as_deref() == Some(name.as_str()))
-                .and_then(|p| p.port)
-                .and_then(|p| u16::try_from(p).ok());
-            match found {
-                Some(n) => n,
-                None => return,
-            }
-        }
     };
     for ep in &slice.endpoints {
         let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);

@@ -36,7 +36,8 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use parking_lot::Mutex;
 use serde_json::json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tracing::{info, info_span, warn, Instrument, Span};
 
 use self::validate::{StepClient, API_TIMEOUT, CONDITION, REASON_FAILED};
@@ -90,7 +91,9 @@ struct Controller {
     /// The last finished validation, for the admin API.
     last_result: Option<serde_json::Value>,
     switching: bool,
-    tx: mpsc::UnboundedSender<Outcome>,
+    /// The validations running now; dropped with the controller, which aborts them (a reload
+    /// or a removed service does not leave requests going to pods).
+    tasks: JoinSet<Outcome>,
     /// The workload's scale, for `at_zero: wake` in direct mode.
     workload: WorkloadApi,
     replicas: i32,
@@ -115,7 +118,6 @@ pub async fn run(
     let gate = routing.gate().clone();
     let ns = cfg.namespace.clone();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let (tx, mut results) = mpsc::unbounded_channel();
     let mut c = Controller {
         gate: gate.clone(),
         routing,
@@ -134,7 +136,7 @@ pub async fn run(
         progress: Arc::default(),
         last_result: None,
         switching: false,
-        tx,
+        tasks: JoinSet::new(),
         workload: WorkloadApi::new(client.clone(), &ns, &cfg.workload),
         replicas: cfg.replicas,
         scaling: cfg.scaling,
@@ -179,7 +181,11 @@ pub async fn run(
                 None => return,
             },
             changed = slices.changed() => if changed.is_err() { return },
-            Some(outcome) = results.recv() => c.finish(outcome, &rs_store).await,
+            Some(joined) = c.tasks.join_next(), if !c.tasks.is_empty() => {
+                if let Ok(outcome) = joined {
+                    c.finish(outcome, &rs_store).await;
+                }
+            }
         }
         if pods_listed && rs_listed {
             let eps = slices.borrow_and_update().clone();
@@ -190,11 +196,7 @@ pub async fn run(
 
 /// A ReplicaSet's `pod-template-hash`.
 fn rs_hash(rs: &ReplicaSet) -> Option<&str> {
-    rs.metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get("pod-template-hash"))
-        .map(String::as_str)
+    validate::template_hash(&rs.metadata).map(String::as_str)
 }
 
 /// What the controller knows about one version.
@@ -258,14 +260,9 @@ impl Controller {
         let revisions: HashMap<String, i64> = {
             let mut m = HashMap::new();
             for rs in replicasets.state() {
-                if let Some(h) = rs
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("pod-template-hash"))
-                {
+                if let Some(h) = rs_hash(&rs) {
                     let r = validate::revision(&rs);
-                    let e = m.entry(h.clone()).or_insert(r);
+                    let e = m.entry(h.to_string()).or_insert(r);
                     *e = (*e).max(r);
                 }
             }
@@ -282,12 +279,7 @@ impl Controller {
             let (Some(name), Some(uid)) = (&pod.metadata.name, &pod.metadata.uid) else {
                 continue;
             };
-            let Some(hash) = pod
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("pod-template-hash"))
-            else {
+            let Some(hash) = validate::template_hash(&pod.metadata) else {
                 continue;
             };
             present.insert(uid.clone());
@@ -467,9 +459,8 @@ impl Controller {
         let steps = self.cfg.validation.clone();
         let client = self.client.clone();
         let progress = self.progress.clone();
-        let tx = self.tx.clone();
         let total = steps.len();
-        tokio::spawn(
+        self.tasks.spawn(
             async move {
                 info!(pod = %name, "validating");
                 let result = match addr {
@@ -490,11 +481,11 @@ impl Controller {
                     Err(why) => Err(why),
                 };
                 progress.lock().remove(&name);
-                let _ = tx.send(Outcome {
+                Outcome {
                     pod,
                     version,
                     result,
-                });
+                }
             }
             .instrument(span),
         );

@@ -13,6 +13,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::{json, Value};
@@ -208,14 +209,9 @@ pub async fn rollback(
         })
         .collect();
     owned.sort_by_key(|rs| std::cmp::Reverse(revision(rs)));
-    let hash = |rs: &ReplicaSet| {
-        rs.metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("pod-template-hash"))
-            .cloned()
-            .unwrap_or_default()
-    };
+    fn hash(rs: &ReplicaSet) -> &str {
+        template_hash(&rs.metadata).map_or("", String::as_str)
+    }
     match owned.first() {
         Some(newest) if hash(newest) == failed => {}
         _ => {
@@ -279,9 +275,13 @@ pub fn container_port(pod: &Pod, name: &str) -> Option<u16> {
 
 /// How long ago the pod was created, if it says.
 pub fn age(pod: &Pod) -> Option<Duration> {
-    let created = serde_json::to_value(pod.metadata.creation_timestamp.as_ref()?).ok()?;
-    let created = humantime::parse_rfc3339_weak(created.as_str()?).ok()?;
+    let created = SystemTime::from(pod.metadata.creation_timestamp.as_ref()?.0);
     SystemTime::now().duration_since(created).ok()
+}
+
+/// A pod's or ReplicaSet's version: its `pod-template-hash` label.
+pub fn template_hash(meta: &ObjectMeta) -> Option<&String> {
+    meta.labels.as_ref()?.get("pod-template-hash")
 }
 
 /// Bound on one API call of the rollout controller.
