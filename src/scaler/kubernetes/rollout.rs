@@ -566,7 +566,7 @@ impl Controller {
         }
         if self.cfg.on_failure == OnFailure::Rollback && self.rolled_back.insert(o.version.clone())
         {
-            let rss: Vec<ReplicaSet> = replicasets.state().iter().map(|r| (**r).clone()).collect();
+            let rss = replicasets.state();
             let r = tokio::time::timeout(
                 API_TIMEOUT,
                 validate::rollback(&self.deployments, &self.deployment, &rss, &o.version),

@@ -193,13 +193,14 @@ pub enum Rollback {
 pub async fn rollback(
     deployments: &Api<Deployment>,
     name: &str,
-    replicasets: &[ReplicaSet],
+    replicasets: &[std::sync::Arc<ReplicaSet>],
     failed: &str,
 ) -> Result<Rollback, kube::Error> {
     let deploy = deployments.get(name).await?;
     let uid = deploy.metadata.uid.clone().unwrap_or_default();
     let mut owned: Vec<&ReplicaSet> = replicasets
         .iter()
+        .map(|rs| &**rs)
         .filter(|rs| {
             rs.metadata
                 .owner_references
