@@ -31,11 +31,11 @@ use crate::upstream::{self, BodySlot, Outgoing, ProxyBody, Upstreams};
 /// Header on responses to requests that were held during a cold start.
 pub const COLD_START_HEADER: &str = "x-reveille-cold-start";
 /// Attempts at most for one request (connect failures, safe retries).
-const MAX_ATTEMPTS: u32 = 5;
+pub(crate) const MAX_ATTEMPTS: u32 = 5;
 /// First pause before a retry; doubles each time.
-const RETRY_BACKOFF: Duration = Duration::from_millis(10);
+pub(crate) const RETRY_BACKOFF: Duration = Duration::from_millis(10);
 /// How long an endpoint that refused a connection is skipped by the balancer.
-const PASSIVE_EJECTION: Duration = Duration::from_secs(1);
+pub(crate) const PASSIVE_EJECTION: Duration = Duration::from_secs(1);
 
 static KNATIVE_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
 static KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-namespace");
@@ -59,10 +59,10 @@ pub struct Shared {
 /// The per-connection hyper service.
 #[derive(Clone)]
 pub struct Proxy {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     /// The client's address as an `X-Forwarded-For` value, made once per connection.
-    client_ip: HeaderValue,
-    proto: &'static str,
+    pub(crate) client_ip: HeaderValue,
+    pub(crate) proto: &'static str,
 }
 
 impl Proxy {
@@ -131,26 +131,7 @@ impl Proxy {
             }
             let deadline = arrived + gate.settings().hold_timeout;
             let mut gate = gate;
-            let mut acquired = gate.acquire(deadline).await;
-            // A reload replaced the service while the request was held: follow it to the new gate,
-            // keeping its place in time (the deadline), not in the old queue.
-            // Each hop goes to a newer gate, and the deadline bounds the whole wait.
-            loop {
-                if !matches!(
-                    acquired,
-                    Err(ProxyError::ServiceRemoved { .. } | ProxyError::ShuttingDown { .. })
-                ) {
-                    break;
-                }
-                let Some(next) = self.shared.services.load().gate(gate.name()).cloned() else {
-                    break;
-                };
-                if Arc::ptr_eq(&next, &gate) {
-                    break;
-                }
-                gate = next;
-                acquired = gate.acquire(deadline).await;
-            }
+            let acquired = acquire_following(&self.shared.services, &mut gate, deadline).await;
             let resp = match acquired {
                 // Boxed: a held request then carries only the hold state, not the forwarding one.
                 Ok(acquired) => Box::pin(self.forward(req, acquired, &gate, deadline)).await,
@@ -299,6 +280,32 @@ impl Proxy {
             ProxyBody::upstream(body, permit, lease),
         ))
     }
+}
+
+/// [`Gate::acquire`], following the service to its new gate when a reload replaced it while
+/// the request was held: the request keeps its place in time (the deadline), not in the old
+/// queue. Each hop goes to a newer gate, and the deadline bounds the whole wait. `gate` ends
+/// as the gate that answered.
+pub(crate) async fn acquire_following(
+    services: &Services,
+    gate: &mut Arc<Gate>,
+    deadline: Instant,
+) -> Result<Acquired, ProxyError> {
+    let mut acquired = gate.acquire(deadline).await;
+    while matches!(
+        acquired,
+        Err(ProxyError::ServiceRemoved { .. } | ProxyError::ShuttingDown { .. })
+    ) {
+        let Some(next) = services.load().gate(gate.name()).cloned() else {
+            break;
+        };
+        if Arc::ptr_eq(&next, gate) {
+            break;
+        }
+        *gate = next;
+        acquired = gate.acquire(deadline).await;
+    }
+    acquired
 }
 
 /// Answers Knative's network probes as its activator does.

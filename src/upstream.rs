@@ -234,6 +234,8 @@ pub struct Upstreams {
     pub http1: Http1Pool,
     /// HTTP/2 cleartext (prior knowledge) backends, e.g. gRPC.
     pub h2c: UpstreamClient,
+    /// HTTP/1.1 backends of the fast path ([`crate::h1`]).
+    pub raw: crate::h1::pool::RawPool,
 }
 
 impl Upstreams {
@@ -246,6 +248,7 @@ impl Upstreams {
         Upstreams {
             http1: Http1Pool::new(timeouts),
             h2c: pooled(connector, true, timeouts),
+            raw: crate::h1::pool::RawPool::new(timeouts.upstream_connect, timeouts.upstream_idle),
         }
     }
 
@@ -410,7 +413,7 @@ impl Lease {
 /// FNV-1a, for endpoint addresses (few, and not chosen by clients): cheaper than SipHash on the
 /// per-request lookup.
 #[derive(Default, Clone, Copy)]
-struct AddrHasher(u64);
+pub(crate) struct AddrHasher(u64);
 
 impl std::hash::Hasher for AddrHasher {
     fn finish(&self) -> u64 {

@@ -1,0 +1,1090 @@
+//! The HTTP/1.1 fast path: plain-TCP HTTP/1.1 client connections to cleartext HTTP/1.1
+//! backends, proxied byte for byte instead of through hyper's server and client.
+//!
+//! A request head is parsed in place (httparse) from the connection's read buffer and, when it
+//! is a common one, rewritten straight into the backend's request head: hop-by-hop fields
+//! dropped, `X-Forwarded-*` set, everything else copied as sent. The response head is rewritten
+//! the same way, and the body is passed on as the backend framed it (a chunked body is scanned
+//! for its end, not decoded; a body delimited by the backend's close is chunked for the
+//! client, whose connection stays open). No header map, no request or response value, no body
+//! frames, no task crossing: the connection's own task reads, holds, forwards and streams.
+//!
+//! Anything uncommon is handed to hyper with the bytes read so far, and hyper serves the rest
+//! of the connection exactly as before (see [`Plan::Handoff`]): a request with a body,
+//! `Expect`, upgrades (WebSockets), HTTP/1.0, Knative-routed requests, a target or Host that
+//! is not plain, a head that does not parse or is too large (hyper answers 400/431), no route
+//! (hyper's path answers 404), a service whose backend speaks h2c or TLS. So every rule the
+//! hyper path enforces still holds; the fast path only ever takes requests that pass them.
+//!
+//! The fast path keeps the rest of the proxy's behaviour: holding in the gate (a client that
+//! closes while held leaves the queue), following a reload to the new gate, retries (a
+//! connect failure on another endpoint, an idempotent request when no response came),
+//! passive ejection, the response timeout, the cold-start header, metrics, the client header
+//! timeout for idle keep-alive connections, and graceful shutdown (a last request within
+//! [`LAST_REQUEST_GRACE`], `Connection: close` on responses once shutting down).
+
+mod chunked;
+pub mod pool;
+
+use std::future::Future;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+use tracing::debug;
+
+use crate::config::Protocol;
+use crate::error::ProxyError;
+use crate::gate::{Acquired, Gate};
+use crate::inbound::{drive, Inbound, OnlyWhenWoken, LAST_REQUEST_GRACE};
+use crate::limits::{MAX_HEADER_BYTES, MAX_URI_BYTES};
+use crate::proxy::{
+    acquire_following, Proxy, COLD_START_HEADER, MAX_ATTEMPTS, PASSIVE_EJECTION, RETRY_BACKOFF,
+};
+use crate::scaler;
+use crate::server::ConnectionGuard;
+
+/// First size of a connection's read buffer.
+const READ_BUF: usize = 4096;
+/// First size of the buffer for a backend's response.
+const RESPONSE_BUF: usize = 8 * 1024;
+/// Largest read of a response body at once.
+const MAX_BODY_READ: usize = 64 * 1024;
+/// Largest response head accepted from a backend.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Header fields in a request the fast path takes; more go to hyper (which allows up to
+/// [`crate::limits::MAX_HEADERS`] and answers `431` beyond).
+const FAST_HEADERS: usize = 48;
+/// Header fields in a backend's response at most.
+const RESPONSE_HEADERS: usize = 128;
+/// Largest request body the fast path takes (read whole once the request may go, then sent
+/// with its head); a larger one, or a chunked one, is streamed by hyper's path.
+const MAX_FAST_BODY: u64 = 64 * 1024;
+/// Pooled connections tried per attempt before connecting anew.
+const STALE_TRIES: u32 = 4;
+
+/// Serves a plain-TCP HTTP/1 connection: the fast path while its requests are common ones,
+/// then hyper for the rest of the connection. `deadline` bounds the wait for the first head.
+///
+/// A plain `fn` returning an `async move` block (see [`Inbound::serve_tcp`]).
+#[allow(clippy::manual_async_fn)] // on purpose, see above
+pub(crate) fn serve(
+    inbound: Arc<Inbound>,
+    stream: TcpStream,
+    proxy: Proxy,
+    close: watch::Receiver<bool>,
+    guard: ConnectionGuard,
+    deadline: Instant,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let mut stop_rx = close.clone();
+        let stop = OnlyWhenWoken::new(scaler::stopped(&mut stop_rx));
+        tokio::pin!(stop);
+        let mut c = Client {
+            stream,
+            buf: Vec::with_capacity(READ_BUF),
+            out: Vec::new(),
+            resp: Vec::new(),
+            head_timer: Box::pin(tokio::time::sleep_until(deadline)),
+            resp_timer: None,
+            last_host: None,
+            proxy,
+            close,
+            shutting: false,
+            client_header: inbound.client_header(),
+        };
+        let mut deadline = deadline;
+        loop {
+            let mut armed = false;
+            let fwd = loop {
+                if !c.buf.is_empty() {
+                    match plan(&c.buf, &mut c.out, &c.proxy) {
+                        Plan::Partial if c.buf.len() <= MAX_HEADER_BYTES => {}
+                        Plan::Partial | Plan::Handoff => {
+                            return handoff(inbound, c, guard).await;
+                        }
+                        Plan::Forward(f) => break f,
+                    }
+                }
+                if !c.read_more(&mut deadline, &mut armed, stop.as_mut()).await {
+                    return;
+                }
+            };
+            c.buf.drain(..fwd.head_len);
+            // A response sent while shutting down said `Connection: close`; otherwise the
+            // client may still send a last request (the next wait is shortened to the grace).
+            if !c.request(fwd).await {
+                return;
+            }
+            deadline = Instant::now() + c.client_header;
+        }
+    }
+}
+
+/// Hands the connection to hyper, replaying the bytes read so far.
+async fn handoff(inbound: Arc<Inbound>, c: Client, guard: ConnectionGuard) {
+    let io = Prefixed {
+        prefix: c.buf,
+        pos: 0,
+        inner: c.stream,
+    };
+    // Boxed: the fast path's state does not carry hyper's connection.
+    Box::pin(drive(inbound.http1(io, c.proxy), c.close, guard)).await;
+}
+
+/// One client connection on the fast path.
+struct Client {
+    stream: TcpStream,
+    /// Bytes read from the client and not yet used (a partial head, or pipelined requests).
+    buf: Vec<u8>,
+    /// The head being written: the backend's request head, then the client's response head.
+    out: Vec<u8>,
+    /// What the backend sent.
+    resp: Vec<u8>,
+    /// Bounds the wait for a request head (re-armed per request: extending a pending timer
+    /// is one atomic operation).
+    head_timer: Pin<Box<Sleep>>,
+    /// Bounds the wait for a response head.
+    resp_timer: Option<Pin<Box<Sleep>>>,
+    /// The pooled connections of the endpoint used last (most requests go to the same one).
+    last_host: Option<(SocketAddr, Arc<pool::Host>)>,
+    proxy: Proxy,
+    close: watch::Receiver<bool>,
+    /// Shutting down: answer the request in progress with `Connection: close`.
+    shutting: bool,
+    /// `timeouts.client_header`: bounds a request head, an idle keep-alive wait, and a body.
+    client_header: std::time::Duration,
+}
+
+impl Client {
+    /// Reads more of a request head; `false` when the client closed, failed, or sent nothing
+    /// in time (the deadline, shortened to [`LAST_REQUEST_GRACE`] when shutdown starts).
+    async fn read_more<S: Future<Output = ()>>(
+        &mut self,
+        deadline: &mut Instant,
+        armed: &mut bool,
+        mut stop: Pin<&mut OnlyWhenWoken<S>>,
+    ) -> bool {
+        loop {
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(self.buf.capacity().max(READ_BUF));
+            }
+            match self.stream.try_read_buf(&mut self.buf) {
+                Ok(0) => return false,
+                Ok(_) => return true,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(_) => return false,
+            }
+            if !*armed {
+                self.head_timer.as_mut().reset(*deadline);
+                *armed = true;
+            }
+            tokio::select! {
+                biased;
+                r = self.stream.readable() => if r.is_err() { return false },
+                () = self.head_timer.as_mut() => return false,
+                () = stop.as_mut(), if !self.shutting => {
+                    self.shutting = true;
+                    let grace = Instant::now() + LAST_REQUEST_GRACE;
+                    if grace < *deadline {
+                        *deadline = grace;
+                        self.head_timer.as_mut().reset(grace);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether shutdown has started (read without registering anything).
+    fn shutting_down(&mut self) -> bool {
+        self.shutting
+            || match self.close.has_changed() {
+                Err(_) => true,
+                Ok(false) => false,
+                Ok(true) => *self.close.borrow(),
+            }
+    }
+
+    /// Holds and forwards one request and writes its response; `false` when the connection
+    /// must close.
+    async fn request(&mut self, fwd: Forward) -> bool {
+        let arrived = Instant::now();
+        let Forward {
+            gate,
+            body,
+            close,
+            idempotent,
+            head: head_method,
+            ..
+        } = fwd;
+        let mut gate = gate;
+        let deadline = arrived + gate.settings().hold_timeout;
+        let acquired = {
+            let services = &self.proxy.shared.services;
+            let acquiring = acquire_following(services, &mut gate, deadline);
+            tokio::pin!(acquiring);
+            let first = std::future::poll_fn(|cx| Poll::Ready(acquiring.as_mut().poll(cx))).await;
+            match first {
+                Poll::Ready(r) => r,
+                Poll::Pending => {
+                    // Held: the read buffer is not needed while waiting unless pipelined bytes
+                    // are in it.
+                    if self.buf.is_empty() {
+                        self.buf = Vec::new();
+                    }
+                    tokio::select! {
+                        biased;
+                        r = &mut acquiring => r,
+                        () = client_gone(&self.stream, &mut self.buf) => return false,
+                    }
+                }
+            }
+        };
+        if acquired.is_ok() && body > 0 {
+            // The body goes with the head, whole: read the rest of it now.
+            if !self.read_body(body).await {
+                return false;
+            }
+            self.out.extend_from_slice(&self.buf[..body]);
+            self.buf.drain(..body);
+        }
+        // An error answer with the body unread must close (the body would be read as a head).
+        let close = close || (acquired.is_err() && body > 0);
+        let result = match acquired {
+            Ok(a) => {
+                self.forward(&gate, a, deadline, idempotent, head_method, close, arrived)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(keep) => keep,
+            Err(e) => {
+                gate.metrics().rejected(e.kind());
+                debug!(service = %gate.name(), kind = e.kind(), "rejected: {e}");
+                gate.metrics()
+                    .request(e.status().as_u16(), arrived.elapsed().as_secs_f64());
+                let close =
+                    close || e.status() == http::StatusCode::BAD_REQUEST || self.shutting_down();
+                write_error(&mut self.out, &e, close);
+                self.stream.write_all(&self.out).await.is_ok() && !close
+            }
+        }
+    }
+
+    /// Reads until `buf` holds `len` body bytes, bounded by the client header timeout; `false`
+    /// when the client closed, failed or stalled.
+    async fn read_body(&mut self, len: usize) -> bool {
+        let deadline = Instant::now() + self.client_header;
+        while self.buf.len() < len {
+            self.buf.reserve(len - self.buf.len());
+            let read = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf));
+            match read.await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    fn host(&mut self, addr: SocketAddr) -> Arc<pool::Host> {
+        match &self.last_host {
+            Some((a, h)) if *a == addr => h.clone(),
+            _ => {
+                let h = self.proxy.shared.upstreams.raw.host(addr);
+                self.last_host = Some((addr, h.clone()));
+                h
+            }
+        }
+    }
+
+    /// Sends the request (retrying as [`crate::proxy`] does) and relays the response.
+    /// `Ok(keep_alive)` once a response was written (or writing it failed midway: `false`).
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &mut self,
+        gate: &Arc<Gate>,
+        acquired: Acquired,
+        deadline: Instant,
+        idempotent: bool,
+        head_method: bool,
+        close: bool,
+        arrived: Instant,
+    ) -> Result<bool, ProxyError> {
+        let cold = acquired.cold && acquired.held_for.is_some();
+        let mut permit = acquired.permit;
+        let timeout = self.proxy.shared.response_timeout;
+        let close = close || self.shutting_down();
+        let ctx = ResponseCtx {
+            cold,
+            close,
+            head_method,
+        };
+        let mut attempt = 1;
+        let (mut upstream, head, host) = loop {
+            let addr = permit.endpoint().addr;
+            let host = self.host(addr);
+            let timer = self
+                .resp_timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+            let exchange = Exchange {
+                pool: &self.proxy.shared.upstreams.raw,
+                host: &host,
+                addr,
+                idempotent,
+                timeout,
+                ctx,
+            };
+            let err = match exchange.run(&mut self.out, &mut self.resp, timer).await {
+                Ok((up, head)) => break (up, head, host),
+                Err(Failure::Timeout) => {
+                    return Err(ProxyError::UpstreamTimeout {
+                        service: gate.name().clone(),
+                        after: timeout,
+                    })
+                }
+                Err(e) => e,
+            };
+            let connect = matches!(err, Failure::Connect(_));
+            let retry = connect || (idempotent && attempt < MAX_ATTEMPTS);
+            debug!(service = %gate.name(), endpoint = %addr, attempt, retry, error = %err, "upstream failed");
+            if !retry || attempt >= MAX_ATTEMPTS || Instant::now() >= deadline {
+                let service = gate.name().clone();
+                return Err(if connect {
+                    ProxyError::UpstreamConnect { service }
+                } else {
+                    ProxyError::Upstream { service }
+                });
+            }
+            if connect {
+                gate.eject(permit.endpoint(), PASSIVE_EJECTION);
+            }
+            drop(permit);
+            // Boxed: retries are rare, their futures would grow every connection's task.
+            permit = Box::pin(async {
+                tokio::time::sleep(RETRY_BACKOFF * 2u32.pow(attempt - 1)).await;
+                gate.acquire_again(deadline).await
+            })
+            .await?
+            .permit;
+            attempt += 1;
+        };
+        gate.metrics()
+            .request(head.status, arrived.elapsed().as_secs_f64());
+        let relayed = relay_body(
+            &mut self.stream,
+            &mut upstream,
+            &mut self.resp,
+            &mut self.out,
+            head.len,
+            head.framing,
+        )
+        .await;
+        drop(permit);
+        match relayed {
+            Ok(clean) => {
+                if clean && head.reuse {
+                    host.put(upstream);
+                }
+                Ok(!close)
+            }
+            // Midway: the client has part of a response; only closing tells it so.
+            Err(()) => Ok(false),
+        }
+    }
+}
+
+/// Resolves when the client closes (or fails) while its request is held; pipelined bytes
+/// that arrive meanwhile are kept for later.
+async fn client_gone(stream: &TcpStream, buf: &mut Vec<u8>) {
+    loop {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        if buf.len() >= MAX_HEADER_BYTES {
+            // Enough queued; the rest waits in the socket.
+            return std::future::pending().await;
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(READ_BUF);
+        }
+        match stream.try_read_buf(buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// What to do with the bytes read so far.
+enum Plan {
+    /// The head is not complete yet.
+    Partial,
+    /// Not for the fast path: hyper serves the connection from here.
+    Handoff,
+    /// A common request, its backend head written.
+    Forward(Forward),
+}
+
+struct Forward {
+    gate: Arc<Gate>,
+    head_len: usize,
+    /// Request body bytes (`Content-Length`), after the head.
+    body: usize,
+    /// The client asked to close after this request.
+    close: bool,
+    idempotent: bool,
+    /// A `HEAD` request: the response has no body.
+    head: bool,
+}
+
+/// Header fields the fast path treats specially.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Host,
+    ContentLength,
+    Connection,
+    XForwardedFor,
+    /// Replaced by this hop.
+    XForwardedOwn,
+    /// Hop-by-hop, dropped.
+    HopByHop,
+    /// Hop-by-hop with framing or protocol meaning: hyper's path handles it.
+    Special,
+    Other,
+}
+
+fn field(name: &[u8]) -> Field {
+    let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+    match name.len() {
+        4 if is("host") => Field::Host,
+        14 if is("content-length") => Field::ContentLength,
+        10 if is("connection") => Field::Connection,
+        10 if is("keep-alive") => Field::HopByHop,
+        15 if is("x-forwarded-for") => Field::XForwardedFor,
+        15 if is("k-network-probe") => Field::Special,
+        16 if is("x-forwarded-host") => Field::XForwardedOwn,
+        16 if is("proxy-connection") => Field::HopByHop,
+        17 if is("x-forwarded-proto") => Field::XForwardedOwn,
+        17 if is("transfer-encoding") => Field::Special,
+        18 if is("proxy-authenticate") => Field::HopByHop,
+        19 if is("proxy-authorization") => Field::HopByHop,
+        2 if is("te") => Field::Special,
+        6 if is("expect") => Field::Special,
+        7 if is("upgrade") || is("trailer") => Field::Special,
+        24 if is("knative-serving-revision") => Field::Special,
+        25 if is("knative-serving-namespace") => Field::Special,
+        _ => Field::Other,
+    }
+}
+
+/// A header value `HeaderValue::to_str` accepts: visible ASCII, spaces and tabs.
+fn visible_ascii(v: &[u8]) -> bool {
+    v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+}
+
+/// A byte the fast path passes in a request target: RFC 3986 unreserved, sub-delims, `:`, `@`,
+/// `/`, `?`, `%`. Anything else goes to hyper, whose URI parser decides.
+fn plain_target_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+}
+
+fn idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
+    )
+}
+
+/// Parses the head in `buf` and, for a common request, writes the backend's head into `out`.
+fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
+    let mut headers = [httparse::EMPTY_HEADER; FAST_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Plan::Partial,
+        Err(_) => return Plan::Handoff,
+    };
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Plan::Handoff;
+    };
+    if method == "CONNECT"
+        || !target.starts_with('/')
+        || target.len() > MAX_URI_BYTES
+        || !target.bytes().all(plain_target_byte)
+    {
+        return Plan::Handoff;
+    }
+    if head_len > MAX_HEADER_BYTES {
+        // hyper answers 431.
+        return Plan::Handoff;
+    }
+    let mut host = None;
+    let mut close = false;
+    let mut body: Option<u64> = None;
+    for h in req.headers.iter() {
+        match field(h.name.as_bytes()) {
+            Field::Host => {
+                if host.is_some() || !visible_ascii(h.value) {
+                    return Plan::Handoff;
+                }
+                host = Some(h.value);
+            }
+            Field::ContentLength => match (body, parse_length(h.value)) {
+                (None, Some(n)) if n <= MAX_FAST_BODY => body = Some(n),
+                // Several, invalid or large: hyper's path judges or streams it.
+                _ => return Plan::Handoff,
+            },
+            Field::Connection => {
+                for token in h.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !(token.is_empty() || token.eq_ignore_ascii_case(b"keep-alive")) {
+                        // Lists other fields as hop-by-hop (or asks for an upgrade).
+                        return Plan::Handoff;
+                    }
+                }
+            }
+            Field::Special => return Plan::Handoff,
+            _ => {}
+        }
+    }
+    let Some(host) = host.and_then(|h| std::str::from_utf8(h).ok()) else {
+        return Plan::Handoff;
+    };
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    let gate = {
+        let snapshot = proxy.shared.services.load();
+        match snapshot.router.lookup(host, path) {
+            Some(g) => g.clone(),
+            None => return Plan::Handoff,
+        }
+    };
+    let settings = gate.settings();
+    if settings.protocol != Protocol::Http1 || settings.upstream.is_some() {
+        return Plan::Handoff;
+    }
+    out.clear();
+    out.reserve(head_len + 128);
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for h in req.headers.iter() {
+        if matches!(
+            field(h.name.as_bytes()),
+            Field::Host | Field::ContentLength | Field::Other
+        ) {
+            put_field(out, h.name.as_bytes(), h.value);
+        }
+    }
+    put_field(out, b"x-forwarded-host", host.as_bytes());
+    // Every earlier hop, however many lines they came on (RFC 9110 §5.3), then the client.
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for h in req.headers.iter() {
+        if field(h.name.as_bytes()) == Field::XForwardedFor && visible_ascii(h.value) {
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b", ");
+        }
+    }
+    out.extend_from_slice(proxy.client_ip.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    put_field(out, b"x-forwarded-proto", proxy.proto.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    Plan::Forward(Forward {
+        gate,
+        head_len,
+        body: body.unwrap_or(0) as usize,
+        close,
+        idempotent: idempotent(method),
+        head: method == "HEAD",
+    })
+}
+
+fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How a response body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body (`HEAD`, 204, 304).
+    Empty,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// Chunked, passed on as is.
+    Chunked,
+    /// Until the backend closes; chunked for the client.
+    UntilClose,
+}
+
+/// A response head, already rewritten for the client into `out`.
+struct Head {
+    /// Its length in the response buffer (the body starts after it).
+    len: usize,
+    status: u16,
+    framing: Framing,
+    /// The backend connection can take another request after this response.
+    reuse: bool,
+}
+
+/// What the client's response head needs besides the backend's.
+#[derive(Clone, Copy)]
+struct ResponseCtx {
+    cold: bool,
+    close: bool,
+    head_method: bool,
+}
+
+/// Why an attempt failed.
+#[derive(Debug)]
+enum Failure {
+    /// No connection: nothing was sent.
+    Connect(std::io::Error),
+    /// No response head within the response timeout.
+    Timeout,
+    /// The request may have reached the backend.
+    Failed(std::borrow::Cow<'static, str>),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Connect(e) => write!(f, "connect: {e}"),
+            Failure::Timeout => f.write_str("no response in time"),
+            Failure::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// One attempt: a request head to one endpoint, until its response head.
+struct Exchange<'a> {
+    pool: &'a pool::RawPool,
+    host: &'a pool::Host,
+    addr: SocketAddr,
+    idempotent: bool,
+    timeout: std::time::Duration,
+    ctx: ResponseCtx,
+}
+
+impl Exchange<'_> {
+    /// Writes `out` (the request head) on a pooled or new connection and reads the response
+    /// head into `resp`; then `out` holds the client's response head. A pooled connection
+    /// that turns out closed before answering anything is replaced (idempotent requests).
+    async fn run(
+        &self,
+        out: &mut Vec<u8>,
+        resp: &mut Vec<u8>,
+        timer: &mut Pin<Box<Sleep>>,
+    ) -> Result<(TcpStream, Head), Failure> {
+        let mut stale = 0;
+        'conn: loop {
+            let pooled = if stale < STALE_TRIES {
+                self.host.checkout()
+            } else {
+                None
+            };
+            let reused = pooled.is_some();
+            let mut up = match pooled {
+                Some(s) => s,
+                // Boxed: connecting is rare, and its future would grow every connection's task.
+                None => Box::pin(self.pool.connect(self.addr))
+                    .await
+                    .map_err(Failure::Connect)?,
+            };
+            if let Err(e) = up.write_all(out).await {
+                if reused && self.idempotent {
+                    stale += 1;
+                    continue;
+                }
+                return Err(Failure::Failed(format!("writing the request: {e}").into()));
+            }
+            resp.clear();
+            if resp.capacity() < RESPONSE_BUF {
+                resp.reserve(RESPONSE_BUF);
+            }
+            timer.as_mut().reset(Instant::now() + self.timeout);
+            loop {
+                if resp.capacity() - resp.len() < 1024 {
+                    resp.reserve(resp.capacity());
+                }
+                let read = tokio::select! {
+                    biased;
+                    r = up.read_buf(resp) => r,
+                    () = timer.as_mut() => return Err(Failure::Timeout),
+                };
+                match read {
+                    Ok(0) | Err(_) if resp.is_empty() && reused && self.idempotent => {
+                        stale += 1;
+                        continue 'conn;
+                    }
+                    Ok(0) => {
+                        return Err(Failure::Failed(
+                            "the backend closed the connection before its response head".into(),
+                        ))
+                    }
+                    Err(e) => {
+                        return Err(Failure::Failed(format!("reading the response: {e}").into()))
+                    }
+                    Ok(_) => {}
+                }
+                loop {
+                    match response_head(resp, out, self.ctx) {
+                        Parsed::Partial if resp.len() > MAX_RESPONSE_HEAD => {
+                            return Err(Failure::Failed("the response head is too large".into()))
+                        }
+                        Parsed::Partial => break,
+                        Parsed::Interim(n) => {
+                            // 1xx (not 101): informational, not passed on (as hyper's client).
+                            resp.drain(..n);
+                        }
+                        Parsed::Invalid(why) => return Err(Failure::Failed(why.into())),
+                        Parsed::Complete(head) => return Ok((up, head)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum Parsed {
+    Partial,
+    Interim(usize),
+    Invalid(&'static str),
+    Complete(Head),
+}
+
+/// Parses a response head in `resp` and writes the client's head into `out`.
+fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
+    if resp.is_empty() {
+        return Parsed::Partial;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; RESPONSE_HEADERS];
+    let mut r = httparse::Response::new(&mut headers);
+    let len = match r.parse(resp) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Invalid("the backend's response head does not parse"),
+    };
+    let (Some(status), Some(version)) = (r.code, r.version) else {
+        return Parsed::Invalid("the backend's response head does not parse");
+    };
+    if status == 101 {
+        return Parsed::Invalid("the backend switched protocols unasked");
+    }
+    if (100..200).contains(&status) {
+        return Parsed::Interim(len);
+    }
+    let mut reuse = version == 1;
+    let mut chunked = None;
+    let mut length: Option<u64> = None;
+    let mut listed = false;
+    for h in r.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // The final coding decides (RFC 9112 §6.3).
+            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            for v in h.value.split(|b| *b == b',') {
+                let Some(n) = parse_length(v.trim_ascii()) else {
+                    return Parsed::Invalid("the backend sent an invalid Content-Length");
+                };
+                if length.is_some_and(|l| l != n) {
+                    return Parsed::Invalid("the backend sent conflicting Content-Lengths");
+                }
+                length = Some(n);
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in h.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    reuse = false;
+                } else if !(token.is_empty() || token.eq_ignore_ascii_case(b"keep-alive")) {
+                    listed = true;
+                }
+            }
+        }
+    }
+    let framing = if ctx.head_method || status == 204 || status == 304 {
+        Framing::Empty
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => Framing::Chunked,
+            (Some(false), _) => Framing::UntilClose,
+            (None, Some(n)) => Framing::Length(n),
+            (None, None) => Framing::UntilClose,
+        }
+    };
+    if framing == Framing::UntilClose {
+        reuse = false;
+    }
+    // Fields the backend's `Connection` lists are hop-by-hop too (rare: collected only then).
+    let listed: Vec<&[u8]> = if listed {
+        r.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|h| h.value.split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    out.clear();
+    out.reserve(len + 64);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa3(status).as_slice());
+    out.push(b' ');
+    match r.reason {
+        Some(reason) if !reason.is_empty() => out.extend_from_slice(reason.as_bytes()),
+        _ => out.extend_from_slice(
+            http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("")
+                .as_bytes(),
+        ),
+    }
+    out.extend_from_slice(b"\r\n");
+    for h in r.headers.iter() {
+        let name = h.name.as_bytes();
+        let keep = match field(name) {
+            Field::Connection | Field::HopByHop | Field::Special => false,
+            Field::ContentLength => chunked.is_none(),
+            _ => !listed.iter().any(|l| l.eq_ignore_ascii_case(name)),
+        };
+        if keep {
+            put_field(out, name, h.value);
+        }
+    }
+    if ctx.cold {
+        put_field(out, COLD_START_HEADER.as_bytes(), b"true");
+    }
+    if matches!(framing, Framing::Chunked | Framing::UntilClose) {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if ctx.close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Parsed::Complete(Head {
+        len,
+        status,
+        framing,
+        reuse,
+    })
+}
+
+fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+fn itoa3(status: u16) -> [u8; 3] {
+    let s = status.min(999);
+    [
+        b'0' + (s / 100) as u8,
+        b'0' + (s / 10 % 10) as u8,
+        b'0' + (s % 10) as u8,
+    ]
+}
+
+/// Writes the client's response head (in `out`) and passes the body on. `Ok(true)` when the
+/// body ended exactly where its framing says (the backend connection may be reused);
+/// `Err(())` when either side failed midway.
+async fn relay_body(
+    client: &mut TcpStream,
+    up: &mut TcpStream,
+    resp: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    start: usize,
+    framing: Framing,
+) -> Result<bool, ()> {
+    let first = &resp[start..];
+    match framing {
+        Framing::Empty => {
+            client.write_all(out).await.map_err(drop)?;
+            Ok(first.is_empty())
+        }
+        Framing::Length(n) => {
+            let take = first.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+            let mut clean = first.len() == take;
+            out.extend_from_slice(&first[..take]);
+            client.write_all(out).await.map_err(drop)?;
+            let mut left = n - take as u64;
+            while left > 0 {
+                let got = read_some(up, resp).await?;
+                let take = got.min(usize::try_from(left).unwrap_or(usize::MAX));
+                clean &= got == take;
+                client.write_all(&resp[..take]).await.map_err(drop)?;
+                left -= take as u64;
+            }
+            Ok(clean)
+        }
+        Framing::Chunked => {
+            let mut scanner = chunked::Scanner::default();
+            let end = scanner.feed(first).map_err(drop)?;
+            let upto = end.unwrap_or(first.len());
+            out.extend_from_slice(&first[..upto]);
+            client.write_all(out).await.map_err(drop)?;
+            if let Some(end) = end {
+                return Ok(end == first.len());
+            }
+            loop {
+                let got = read_some(up, resp).await?;
+                match scanner.feed(&resp[..got]).map_err(drop)? {
+                    Some(end) => {
+                        client.write_all(&resp[..end]).await.map_err(drop)?;
+                        return Ok(end == got);
+                    }
+                    None => client.write_all(&resp[..got]).await.map_err(drop)?,
+                }
+            }
+        }
+        Framing::UntilClose => {
+            put_chunk(out, first);
+            client.write_all(out).await.map_err(drop)?;
+            loop {
+                resp.clear();
+                if resp.capacity() < RESPONSE_BUF {
+                    resp.reserve(RESPONSE_BUF);
+                }
+                let got = up.read_buf(resp).await.map_err(drop)?;
+                out.clear();
+                if got == 0 {
+                    client.write_all(b"0\r\n\r\n").await.map_err(drop)?;
+                    return Ok(false);
+                }
+                put_chunk(out, &resp[..got]);
+                client.write_all(out).await.map_err(drop)?;
+            }
+        }
+    }
+}
+
+/// Appends `data` as one chunk (nothing for no data: an empty chunk would end the body).
+fn put_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Reads the next piece of a body into `resp` (replacing what was there); the buffer grows
+/// while reads fill it, up to [`MAX_BODY_READ`]. An early end is an error.
+async fn read_some(up: &mut TcpStream, resp: &mut Vec<u8>) -> Result<usize, ()> {
+    let full = resp.len() == resp.capacity();
+    resp.clear();
+    if full && resp.capacity() < MAX_BODY_READ {
+        resp.reserve(resp.capacity() * 2);
+    } else if resp.capacity() < RESPONSE_BUF {
+        resp.reserve(RESPONSE_BUF);
+    }
+    match up.read_buf(resp).await {
+        Ok(0) | Err(_) => Err(()),
+        Ok(n) => Ok(n),
+    }
+}
+
+/// Writes Reveille's own answer for `e` (the same as [`crate::proxy::error_response`]).
+fn write_error(out: &mut Vec<u8>, e: &ProxyError, close: bool) {
+    let status = e.status();
+    let body = e.body();
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    put_field(out, b"content-type", b"text/plain; charset=utf-8");
+    put_field(out, b"x-reveille-error", e.kind().as_bytes());
+    if let Some(secs) = e.retry_after() {
+        put_field(out, b"retry-after", secs.to_string().as_bytes());
+    }
+    put_field(out, b"content-length", body.len().to_string().as_bytes());
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+}
+
+/// A connection handed to hyper: the bytes already read come first.
+struct Prefixed {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.prefix.len() {
+            let rest = &this.prefix[this.pos..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests;

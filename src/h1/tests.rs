@@ -1,0 +1,275 @@
+use super::*;
+
+const CONFIG: &str = "listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+services:
+  - name: web
+    hosts: [web.test]
+    backend: { static: { addresses: [\"127.0.0.1:1\"] } }
+  - name: grpc
+    hosts: [grpc.test]
+    protocol: h2c
+    backend: { static: { addresses: [\"127.0.0.1:2\"] } }
+";
+
+async fn proxy() -> Proxy {
+    let cfg = crate::Config::parse(CONFIG).unwrap();
+    let metrics = crate::metrics::Metrics::new();
+    let services = crate::services::Services::new(
+        metrics.clone(),
+        crate::gate::HeldLimit::new(10),
+        None,
+        cfg.timeouts,
+    );
+    services.apply(&cfg.services).await;
+    let shared = Arc::new(crate::proxy::Shared {
+        services,
+        upstreams: crate::upstream::Upstreams::new(&cfg.timeouts),
+        response_timeout: cfg.timeouts.upstream_response,
+        metrics,
+    });
+    Proxy::new(shared, ([192, 0, 2, 7], 5000).into(), "http")
+}
+
+fn forward(p: &Proxy, head: &str) -> (Forward, String) {
+    let mut out = Vec::new();
+    match plan(head.as_bytes(), &mut out, p) {
+        Plan::Forward(f) => (f, String::from_utf8(out).unwrap()),
+        Plan::Partial => panic!("partial: {head:?}"),
+        Plan::Handoff => panic!("handed off: {head:?}"),
+    }
+}
+
+fn handed_off(p: &Proxy, head: &str) -> bool {
+    matches!(plan(head.as_bytes(), &mut Vec::new(), p), Plan::Handoff)
+}
+
+#[tokio::test]
+async fn a_common_request_is_rewritten_for_the_backend() {
+    let p = proxy().await;
+    let head = "GET /a/b?c=1&d=%20 HTTP/1.1\r\nHost: WEB.test:8080\r\nConnection: keep-alive\r\n\
+        Keep-Alive: timeout=5\r\nProxy-Authorization: secret\r\nX-Forwarded-For: 10.0.0.1\r\n\
+        X-Forwarded-Host: evil\r\nX-Forwarded-For: caf\u{e9}\r\nx-forwarded-for: 10.0.0.2\r\n\
+        X-Forwarded-Proto: https\r\nAccept: */*\r\nContent-Length: 0\r\n\r\nGET /next";
+    let (f, out) = forward(&p, head);
+    assert_eq!(f.gate.name().as_ref(), "web");
+    assert_eq!(f.head_len, head.len() - "GET /next".len());
+    assert!(!f.close && f.idempotent && !f.head);
+    assert_eq!(
+        out,
+        "GET /a/b?c=1&d=%20 HTTP/1.1\r\nHost: WEB.test:8080\r\nAccept: */*\r\n\
+         Content-Length: 0\r\nx-forwarded-host: WEB.test:8080\r\n\
+         x-forwarded-for: 10.0.0.1, 10.0.0.2, 192.0.2.7\r\nx-forwarded-proto: http\r\n\r\n"
+    );
+}
+
+#[tokio::test]
+async fn close_head_and_methods_are_noted() {
+    let p = proxy().await;
+    let (f, out) = forward(
+        &p,
+        "HEAD / HTTP/1.1\r\nhost: web.test\r\nconnection: Close\r\n\r\n",
+    );
+    assert!(f.close && f.head && f.idempotent);
+    assert!(!out.to_ascii_lowercase().contains("connection"), "{out}");
+    let (f, _) = forward(&p, "POST /x HTTP/1.1\r\nhost: web.test\r\n\r\n");
+    assert!(!f.idempotent && !f.head && !f.close);
+    assert_eq!(f.body, 0);
+    let (f, out) = forward(
+        &p,
+        "POST /x HTTP/1.1\r\nhost: web.test\r\ncontent-length: 65536\r\n\r\nab",
+    );
+    assert_eq!(f.body, 65536);
+    assert!(out.contains("content-length: 65536\r\n"), "{out}");
+    assert!(
+        !out.ends_with("ab"),
+        "the body is not part of the head: {out}"
+    );
+}
+
+#[tokio::test]
+async fn incomplete_heads_wait_for_more() {
+    let p = proxy().await;
+    for head in [
+        "G",
+        "GET / HTTP/1.1\r\n",
+        "GET / HTTP/1.1\r\nHost: web.test\r\n",
+    ] {
+        assert!(
+            matches!(plan(head.as_bytes(), &mut Vec::new(), &p), Plan::Partial),
+            "{head:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn uncommon_requests_go_to_hyper() {
+    let p = proxy().await;
+    for head in [
+        // Bodies, expectations, upgrades, hop-by-hop lists, trailers.
+        "POST / HTTP/1.1\r\nHost: web.test\r\nContent-Length: 65537\r\n\r\nhello",
+        "POST / HTTP/1.1\r\nHost: web.test\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: web.test\r\nContent-Length: +5\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "PUT / HTTP/1.1\r\nHost: web.test\r\nExpect: 100-continue\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: web.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: web.test\r\nConnection: x-secret\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: web.test\r\nTE: trailers\r\n\r\n",
+        // Other versions and target forms.
+        "GET / HTTP/1.0\r\nHost: web.test\r\n\r\n",
+        "GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\n\r\n",
+        "OPTIONS * HTTP/1.1\r\nHost: web.test\r\n\r\n",
+        "CONNECT web.test:443 HTTP/1.1\r\nHost: web.test:443\r\n\r\n",
+        "GET /a\"b HTTP/1.1\r\nHost: web.test\r\n\r\n",
+        "GET /a<b> HTTP/1.1\r\nHost: web.test\r\n\r\n",
+        // Hosts hyper's path must judge (400) or route (404, Knative).
+        "GET / HTTP/1.1\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: web.test\r\nHost: web.test\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: caf\u{e9}.test\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: web.test\r\nKnative-Serving-Revision: r\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: web.test\r\nK-Network-Probe: probe\r\n\r\n",
+        // A backend that is not cleartext HTTP/1.1.
+        "GET / HTTP/1.1\r\nHost: grpc.test\r\n\r\n",
+        // Broken heads: hyper answers them.
+        "GET / HTTP/1.1\r\nHost : web.test\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: web.test\r\n folded\r\n\r\n",
+    ] {
+        assert!(handed_off(&p, head), "{head:?}");
+    }
+    let many: String = (0..FAST_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
+    assert!(handed_off(
+        &p,
+        &format!("GET / HTTP/1.1\r\nHost: web.test\r\n{many}\r\n")
+    ));
+    let long = format!(
+        "GET /{} HTTP/1.1\r\nHost: web.test\r\n\r\n",
+        "a".repeat(MAX_URI_BYTES)
+    );
+    assert!(handed_off(&p, &long));
+}
+
+fn respond(resp: &str, ctx: ResponseCtx) -> (Head, String) {
+    let mut out = Vec::new();
+    match response_head(resp.as_bytes(), &mut out, ctx) {
+        Parsed::Complete(h) => (h, String::from_utf8(out).unwrap()),
+        Parsed::Partial => panic!("partial"),
+        Parsed::Interim(_) => panic!("interim"),
+        Parsed::Invalid(why) => panic!("invalid: {why}"),
+    }
+}
+
+const PLAIN: ResponseCtx = ResponseCtx {
+    cold: false,
+    close: false,
+    head_method: false,
+};
+
+#[test]
+fn response_heads_lose_hop_by_hop_fields_and_keep_their_framing() {
+    let resp = "HTTP/1.1 201 Made It\r\nContent-Length: 5\r\nConnection: keep-alive, x-hop\r\n\
+         X-Hop: 1\r\nKeep-Alive: timeout=5\r\nServer: s\r\n\r\nhello";
+    let (h, out) = respond(
+        resp,
+        ResponseCtx {
+            cold: true,
+            close: true,
+            head_method: false,
+        },
+    );
+    assert_eq!(
+        (h.status, h.framing, h.reuse),
+        (201, Framing::Length(5), true)
+    );
+    assert_eq!(h.len, resp.len() - "hello".len());
+    assert_eq!(
+        out,
+        "HTTP/1.1 201 Made It\r\nContent-Length: 5\r\nServer: s\r\n\
+         x-reveille-cold-start: true\r\nconnection: close\r\n\r\n"
+    );
+
+    let (h, out) = respond(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
+        PLAIN,
+    );
+    assert_eq!((h.framing, h.reuse), (Framing::Chunked, true));
+    assert_eq!(out, "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+
+    // Until the backend closes: chunked for the client, the backend connection not reused.
+    let (h, out) = respond("HTTP/1.0 200 OK\r\nServer: old\r\n\r\n", PLAIN);
+    assert_eq!((h.framing, h.reuse), (Framing::UntilClose, false));
+    assert!(out.ends_with("transfer-encoding: chunked\r\n\r\n"), "{out}");
+
+    let (h, _) = respond(
+        "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+        PLAIN,
+    );
+    assert!(!h.reuse);
+
+    // No body after HEAD, 204, 304: Content-Length is kept as the backend sent it.
+    let (h, out) = respond(
+        "HTTP/1.1 200 OK\r\nContent-Length: 42\r\n\r\n",
+        ResponseCtx {
+            head_method: true,
+            ..PLAIN
+        },
+    );
+    assert_eq!(h.framing, Framing::Empty);
+    assert!(out.contains("Content-Length: 42\r\n"));
+    let (h, out) = respond("HTTP/1.1 304 \r\nETag: x\r\n\r\n", PLAIN);
+    assert_eq!(h.framing, Framing::Empty);
+    assert!(out.starts_with("HTTP/1.1 304 Not Modified\r\n"), "{out}");
+}
+
+#[test]
+fn broken_or_interim_responses_are_told_apart() {
+    let mut out = Vec::new();
+    assert!(matches!(
+        response_head(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n",
+            &mut out,
+            PLAIN
+        ),
+        Parsed::Interim(25)
+    ));
+    for bad in [
+        &b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        b"SMTP ready\r\n\r\n",
+    ] {
+        assert!(
+            matches!(response_head(bad, &mut out, PLAIN), Parsed::Invalid(_)),
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    assert!(matches!(
+        response_head(b"HTTP/1.1 200 OK\r\n", &mut out, PLAIN),
+        Parsed::Partial
+    ));
+    let (h, _) = respond("HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n", PLAIN);
+    assert_eq!(h.framing, Framing::Length(3));
+}
+
+#[test]
+fn error_answers_carry_the_kind_and_close_when_asked() {
+    let mut out = Vec::new();
+    let e = ProxyError::QueueFull {
+        service: "web".into(),
+        capacity: 3,
+    };
+    write_error(&mut out, &e, true);
+    let text = String::from_utf8(out).unwrap();
+    let body = e.body();
+    assert_eq!(
+        text,
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+             x-reveille-error: queue_full\r\nretry-after: 1\r\ncontent-length: {}\r\n\
+             connection: close\r\n\r\n{body}",
+            body.len()
+        )
+    );
+}
