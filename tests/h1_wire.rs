@@ -1,0 +1,306 @@
+//! The HTTP/1.1 fast path on the wire: raw bytes from a client socket through Reveille to a
+//! scripted backend socket and back, checking framing (pipelining, chunked bodies passed as
+//! sent, close-delimited bodies chunked for the client), pooled backend connections the
+//! backend closed, broken backend heads, and a connection that moves from the fast path to
+//! hyper's (a chunked upload) and keeps working.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the scripted backend does with one request: the bytes to answer, and whether to close
+/// the connection afterwards.
+type Script = Arc<dyn Fn(&str, &[u8]) -> (Vec<u8>, bool) + Send + Sync>;
+
+/// Requests a scripted backend received: (connection number, head, body).
+type Seen = Arc<Mutex<Vec<(usize, String, Vec<u8>)>>>;
+
+/// A backend answering each request (head and `Content-Length` or chunked body read whole) as
+/// `script` says.
+async fn scripted(script: Script) -> (SocketAddr, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((s, _)) = listener.accept().await {
+            n += 1;
+            tokio::spawn(serve_scripted(s, n, script.clone(), log.clone()));
+        }
+    });
+    (addr, seen)
+}
+
+async fn serve_scripted(mut s: TcpStream, conn: usize, script: Script, seen: Seen) {
+    let mut buf = Vec::new();
+    loop {
+        let Some(end) = read_until(&mut s, &mut buf, b"\r\n\r\n").await else {
+            return;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        buf.drain(..end);
+        let lower = head.to_ascii_lowercase();
+        let body = if let Some(len) = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
+            while buf.len() < len {
+                if !read_more(&mut s, &mut buf).await {
+                    return;
+                }
+            }
+            buf.drain(..len).collect()
+        } else if lower.contains("transfer-encoding: chunked") {
+            // Kept raw: the test only looks for the data inside.
+            let Some(end) = read_until(&mut s, &mut buf, b"0\r\n\r\n").await else {
+                return;
+            };
+            buf.drain(..end).collect()
+        } else {
+            Vec::new()
+        };
+        let (answer, close) = script(&head, &body);
+        seen.lock().push((conn, head, body));
+        if s.write_all(&answer).await.is_err() || close {
+            return;
+        }
+    }
+}
+
+async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 4096];
+    match s.read(&mut chunk).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+    }
+}
+
+/// Reads until `buf` contains `pat`; the index after it.
+async fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, pat: &[u8]) -> Option<usize> {
+    loop {
+        if let Some(i) = buf.windows(pat.len()).position(|w| w == pat) {
+            return Some(i + pat.len());
+        }
+        if !read_more(s, buf).await {
+            return None;
+        }
+    }
+}
+
+/// Reads exactly `len` bytes (or fails the test after 10 s).
+async fn read_exact_text(s: &mut TcpStream, len: usize) -> String {
+    let mut buf = vec![0u8; len];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf))
+        .await
+        .expect("response in time")
+        .expect("response bytes");
+    String::from_utf8(buf).unwrap()
+}
+
+/// Reads one response whose body has `Content-Length` (head and body); `buf` keeps what
+/// came after it (a pipelined response).
+async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, String) {
+    let end = tokio::time::timeout(Duration::from_secs(10), read_until(s, buf, b"\r\n\r\n"))
+        .await
+        .expect("head in time")
+        .expect("a head");
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    let len: usize = head
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    while buf.len() < end + len {
+        assert!(read_more(s, buf).await, "body cut short: {head}");
+    }
+    let body = String::from_utf8_lossy(&buf[end..end + len]).to_string();
+    buf.drain(..end + len);
+    (head, body)
+}
+
+fn config(backend: SocketAddr) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: wire\n    hosts: [wire.test]\n    backend: {{ static: {{ addresses: [\"{backend}\"] }} }}\n"
+    )
+}
+
+fn ok(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn path(head: &str) -> String {
+    head.split(' ').nth(1).unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_on_one_backend_connection() {
+    let (backend, seen) = scripted(Arc::new(|head, _| (ok(&path(head)), false))).await;
+    let r = start(&config(backend)).await;
+    let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
+    let mut burst = String::new();
+    for i in 1..=3 {
+        burst.push_str(&format!("GET /{i} HTTP/1.1\r\nHost: wire.test\r\n\r\n"));
+    }
+    c.write_all(burst.as_bytes()).await.unwrap();
+    let want: String = (1..=3)
+        .map(|i| String::from_utf8(ok(&format!("/{i}"))).unwrap())
+        .collect();
+    assert_eq!(read_exact_text(&mut c, want.len()).await, want);
+    let seen = seen.lock();
+    assert_eq!(seen.len(), 3);
+    assert!(
+        seen.iter().all(|(conn, _, _)| *conn == 1),
+        "one backend connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_bodies_pass_as_sent_and_close_delimited_ones_are_chunked() {
+    let (backend, seen) = scripted(Arc::new(|head, _| match path(head).as_str() {
+        "/chunked" => (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"
+                .to_vec(),
+            false,
+        ),
+        "/old" => (b"HTTP/1.0 200 OK\r\nServer: old\r\n\r\nuntil close".to_vec(), true),
+        p => (ok(p), false),
+    }))
+    .await;
+    let r = start(&config(backend)).await;
+    let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
+    let mut rb: Vec<u8> = Vec::new();
+
+    c.write_all(b"GET /chunked HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    let want = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n";
+    assert_eq!(read_exact_text(&mut c, want.len()).await, want);
+
+    c.write_all(b"GET /old HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    let want = "HTTP/1.1 200 OK\r\nServer: old\r\ntransfer-encoding: chunked\r\n\r\nb\r\nuntil close\r\n0\r\n\r\n";
+    assert_eq!(read_exact_text(&mut c, want.len()).await, want);
+
+    // The client's connection stays open; the backend's, closed after /old, is not reused.
+    c.write_all(b"GET /after HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, body) = read_response(&mut c, &mut rb).await;
+    assert_eq!(body, "/after");
+    let conns: Vec<usize> = seen.lock().iter().map(|(c, _, _)| *c).collect();
+    assert_eq!(conns, [1, 1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_backend_closed_is_not_used_even_for_a_post() {
+    // Every connection answers once, claims keep-alive, and closes.
+    let (backend, seen) = scripted(Arc::new(|head, body| {
+        let text = format!("{} {}", path(head), String::from_utf8_lossy(body));
+        (ok(&text), true)
+    }))
+    .await;
+    let r = start(&config(backend)).await;
+    let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
+    let mut rb: Vec<u8> = Vec::new();
+    c.write_all(b"GET /first HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut c, &mut rb).await.1, "/first ");
+    // Let the backend's close arrive at Reveille's idle connection.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.write_all(b"POST /post HTTP/1.1\r\nHost: wire.test\r\nContent-Length: 3\r\n\r\nabc")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut c, &mut rb).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert_eq!(body, "/post abc");
+    let conns: Vec<usize> = seen.lock().iter().map(|(c, _, _)| *c).collect();
+    assert_eq!(conns, [1, 2], "the POST went on a new connection, once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_backend_head_is_502_and_the_client_connection_goes_on() {
+    let (backend, _) = scripted(Arc::new(|head, _| match path(head).as_str() {
+        "/broken" => (b"SMTP ready\r\n\r\n".to_vec(), true),
+        p => (ok(p), false),
+    }))
+    .await;
+    let r = start(&config(backend)).await;
+    let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
+    let mut rb: Vec<u8> = Vec::new();
+    // Not idempotent: not retried.
+    c.write_all(b"POST /broken HTTP/1.1\r\nHost: wire.test\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut c, &mut rb).await;
+    assert!(head.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{head}");
+    assert!(
+        head.contains("x-reveille-error: upstream_error\r\n"),
+        "{head}"
+    );
+    assert!(body.contains("\"wire\""), "{body}");
+    c.write_all(b"GET /fine HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut c, &mut rb).await.1, "/fine");
+    let metrics = metrics_text(&client(), &r).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "reveille_rejected_total{reason=\"upstream_error\",service=\"wire\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_moves_to_hyper_for_a_chunked_upload_and_keeps_working() {
+    let (backend, seen) = scripted(Arc::new(|head, body| {
+        let text = format!("{} {}", path(head), body.len());
+        (ok(&text), false)
+    }))
+    .await;
+    let r = start(&config(backend)).await;
+    let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
+    let mut rb: Vec<u8> = Vec::new();
+    c.write_all(b"GET /fast HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut c, &mut rb).await.1, "/fast 0");
+    // A chunked upload, pipelined with a GET after it: hyper serves both, in order.
+    c.write_all(
+        b"POST /up HTTP/1.1\r\nHost: wire.test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+          GET /then HTTP/1.1\r\nHost: wire.test\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, body) = read_response(&mut c, &mut rb).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(body.starts_with("/up "), "{body}");
+    assert_eq!(read_response(&mut c, &mut rb).await.1, "/then 0");
+    let seen = seen.lock();
+    let upload = &seen[1].2;
+    assert!(
+        upload.windows(3).any(|w| w == b"abc"),
+        "{:?}",
+        String::from_utf8_lossy(upload)
+    );
+}
