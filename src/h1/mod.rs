@@ -102,8 +102,13 @@ pub(crate) fn serve(
         let mut deadline = deadline;
         loop {
             let mut armed = false;
+            // Bytes already looked at: a head sent in many small pieces is parsed again only
+            // when a piece may end it, not once per piece (the first look may also find it
+            // broken, for hyper to answer at once).
+            let mut scanned = 0;
             let fwd = loop {
-                if !c.buf.is_empty() {
+                if !c.buf.is_empty() && (scanned == 0 || may_end_head(&c.buf, scanned)) {
+                    scanned = c.buf.len();
                     match plan(&c.buf, &mut c.out, &c.proxy) {
                         Plan::Partial if c.buf.len() <= MAX_HEADER_BYTES => {}
                         Plan::Partial | Plan::Handoff => {
@@ -125,6 +130,19 @@ pub(crate) fn serve(
             deadline = Instant::now() + c.client_header;
         }
     }
+}
+
+/// Whether `buf` may hold a complete head: an empty line (`\n\n` or `\n\r\n`) ends at or
+/// after `from`, or more than a head may be is there (then hyper answers it).
+fn may_end_head(buf: &[u8], from: usize) -> bool {
+    if buf.len() > MAX_HEADER_BYTES {
+        return true;
+    }
+    let tail = &buf[from.saturating_sub(2)..];
+    (1..tail.len()).any(|i| {
+        tail[i] == b'\n'
+            && (tail[i - 1] == b'\n' || (i > 1 && tail[i - 1] == b'\r' && tail[i - 2] == b'\n'))
+    })
 }
 
 /// Hands the connection to hyper, replaying the bytes read so far.
@@ -703,7 +721,15 @@ impl Exchange<'_> {
                     .await
                     .map_err(Failure::Connect)?,
             };
-            if let Err(e) = up.write_all(out).await {
+            // The response timeout covers writing the request too (a backend that does not
+            // read would otherwise stall it).
+            timer.as_mut().reset(Instant::now() + self.timeout);
+            let written = tokio::select! {
+                biased;
+                r = up.write_all(out) => r,
+                () = timer.as_mut() => return Err(Failure::Timeout),
+            };
+            if let Err(e) = written {
                 if reused && self.idempotent {
                     stale += 1;
                     continue;
@@ -714,7 +740,6 @@ impl Exchange<'_> {
             if resp.capacity() < RESPONSE_BUF {
                 resp.reserve(RESPONSE_BUF);
             }
-            timer.as_mut().reset(Instant::now() + self.timeout);
             loop {
                 if resp.capacity() - resp.len() < 1024 {
                     resp.reserve(resp.capacity());

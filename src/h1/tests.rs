@@ -273,3 +273,19 @@ fn error_answers_carry_the_kind_and_close_when_asked() {
         )
     );
 }
+
+#[test]
+fn a_head_is_parsed_again_only_when_a_piece_may_end_it() {
+    let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    // Fed byte by byte: only the last byte can end it.
+    let ends: Vec<usize> = (1..=head.len())
+        .filter(|&n| may_end_head(&head[..n], n - 1))
+        .collect();
+    assert_eq!(ends, [head.len()]);
+    assert!(may_end_head(b"GET / HTTP/1.1\nHost: a\n\n", 20));
+    assert!(!may_end_head(b"GET / HTTP/1.1\r\nHost: a\r\n", 0));
+    assert!(may_end_head(
+        &vec![b'a'; MAX_HEADER_BYTES + 1],
+        MAX_HEADER_BYTES
+    ));
+}
