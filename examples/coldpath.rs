@@ -372,7 +372,10 @@ services:
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_before = proc_kib(pid, "VmRSS");
     let t0 = Instant::now();
-    // Connects are paced by a semaphore so the listen backlog never overflows.
+    // At most 512 connects in progress at once (the client's own sockets). This does not bound
+    // the server's accept queue: a connect completes as soon as the kernel has queued the
+    // connection, so the burst fills Reveille's listen backlog (`limits.listen_backlog`) as
+    // fast as the client can connect, as a real burst would.
     let connecting = Arc::new(tokio::sync::Semaphore::new(512));
     let tasks: Vec<_> = (0..conns)
         .map(|_| {
