@@ -10,7 +10,9 @@
 //!   `Gate::set_endpoints` called at once; timed from the listen to the request's arrival.
 //! - `burst`: N concurrent connections, each one request, all held during one cold start of a
 //!   separate `reveille serve` process; every answer is checked, and Reveille's RSS is read
-//!   from /proc before the burst, while all are held, and at its peak (VmHWM).
+//!   from /proc before the burst, while all are held, and at its peak (VmHWM). The kernel's
+//!   listen-queue counters (overflows, SYN retries, resets; machine-wide) are reported as
+//!   differences over the burst.
 //! - `services`: memory of a `reveille serve` with N configured (idle) services against one.
 
 use std::net::SocketAddr;
@@ -341,6 +343,49 @@ async fn metric(admin: SocketAddr, prefix: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
+/// Kernel TCP counters (`/proc/net/netstat`, `/proc/net/snmp`) that tell what a burst did to
+/// the listen queues: overflows (a SYN or a handshake's last ACK dropped), SYN retries,
+/// syncookies, resets of established connections. Machine-wide, so other traffic counts too.
+const KERNEL_COUNTERS: [&str; 8] = [
+    "TcpExt:ListenOverflows",
+    "TcpExt:ListenDrops",
+    "TcpExt:TCPSynRetrans",
+    "TcpExt:TCPTimeouts",
+    "TcpExt:SyncookiesSent",
+    "TcpExt:SyncookiesFailed",
+    "Tcp:EstabResets",
+    "Tcp:AttemptFails",
+];
+
+/// The [`KERNEL_COUNTERS`] now (an empty map where /proc/net is not readable).
+fn kernel_counters() -> std::collections::BTreeMap<&'static str, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for file in ["/proc/net/netstat", "/proc/net/snmp"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        // Pairs of lines: "Prefix: name name ..." then "Prefix: value value ...".
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            let (Some((prefix, names)), Some((_, values))) =
+                (names.split_once(' '), values.split_once(' '))
+            else {
+                continue;
+            };
+            for (name, value) in names.split_whitespace().zip(values.split_whitespace()) {
+                let key = format!("{prefix}{name}");
+                if let Some(k) = KERNEL_COUNTERS.iter().find(|k| **k == key) {
+                    if let Ok(v) = value.parse() {
+                        out.insert(*k, v);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 async fn burst(
     reveille: PathBuf,
     origin: PathBuf,
@@ -371,8 +416,12 @@ services:
     wait_ready(admin).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_before = proc_kib(pid, "VmRSS");
+    let counters_before = kernel_counters();
     let t0 = Instant::now();
-    // Connects are paced by a semaphore so the listen backlog never overflows.
+    // At most 512 connects in progress at once (the client's own sockets). This does not bound
+    // the server's accept queue: a connect completes as soon as the kernel has queued the
+    // connection, so the burst fills Reveille's listen backlog (`limits.listen_backlog`) as
+    // fast as the client can connect, as a real burst would.
     let connecting = Arc::new(tokio::sync::Semaphore::new(512));
     let tasks: Vec<_> = (0..conns)
         .map(|_| {
@@ -433,6 +482,15 @@ services:
         }
     }
     let took = t0.elapsed();
+    let kernel: std::collections::BTreeMap<_, _> = kernel_counters()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                v.saturating_sub(counters_before.get(k).copied().unwrap_or(v)),
+            )
+        })
+        .collect();
     let hwm = proc_kib(pid, "VmHWM");
     let grew = rss_at_max.saturating_sub(rss_before);
     json!({
@@ -441,6 +499,7 @@ services:
         "answered_200": ok,
         "failed_or_lost": failed,
         "failure_reasons": reasons,
+        "kernel_tcp_counters_during_burst": kernel,
         "max_held": max_held,
         "all_held_after_s": all_held_after.map(|d| d.as_secs_f64()),
         "backend_startup_delay_s": startup_delay.as_secs_f64(),

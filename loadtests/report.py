@@ -85,6 +85,12 @@ if cold:
                   f"{b['failed_or_lost']} failed or lost; max held {b['max_held']:.0f}; RSS {b['rss_before_kib'] / 1024:.1f} MiB "
                   f"before, {b['rss_while_held_kib'] / 1024:.1f} MiB while held, peak (VmHWM) {b['peak_rss_vmhwm_kib'] / 1024:.1f} MiB; "
                   f"**{b['rss_per_held_request_kib']:.1f} KiB per held request** (load {b['load']})")
+        if b.get("failure_reasons"):
+            md.append(f"  - why they failed: {'; '.join(f'{n} × {r}' for r, n in b['failure_reasons'].items())}")
+        k = b.get("kernel_tcp_counters_during_burst")
+        if k:
+            md.append(f"  - kernel, machine-wide, during the burst: {k.get('TcpExt:ListenOverflows', 0)} listen overflows, "
+                      f"{k.get('TcpExt:TCPSynRetrans', 0)} SYN retries, {k.get('Tcp:EstabResets', 0)} established connections reset")
     if "services" in cold:
         s = cold["services"]
         md.append(f"- {s['services']} services: RSS {s['rss_kib'] / 1024:.1f} MiB (one service: {s['rss_one_service_kib'] / 1024:.1f} MiB; "

@@ -62,6 +62,8 @@ pub const DEFAULT_UPSTREAM_RESPONSE_TIMEOUT: Duration = Duration::from_secs(300)
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 /// Default bound on requests held across all services (a memory bound).
 pub const DEFAULT_MAX_HELD: usize = 100_000;
+/// Default listen backlog of the proxy and TLS listeners (Linux's default `net.core.somaxconn`).
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
 /// Namespace of services that do not name one (used in `/queue` keys and Knative routing).
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -131,6 +133,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Requests held at most, all services together.
     pub max_held: usize,
+    /// Connections the kernel completes and keeps for the proxy and TLS listeners until
+    /// Reveille accepts them (capped by the kernel at `net.core.somaxconn`).
+    pub listen_backlog: u32,
 }
 
 /// The protocol Reveille speaks to a service's backend.
@@ -374,6 +379,7 @@ struct RawTimeouts {
 struct RawLimits {
     max_connections: Option<usize>,
     max_held: Option<usize>,
+    listen_backlog: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -561,12 +567,21 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             .max_connections
             .unwrap_or(DEFAULT_MAX_CONNECTIONS),
         max_held: raw.limits.max_held.unwrap_or(DEFAULT_MAX_HELD),
+        listen_backlog: raw.limits.listen_backlog.unwrap_or(DEFAULT_LISTEN_BACKLOG),
     };
     if limits.max_connections == 0 {
         p.add("limits.max_connections", "must be at least 1");
     }
     if limits.max_held == 0 {
         p.add("limits.max_held", "must be at least 1");
+    }
+    if limits.listen_backlog == 0 {
+        p.add("limits.listen_backlog", "must be at least 1");
+    } else if limits.listen_backlog > i32::MAX as u32 {
+        p.add(
+            "limits.listen_backlog",
+            format!("must be at most {}", i32::MAX),
+        );
     }
     positive(
         &mut p,

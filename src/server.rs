@@ -228,12 +228,13 @@ pub async fn start_with(
         cluster,
     });
 
-    let proxy_listener = TcpListener::bind(config.listen).await.map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot listen on {} (listen): {e}", config.listen),
-        )
-    })?;
+    let proxy_listener =
+        bind_listener(config.listen, config.limits.listen_backlog).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {} (listen): {e}", config.listen),
+            )
+        })?;
     let admin_listener = TcpListener::bind(config.admin).await.map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -241,7 +242,7 @@ pub async fn start_with(
         )
     })?;
     let tls_listener = match &config.tls {
-        Some(t) => Some(TlsListener::bind(t).await?),
+        Some(t) => Some(TlsListener::bind(t, config.limits.listen_backlog).await?),
         None => None,
     };
     let keda_listener = match config.keda.listen {
@@ -361,6 +362,26 @@ pub async fn start_with(
         shutdown,
         task,
     })
+}
+
+/// Binds a client-facing listener (plain or TLS) with `backlog`: the connections the kernel
+/// completes and keeps until they are accepted; it caps the value at `net.core.somaxconn`.
+///
+/// `TcpListener::bind` (tokio's, like std's) asks for 128. A burst of connections that arrives
+/// faster than the accept loop takes them (thousands during a cold start, on one worker) then
+/// overflows the accept queue: the kernel drops SYNs (the client retries after 1 s) and the
+/// last ACK of handshakes the client already considers complete; such a connection's request
+/// waits for retransmissions, and one whose retries all meet a full queue is reset.
+pub(crate) fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does on Unix: a restart can bind while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 async fn accept_proxy(

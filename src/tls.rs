@@ -278,11 +278,12 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    /// Loads the certificate and key and binds `tls.listen`.
-    pub async fn bind(cfg: &Tls) -> io::Result<TlsListener> {
+    /// Loads the certificate and key and binds `tls.listen` with the listen `backlog`
+    /// (`limits.listen_backlog`).
+    pub async fn bind(cfg: &Tls, backlog: u32) -> io::Result<TlsListener> {
         let pem = read_pem(&cfg.cert, &cfg.key).map_err(invalid)?;
         let ck = certified_key(&pem.cert, &pem.key).map_err(invalid)?;
-        let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
+        let listener = crate::server::bind_listener(cfg.listen, backlog).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("cannot listen on {} (tls.listen): {e}", cfg.listen),
