@@ -193,19 +193,15 @@ impl Client {
             if self.buf.capacity() - self.buf.len() < 1024 {
                 self.buf.reserve(self.buf.capacity().max(READ_BUF));
             }
-            match self.stream.try_read_buf(&mut self.buf) {
-                Ok(0) => return false,
-                Ok(_) => return true,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(_) => return false,
-            }
             if !*armed {
                 self.head_timer.as_mut().reset(*deadline);
                 *armed = true;
             }
+            // A read, not `readable()` + `try_read`: a short read clears the socket's
+            // readiness, so waiting for the next request costs no failed system call.
             tokio::select! {
                 biased;
-                r = self.stream.readable() => if r.is_err() { return false },
+                r = self.stream.read_buf(&mut self.buf) => return matches!(r, Ok(n) if n > 0),
                 () = self.head_timer.as_mut() => return false,
                 () = stop.as_mut(), if !self.shutting => {
                     self.shutting = true;
