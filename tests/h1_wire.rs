@@ -304,3 +304,58 @@ async fn a_connection_moves_to_hyper_for_a_chunked_upload_and_keeps_working() {
         String::from_utf8_lossy(upload)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_body_arrives_is_not_lost_to_a_reset() {
+    // The backend takes 30 s to start; the hold deadline is 300 ms.
+    let r = start(&process_config(
+        free_port(),
+        "30s",
+        &["queue: { capacity: 5, timeout: 300ms }"],
+    ))
+    .await;
+    let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
+    // Most of the announced body is never sent before the answer.
+    c.write_all(
+        b"PUT /slow HTTP/1.1\r\nHost: hello.test\r\nContent-Length: 60000\r\n\r\nfirst bytes",
+    )
+    .await
+    .unwrap();
+    // The body keeps trickling in while the request is held and after the answer.
+    let (mut rd, mut wr) = c.into_split();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..200 {
+            if wr.write_all(&[b'x'; 100]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let mut got = Vec::new();
+    let read_all = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match rd.read(&mut chunk).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let end = tokio::time::timeout(Duration::from_secs(10), read_all)
+        .await
+        .expect("closed in time");
+    let text = String::from_utf8_lossy(&got);
+    assert!(end.is_ok(), "a clean close, not {end:?}; read: {text}");
+    assert!(
+        text.starts_with("HTTP/1.1 504 Gateway Timeout\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("x-reveille-error: hold_timeout\r\n"),
+        "{text}"
+    );
+    assert!(text.contains("connection: close\r\n"), "{text}");
+    trickle.abort();
+    stop(r).await;
+}

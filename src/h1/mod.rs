@@ -287,7 +287,13 @@ impl Client {
                 let close =
                     close || e.status() == http::StatusCode::BAD_REQUEST || self.shutting_down();
                 write_error(&mut self.out, &e, close);
-                self.stream.write_all(&self.out).await.is_ok() && !close
+                let written = self.stream.write_all(&self.out).await.is_ok();
+                if written && close && body > 0 {
+                    // The body is still coming: closing with it unread would reset the
+                    // connection, and the client could lose the answer. Linger briefly.
+                    linger(&mut self.stream).await;
+                }
+                written && !close
             }
         }
     }
@@ -412,6 +418,24 @@ impl Client {
             Err(()) => Ok(false),
         }
     }
+}
+
+/// Ends our side of the connection and reads what the client still sends (a body nobody will
+/// use) until it closes, for at most a second and 256 KiB, so the close is not a reset that
+/// could destroy the answer just written.
+async fn linger(stream: &mut TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let mut left = 256 * 1024;
+    let drain = async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left -= n.min(left),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
 }
 
 /// Resolves when the client closes (or fails) while its request is held; pipelined bytes
