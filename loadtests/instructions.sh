@@ -4,6 +4,8 @@
 # steady one on a shared machine (wall-clock CPU from /proc, in run.sh, moves ±20 %).
 #
 #   loadtests/instructions.sh [N]      # N measured requests per target (default 20000)
+#   KEEP=DIR loadtests/instructions.sh  # also keep the callgrind dumps in DIR (for
+#                                       # callgrind_annotate: where the instructions go)
 #
 # Each proxy runs single-threaded under callgrind in front of the same origin; h2load sends
 # 2,000 warm-up requests (not counted: callgrind_control -z), then N requests over 16
@@ -30,6 +32,7 @@ PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$TMP"/cg-* "$KEEP"/ 2>/dev/null || true; fi
   rm -rf "$TMP"
 }
 trap cleanup EXIT

@@ -494,6 +494,7 @@ enum Field {
     XForwardedOwn,
     /// Hop-by-hop, dropped.
     HopByHop,
+    TransferEncoding,
     /// Hop-by-hop with framing or protocol meaning: hyper's path handles it.
     Special,
     Other,
@@ -511,7 +512,7 @@ fn field(name: &[u8]) -> Field {
         16 if is("x-forwarded-host") => Field::XForwardedOwn,
         16 if is("proxy-connection") => Field::HopByHop,
         17 if is("x-forwarded-proto") => Field::XForwardedOwn,
-        17 if is("transfer-encoding") => Field::Special,
+        17 if is("transfer-encoding") => Field::TransferEncoding,
         18 if is("proxy-authenticate") => Field::HopByHop,
         19 if is("proxy-authorization") => Field::HopByHop,
         2 if is("te") => Field::Special,
@@ -543,9 +544,11 @@ fn idempotent(method: &str) -> bool {
 
 /// Parses the head in `buf` and, for a common request, writes the backend's head into `out`.
 fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
-    let mut headers = [httparse::EMPTY_HEADER; FAST_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let head_len = match req.parse(buf) {
+    // Uninitialised: httparse writes the fields it finds (initialising the array would cost
+    // more than parsing a typical head).
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; FAST_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Plan::Partial,
         Err(_) => return Plan::Handoff,
@@ -567,6 +570,7 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
     let mut host = None;
     let mut close = false;
     let mut body: Option<u64> = None;
+    let mut xff = false;
     for h in req.headers.iter() {
         match field(h.name.as_bytes()) {
             Field::Host => {
@@ -591,7 +595,8 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
                     }
                 }
             }
-            Field::Special => return Plan::Handoff,
+            Field::XForwardedFor => xff = true,
+            Field::Special | Field::TransferEncoding => return Plan::Handoff,
             _ => {}
         }
     }
@@ -627,10 +632,12 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
     put_field(out, b"x-forwarded-host", host.as_bytes());
     // Every earlier hop, however many lines they came on (RFC 9110 §5.3), then the client.
     out.extend_from_slice(b"x-forwarded-for: ");
-    for h in req.headers.iter() {
-        if field(h.name.as_bytes()) == Field::XForwardedFor && visible_ascii(h.value) {
-            out.extend_from_slice(h.value);
-            out.extend_from_slice(b", ");
+    if xff {
+        for h in req.headers.iter() {
+            if field(h.name.as_bytes()) == Field::XForwardedFor && visible_ascii(h.value) {
+                out.extend_from_slice(h.value);
+                out.extend_from_slice(b", ");
+            }
         }
     }
     out.extend_from_slice(proxy.client_ip.as_bytes());
@@ -815,9 +822,14 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
     if resp.is_empty() {
         return Parsed::Partial;
     }
-    let mut headers = [httparse::EMPTY_HEADER; RESPONSE_HEADERS];
-    let mut r = httparse::Response::new(&mut headers);
-    let len = match r.parse(resp) {
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; RESPONSE_HEADERS];
+    let mut r = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut r,
+        resp,
+        &mut headers,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::Invalid("the backend's response head does not parse"),
@@ -835,13 +847,15 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
     let mut chunked = None;
     let mut length: Option<u64> = None;
     let mut listed = false;
-    for h in r.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+    // Each field's kind, found once for both passes.
+    let mut kinds = [Field::Other; RESPONSE_HEADERS];
+    for (h, kind) in r.headers.iter().zip(kinds.iter_mut()) {
+        *kind = field(h.name.as_bytes());
+        if *kind == Field::TransferEncoding {
             // The final coding decides (RFC 9112 §6.3).
             let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"content-length") {
+        } else if *kind == Field::ContentLength {
             for v in h.value.split(|b| *b == b',') {
                 let Some(n) = parse_length(v.trim_ascii()) else {
                     return Parsed::Invalid("the backend sent an invalid Content-Length");
@@ -851,7 +865,7 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
                 }
                 length = Some(n);
             }
-        } else if name.eq_ignore_ascii_case(b"connection") {
+        } else if *kind == Field::Connection {
             for token in h.value.split(|b| *b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
@@ -903,10 +917,10 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
         ),
     }
     out.extend_from_slice(b"\r\n");
-    for h in r.headers.iter() {
+    for (h, kind) in r.headers.iter().zip(kinds) {
         let name = h.name.as_bytes();
-        let keep = match field(name) {
-            Field::Connection | Field::HopByHop | Field::Special => false,
+        let keep = match kind {
+            Field::Connection | Field::HopByHop | Field::Special | Field::TransferEncoding => false,
             Field::ContentLength => chunked.is_none(),
             _ => !listed.iter().any(|l| l.eq_ignore_ascii_case(name)),
         };
