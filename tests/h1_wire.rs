@@ -7,6 +7,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -303,4 +304,86 @@ async fn a_connection_moves_to_hyper_for_a_chunked_upload_and_keeps_working() {
         "{:?}",
         String::from_utf8_lossy(upload)
     );
+}
+
+/// A backend that never answers `/slow` (it counts the request, then waits for the connection
+/// to close and counts that) and answers anything else at once.
+async fn stalling() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stalled = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (s2, c2) = (stalled.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (stalled, closed) = (s2.clone(), c2.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(end) = read_until(&mut s, &mut buf, b"\r\n\r\n").await {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end);
+                    if path(&head) == "/slow" {
+                        stalled.fetch_add(1, Ordering::SeqCst);
+                        while read_more(&mut s, &mut buf).await {}
+                        closed.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    if s.write_all(&ok(&path(&head))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, stalled, closed)
+}
+
+fn config_with(backend: SocketAddr, extra: &[&str]) -> String {
+    let mut yaml = config(backend);
+    for line in extra {
+        yaml.push_str("    ");
+        yaml.push_str(line);
+        yaml.push('\n');
+    }
+    yaml
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_its_request_is_forwarded_frees_the_slot() {
+    let (backend, stalled, closed) = stalling().await;
+    let r = start(&config_with(backend, &["concurrency: 1"])).await;
+    let gate = r.gates[0].clone();
+    let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
+    c.write_all(b"GET /slow HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    wait_until(
+        "the backend to get the request",
+        Duration::from_secs(5),
+        || {
+            let n = stalled.load(Ordering::SeqCst);
+            async move { n == 1 }
+        },
+    )
+    .await;
+    assert_eq!(gate.in_flight(), 1);
+    // The client gives up; hyper's path notices at once (its read sees the end), so must this.
+    drop(c);
+    wait_until("the slot to be freed", Duration::from_secs(3), || {
+        let g = gate.clone();
+        async move { g.in_flight() == 0 }
+    })
+    .await;
+    wait_until(
+        "the backend connection to be closed",
+        Duration::from_secs(3),
+        || {
+            let n = closed.load(Ordering::SeqCst);
+            async move { n == 1 }
+        },
+    )
+    .await;
+    let resp = get(&client(), r.proxy_addr, "wire.test", "/next").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.body, "/next");
 }

@@ -189,23 +189,26 @@ impl Client {
         armed: &mut bool,
         mut stop: Pin<&mut OnlyWhenWoken<S>>,
     ) -> bool {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(self.buf.capacity().max(READ_BUF));
+        }
+        // A read as `poll_read` does it: a short read tells tokio the socket is drained, so
+        // waiting on it later (for the next head, or for the client leaving while its request
+        // is forwarded) costs no system call.
+        let read = self.stream.read_buf(&mut self.buf);
+        tokio::pin!(read);
+        if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await
+        {
+            return matches!(r, Ok(n) if n > 0);
+        }
+        if !*armed {
+            self.head_timer.as_mut().reset(*deadline);
+            *armed = true;
+        }
         loop {
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(self.buf.capacity().max(READ_BUF));
-            }
-            match self.stream.try_read_buf(&mut self.buf) {
-                Ok(0) => return false,
-                Ok(_) => return true,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(_) => return false,
-            }
-            if !*armed {
-                self.head_timer.as_mut().reset(*deadline);
-                *armed = true;
-            }
             tokio::select! {
                 biased;
-                r = self.stream.readable() => if r.is_err() { return false },
+                r = read.as_mut() => return matches!(r, Ok(n) if n > 0),
                 () = self.head_timer.as_mut() => return false,
                 () = stop.as_mut(), if !self.shutting => {
                     self.shutting = true;
@@ -359,15 +362,21 @@ impl Client {
                 timeout,
                 ctx,
             };
-            let err = match exchange.run(&mut self.out, &mut self.resp, timer).await {
-                Ok((up, head)) => break (up, head, host),
-                Err(Failure::Timeout) => {
-                    return Err(ProxyError::UpstreamTimeout {
-                        service: gate.name().clone(),
-                        after: timeout,
-                    })
-                }
-                Err(e) => e,
+            let err = tokio::select! {
+                biased;
+                r = exchange.run(&mut self.out, &mut self.resp, timer) => match r {
+                    Ok((up, head)) => break (up, head, host),
+                    Err(Failure::Timeout) => {
+                        return Err(ProxyError::UpstreamTimeout {
+                            service: gate.name().clone(),
+                            after: timeout,
+                        })
+                    }
+                    Err(e) => e,
+                },
+                // The client left: nobody waits for the answer, the slot and the backend
+                // connection are freed now (as hyper's path does when its read sees the end).
+                () = client_gone(&self.stream, &mut self.buf) => return Ok(false),
             };
             let connect = matches!(err, Failure::Connect(_));
             let retry = connect || (idempotent && attempt < MAX_ATTEMPTS);
