@@ -387,3 +387,63 @@ async fn a_client_that_leaves_while_its_request_is_forwarded_frees_the_slot() {
     assert_eq!(resp.status, 200, "{resp:?}");
     assert_eq!(resp.body, "/next");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_held_across_a_reload_to_h2c_is_never_sent_as_http1() {
+    let (a, stalled, _) = stalling().await;
+    // The new backend records whatever reaches it, then closes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = listener.local_addr().unwrap();
+    let got: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let log = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await
+            {
+                log.lock().extend_from_slice(&buf[..n]);
+            }
+        }
+    });
+    let hold = ["concurrency: 1", "queue: { capacity: 10, timeout: 30s }"];
+    let first_yaml = config_with(a, &hold);
+    let first = reveille::Config::parse(&first_yaml).unwrap();
+    let r = start(&first_yaml).await;
+    let gate = r.gates[0].clone();
+    // The one slot is taken by a request the backend never answers...
+    let mut busy = TcpStream::connect(r.proxy_addr).await.unwrap();
+    busy.write_all(b"GET /slow HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    wait_until("the slot to be taken", Duration::from_secs(5), || {
+        let n = stalled.load(Ordering::SeqCst);
+        async move { n == 1 }
+    })
+    .await;
+    // ... so this one is held, on the fast path.
+    let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
+    c.write_all(b"GET /held HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    wait_until("the request to be held", Duration::from_secs(5), || {
+        let g = gate.clone();
+        async move { g.held() == 1 }
+    })
+    .await;
+    // The service now speaks h2c: the held request follows it to its new gate.
+    let mut with_h2c = hold.to_vec();
+    with_h2c.push("protocol: h2c");
+    let second = reveille::Config::parse(&config_with(b, &with_h2c)).unwrap();
+    let out = r.reload(&second, &first).await;
+    assert_eq!(out.changes.replaced, vec!["wire".to_string()]);
+    let mut rb = Vec::new();
+    let (head, _) = read_response(&mut c, &mut rb).await;
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+    let sent = String::from_utf8_lossy(&got.lock()).to_string();
+    assert!(
+        !sent.contains("HTTP/1.1"),
+        "an h2c backend got HTTP/1.1: {sent:?}"
+    );
+    drop(busy);
+}

@@ -267,6 +267,17 @@ impl Client {
                 }
             }
         };
+        // A reload while held may have made the service one the fast path must not serve (h2c,
+        // TLS): its request is never sent as cleartext HTTP/1.1.
+        let acquired = acquired.and_then(|a| {
+            if serves(gate.settings()) {
+                Ok(a)
+            } else {
+                Err(ProxyError::ServiceRemoved {
+                    service: gate.name().clone(),
+                })
+            }
+        });
         if acquired.is_ok() && body > 0 {
             // The body goes with the head, whole: read the rest of it now.
             if !self.read_body(body).await {
@@ -595,8 +606,7 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
             None => return Plan::Handoff,
         }
     };
-    let settings = gate.settings();
-    if settings.protocol != Protocol::Http1 || settings.upstream.is_some() {
+    if !serves(gate.settings()) {
         return Plan::Handoff;
     }
     out.clear();
@@ -634,6 +644,11 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
         idempotent: idempotent(method),
         head: method == "HEAD",
     })
+}
+
+/// Whether the fast path serves a service: cleartext HTTP/1.1 backends only.
+fn serves(settings: &crate::gate::GateSettings) -> bool {
+    settings.protocol == Protocol::Http1 && settings.upstream.is_none()
 }
 
 fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
