@@ -829,6 +829,9 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
     let (Some(status), Some(version)) = (r.code, r.version) else {
         return Parsed::Invalid("the backend's response head does not parse");
     };
+    if status < 100 {
+        return Parsed::Invalid("the backend sent a status code below 100");
+    }
     if status == 101 {
         return Parsed::Invalid("the backend switched protocols unasked");
     }

@@ -238,6 +238,9 @@ fn broken_or_interim_responses_are_told_apart() {
         b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
         b"SMTP ready\r\n\r\n",
+        // Not a status code (hyper's client refuses it: 100..=999 only).
+        b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 000 \r\nContent-Length: 0\r\n\r\n",
     ] {
         assert!(
             matches!(response_head(bad, &mut out, PLAIN), Parsed::Invalid(_)),
