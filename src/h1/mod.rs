@@ -54,6 +54,9 @@ use crate::server::ConnectionGuard;
 const READ_BUF: usize = 4096;
 /// First size of the buffer for a backend's response.
 const RESPONSE_BUF: usize = 8 * 1024;
+/// Capacity a connection's buffers keep between requests; one grown past it by a large head,
+/// body or response is given back.
+const KEEP_BUF: usize = 32 * 1024;
 /// Largest read of a response body at once.
 const MAX_BODY_READ: usize = 64 * 1024;
 /// Largest response head accepted from a backend.
@@ -295,7 +298,7 @@ impl Client {
             }
             Err(e) => Err(e),
         };
-        match result {
+        let keep = match result {
             Ok(keep) => keep,
             Err(e) => {
                 gate.metrics().rejected(e.kind());
@@ -307,6 +310,22 @@ impl Client {
                 write_error(&mut self.out, &e, close);
                 self.stream.write_all(&self.out).await.is_ok() && !close
             }
+        };
+        self.trim();
+        keep
+    }
+
+    /// Gives back what a large head, body or response grew the buffers to, so an idle
+    /// keep-alive connection (or a held request on it) does not keep it.
+    fn trim(&mut self) {
+        if self.resp.capacity() > KEEP_BUF {
+            self.resp = Vec::new();
+        }
+        if self.out.capacity() > KEEP_BUF {
+            self.out = Vec::new();
+        }
+        if self.buf.capacity() > KEEP_BUF && self.buf.len() <= READ_BUF {
+            self.buf.shrink_to(READ_BUF);
         }
     }
 

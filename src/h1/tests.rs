@@ -292,3 +292,138 @@ fn a_head_is_parsed_again_only_when_a_piece_may_end_it() {
         MAX_HEADER_BYTES
     ));
 }
+
+/// A backend answering every request with a `len`-byte body (request bodies are read whole).
+async fn answering(len: usize) -> SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 8192];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let body: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    while buf.len() < end + body {
+                        let mut chunk = [0u8; 8192];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..end + body);
+                    let mut resp =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n").into_bytes();
+                    resp.resize(resp.len() + len, b'x');
+                    if s.write_all(&resp).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A fast-path connection (its Reveille end) to `web.test` at `backend`, and its client end.
+async fn connected(backend: SocketAddr) -> (Client, TcpStream, Proxy) {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: web\n    hosts: [web.test]\n    backend: {{ static: {{ addresses: [\"{backend}\"] }} }}\n"
+    );
+    let cfg = crate::Config::parse(&yaml).unwrap();
+    let metrics = crate::metrics::Metrics::new();
+    let services = crate::services::Services::new(
+        metrics.clone(),
+        crate::gate::HeldLimit::new(10),
+        None,
+        cfg.timeouts,
+    );
+    services.apply(&cfg.services).await;
+    let shared = Arc::new(crate::proxy::Shared {
+        services,
+        upstreams: crate::upstream::Upstreams::new(&cfg.timeouts),
+        response_timeout: cfg.timeouts.upstream_response,
+        metrics,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (peer, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    let (stream, remote) = accepted.unwrap();
+    let proxy = Proxy::new(shared, remote, "http");
+    // Never shut down.
+    let (tx, close) = watch::channel(false);
+    std::mem::forget(tx);
+    let c = Client {
+        stream,
+        buf: Vec::with_capacity(READ_BUF),
+        out: Vec::new(),
+        resp: Vec::new(),
+        head_timer: Box::pin(tokio::time::sleep(std::time::Duration::from_secs(60))),
+        resp_timer: None,
+        last_host: None,
+        proxy: proxy.clone(),
+        close,
+        shutting: false,
+        client_header: cfg.timeouts.client_header,
+    };
+    (c, peer.unwrap(), proxy)
+}
+
+/// Reads `len` bytes of a response's body (after its head) on the client's end.
+async fn drain_response(peer: &mut TcpStream, body: usize) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            if got.len() == i + 4 + body {
+                return;
+            }
+        }
+        let n = peer.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the response ended early");
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_keeps_no_large_buffers_after_large_transfers() {
+    use tokio::io::AsyncWriteExt;
+    let len = 512 * 1024;
+    let (mut c, mut peer, p) = connected(answering(len).await).await;
+    // A large download, then a large upload (a body of the most the fast path takes).
+    let body = MAX_FAST_BODY as usize;
+    let heads = [
+        "GET /big HTTP/1.1\r\nHost: web.test\r\n\r\n".to_string(),
+        format!("POST /up HTTP/1.1\r\nHost: web.test\r\nContent-Length: {body}\r\n\r\n"),
+    ];
+    for (i, head) in heads.iter().enumerate() {
+        let Plan::Forward(f) = plan(head.as_bytes(), &mut c.out, &p) else {
+            panic!("not forwarded: {head}");
+        };
+        if i == 1 {
+            peer.write_all(&vec![b'u'; body]).await.unwrap();
+        }
+        let (kept, ()) = tokio::join!(c.request(f), drain_response(&mut peer, len));
+        assert!(kept);
+        let (buf, out, resp) = (c.buf.capacity(), c.out.capacity(), c.resp.capacity());
+        assert!(
+            buf <= KEEP_BUF && out <= KEEP_BUF && resp <= KEEP_BUF,
+            "after {head:?}: read buffer {buf}, head buffer {out}, response buffer {resp} bytes"
+        );
+    }
+}
