@@ -150,13 +150,27 @@ fn may_end_head(buf: &[u8], from: usize) -> bool {
 
 /// Hands the connection to hyper, replaying the bytes read so far.
 async fn handoff(inbound: Arc<Inbound>, c: Client, guard: ConnectionGuard) {
+    let Client {
+        stream,
+        buf,
+        proxy,
+        close,
+        out,
+        resp,
+        head_timer,
+        resp_timer,
+        last_host,
+        ..
+    } = c;
+    // Freed now, not when hyper is done with the connection (a WebSocket may last hours).
+    drop((out, resp, head_timer, resp_timer, last_host));
     let io = Prefixed {
-        prefix: c.buf,
+        prefix: buf,
         pos: 0,
-        inner: c.stream,
+        inner: stream,
     };
     // Boxed: the fast path's state does not carry hyper's connection.
-    Box::pin(drive(inbound.http1(io, c.proxy), c.close, guard)).await;
+    Box::pin(drive(inbound.http1(io, proxy), close, guard)).await;
 }
 
 /// One client connection on the fast path.

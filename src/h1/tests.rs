@@ -427,3 +427,29 @@ async fn an_idle_connection_keeps_no_large_buffers_after_large_transfers() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_handed_to_hyper_keeps_nothing_of_the_fast_path() {
+    use tokio::io::AsyncWriteExt;
+    let (mut c, mut peer, p) = connected(answering(5).await).await;
+    let head = "GET /fast HTTP/1.1\r\nHost: web.test\r\n\r\n";
+    let Plan::Forward(f) = plan(head.as_bytes(), &mut c.out, &p) else {
+        panic!("not forwarded");
+    };
+    let (kept, ()) = tokio::join!(c.request(f), drain_response(&mut peer, 5));
+    assert!(kept);
+    let host = c.last_host.as_ref().expect("a backend was used").1.clone();
+    let timeouts = crate::Config::parse(CONFIG).unwrap().timeouts;
+    let inbound = Arc::new(Inbound::new(&timeouts));
+    let guard = crate::server::Connections::new(1).try_open().unwrap();
+    tokio::spawn(handoff(inbound, c, guard));
+    // hyper serves the connection now.
+    peer.write_all(b"GET /hyper HTTP/1.1\r\nHost: web.test\r\n\r\n")
+        .await
+        .unwrap();
+    drain_response(&mut peer, 5).await;
+    // The pool's map and this test hold the endpoint's idle list; the connection, served by
+    // hyper for as long as the client keeps it (a WebSocket: hours), no longer does, nor its
+    // buffers and timers.
+    assert_eq!(Arc::strong_count(&host), 2);
+}
