@@ -946,7 +946,15 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
     for h in r.headers.iter() {
         let name = h.name.as_bytes();
         let keep = match field(name) {
-            Field::Connection | Field::HopByHop | Field::Special => false,
+            Field::Connection | Field::HopByHop => false,
+            // Hop-by-hop ones only, as hyper's path (`Expect` and Knative's fields pass).
+            Field::Special
+                if [&b"te"[..], b"upgrade", b"trailer", b"transfer-encoding"]
+                    .iter()
+                    .any(|h| name.eq_ignore_ascii_case(h)) =>
+            {
+                false
+            }
             Field::ContentLength => chunked.is_none(),
             _ => !listed.iter().any(|l| l.eq_ignore_ascii_case(name)),
         };

@@ -453,3 +453,17 @@ async fn a_connection_handed_to_hyper_keeps_nothing_of_the_fast_path() {
     // buffers and timers.
     assert_eq!(Arc::strong_count(&host), 2);
 }
+
+#[test]
+fn response_fields_that_are_special_only_in_requests_are_passed_on() {
+    let (_, out) = respond(
+        "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nKnative-Serving-Revision: r1\r\n\
+         K-Network-Probe: queue\r\nExpect: x\r\nTrailer: x\r\nUpgrade: y\r\nTE: t\r\n\r\n",
+        PLAIN,
+    );
+    assert_eq!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nKnative-Serving-Revision: r1\r\n\
+         K-Network-Probe: queue\r\nExpect: x\r\n\r\n"
+    );
+}
