@@ -447,3 +447,31 @@ async fn a_request_held_across_a_reload_to_h2c_is_never_sent_as_http1() {
     );
     drop(busy);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_opened_before_shutdown_hears_connection_close_on_its_last_request() {
+    let (backend, _) = scripted(Arc::new(|head, _| (ok(&path(head)), false))).await;
+    let yaml = config(backend).replacen(
+        "services:",
+        "shutdown: { delay: 0s, grace: 5s }\nservices:",
+        1,
+    );
+    let r = start(&yaml).await;
+    // Connected, nothing sent yet: accepted, waiting for its first bytes when shutdown begins.
+    let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    r.shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Within the last-request grace, the request is served...
+    c.write_all(b"GET /last HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rb = Vec::new();
+    let (head, body) = read_response(&mut c, &mut rb).await;
+    assert_eq!(body, "/last");
+    // ... and its answer says the connection closes, so nothing more is sent on it.
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close\r\n"),
+        "{head}"
+    );
+}

@@ -89,6 +89,9 @@ pub(crate) fn serve(
         let mut stop_rx = close.clone();
         let stop = OnlyWhenWoken::new(scaler::stopped(&mut stop_rx));
         tokio::pin!(stop);
+        // A connection whose first bytes came after shutdown began has seen the signal already
+        // (`has_changed` would not tell): it shuts down from its first request.
+        let shutting = *close.borrow();
         let mut c = Client {
             stream,
             buf: Vec::with_capacity(READ_BUF),
@@ -99,7 +102,7 @@ pub(crate) fn serve(
             last_host: None,
             proxy,
             close,
-            shutting: false,
+            shutting,
             client_header: inbound.client_header(),
         };
         let mut deadline = deadline;
