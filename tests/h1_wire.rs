@@ -475,3 +475,83 @@ async fn a_connection_opened_before_shutdown_hears_connection_close_on_its_last_
         "{head}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_its_retry_is_held_leaves_the_queue() {
+    // `/fail` is closed unanswered once the test says so; `/slow` is never answered.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let seen: Seen = Arc::default();
+    let (rel, log) = (release.clone(), seen.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (rel, log) = (rel.clone(), log.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let Some(end) = read_until(&mut s, &mut buf, b"\r\n\r\n").await else {
+                    return;
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                log.lock().push((0, head.clone(), Vec::new()));
+                if path(&head) == "/fail" {
+                    rel.notified().await;
+                    return;
+                }
+                while read_more(&mut s, &mut buf).await {}
+            });
+        }
+    });
+    let r = start(&config_with(
+        backend,
+        &["concurrency: 1", "queue: { capacity: 10, timeout: 30s }"],
+    ))
+    .await;
+    let gate = r.gates[0].clone();
+    let reached = |p: &'static str| {
+        let seen = seen.clone();
+        move || {
+            let n = seen.lock().iter().filter(|(_, h, _)| path(h) == p).count();
+            async move { n == 1 }
+        }
+    };
+    let mut a = TcpStream::connect(r.proxy_addr).await.unwrap();
+    a.write_all(b"GET /fail HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    wait_until(
+        "/fail at the backend",
+        Duration::from_secs(5),
+        reached("/fail"),
+    )
+    .await;
+    let mut q = TcpStream::connect(r.proxy_addr).await.unwrap();
+    q.write_all(b"GET /slow HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    wait_until("/slow held", Duration::from_secs(5), || {
+        let g = gate.clone();
+        async move { g.held() == 1 }
+    })
+    .await;
+    // /fail fails with no answer: its retry waits behind /slow, which takes the one slot.
+    release.notify_one();
+    wait_until(
+        "/slow at the backend",
+        Duration::from_secs(5),
+        reached("/slow"),
+    )
+    .await;
+    wait_until("the retry held", Duration::from_secs(5), || {
+        let g = gate.clone();
+        async move { g.held() == 1 }
+    })
+    .await;
+    drop(a);
+    wait_until("the queue to be empty", Duration::from_secs(3), || {
+        let g = gate.clone();
+        async move { g.held() == 0 }
+    })
+    .await;
+    drop(q);
+}

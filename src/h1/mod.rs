@@ -441,12 +441,16 @@ impl Client {
             }
             drop(permit);
             // Boxed: retries are rare, their futures would grow every connection's task.
-            permit = Box::pin(async {
+            let again = Box::pin(async {
                 tokio::time::sleep(RETRY_BACKOFF * 2u32.pow(attempt - 1)).await;
                 gate.acquire_again(deadline).await
-            })
-            .await?
-            .permit;
+            });
+            permit = tokio::select! {
+                biased;
+                r = again => r?.permit,
+                // Held again: a client that leaves leaves the queue.
+                () = client_gone(&self.stream, &mut self.buf) => return Ok(false),
+            };
             attempt += 1;
         };
         gate.metrics()
