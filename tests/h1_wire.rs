@@ -137,9 +137,12 @@ fn config(backend: SocketAddr) -> String {
     )
 }
 
+/// A backend's `Date` (passed on as sent; a response without one gets Reveille's).
+const DATE: &str = "Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n";
+
 fn ok(body: &str) -> Vec<u8> {
     format!(
-        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+        "HTTP/1.1 200 OK\r\n{DATE}content-length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
@@ -175,11 +178,11 @@ async fn pipelined_requests_are_answered_in_order_on_one_backend_connection() {
 async fn chunked_bodies_pass_as_sent_and_close_delimited_ones_are_chunked() {
     let (backend, seen) = scripted(Arc::new(|head, _| match path(head).as_str() {
         "/chunked" => (
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"
-                .to_vec(),
+            format!("HTTP/1.1 200 OK\r\n{DATE}Transfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n")
+                .into_bytes(),
             false,
         ),
-        "/old" => (b"HTTP/1.0 200 OK\r\nServer: old\r\n\r\nuntil close".to_vec(), true),
+        "/old" => (format!("HTTP/1.0 200 OK\r\n{DATE}Server: old\r\n\r\nuntil close").into_bytes(), true),
         p => (ok(p), false),
     }))
     .await;
@@ -190,13 +193,13 @@ async fn chunked_bodies_pass_as_sent_and_close_delimited_ones_are_chunked() {
     c.write_all(b"GET /chunked HTTP/1.1\r\nHost: wire.test\r\n\r\n")
         .await
         .unwrap();
-    let want = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n";
+    let want = format!("HTTP/1.1 200 OK\r\n{DATE}transfer-encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n");
     assert_eq!(read_exact_text(&mut c, want.len()).await, want);
 
     c.write_all(b"GET /old HTTP/1.1\r\nHost: wire.test\r\n\r\n")
         .await
         .unwrap();
-    let want = "HTTP/1.1 200 OK\r\nServer: old\r\ntransfer-encoding: chunked\r\n\r\nb\r\nuntil close\r\n0\r\n\r\n";
+    let want = format!("HTTP/1.1 200 OK\r\n{DATE}Server: old\r\ntransfer-encoding: chunked\r\n\r\nb\r\nuntil close\r\n0\r\n\r\n");
     assert_eq!(read_exact_text(&mut c, want.len()).await, want);
 
     // The client's connection stays open; the backend's, closed after /old, is not reused.

@@ -950,8 +950,10 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
         ),
     }
     out.extend_from_slice(b"\r\n");
+    let mut dated = false;
     for h in r.headers.iter() {
         let name = h.name.as_bytes();
+        dated |= name.len() == 4 && name.eq_ignore_ascii_case(b"date");
         let keep = match field(name) {
             Field::Connection | Field::HopByHop => false,
             // Hop-by-hop ones only, as hyper's path (`Expect` and Knative's fields pass).
@@ -969,6 +971,10 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
             put_field(out, name, h.value);
         }
     }
+    if !dated {
+        // A proxy adds the date a response lacks (RFC 9110 §6.6.1), as hyper's server does.
+        put_date(out);
+    }
     if ctx.cold {
         put_field(out, COLD_START_HEADER.as_bytes(), b"true");
     }
@@ -985,6 +991,30 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
         framing,
         reuse,
     })
+}
+
+/// Appends a `date` field for now; the date is formatted once a second per thread (as hyper's
+/// server caches it), not per response.
+fn put_date(out: &mut Vec<u8>) {
+    use std::cell::Cell;
+    use std::io::Write;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    /// An IMF-fixdate is 29 bytes.
+    type Date = [u8; 29];
+    thread_local! {
+        static DATE: Cell<(u64, Date)> = const { Cell::new((u64::MAX, [b' '; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let date = DATE.with(|cached| {
+        let (at, mut date) = cached.get();
+        if at != secs {
+            let _ = write!(&mut date[..], "{}", httpdate::HttpDate::from(now));
+            cached.set((secs, date));
+        }
+        date
+    });
+    put_field(out, b"date", &date);
 }
 
 fn parse_length(v: &[u8]) -> Option<u64> {
@@ -1120,6 +1150,7 @@ fn write_error(out: &mut Vec<u8>, e: &ProxyError, close: bool) {
         put_field(out, b"retry-after", secs.to_string().as_bytes());
     }
     put_field(out, b"content-length", body.len().to_string().as_bytes());
+    put_date(out);
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
