@@ -17,11 +17,14 @@
 //! hyper path enforces still holds; the fast path only ever takes requests that pass them.
 //!
 //! The fast path keeps the rest of the proxy's behaviour: holding in the gate (a client that
-//! closes while held leaves the queue), following a reload to the new gate, retries (a
-//! connect failure on another endpoint, an idempotent request when no response came),
-//! passive ejection, the response timeout, the cold-start header, metrics, the client header
-//! timeout for idle keep-alive connections, and graceful shutdown (a last request within
-//! [`LAST_REQUEST_GRACE`], `Connection: close` on responses once shutting down).
+//! closes while held leaves the queue; one that closes while its request is forwarded frees
+//! the slot and the backend connection), following a reload to the new gate (a request held
+//! across a reload that makes its service h2c or TLS is answered `503`, never sent as
+//! cleartext HTTP/1.1), retries (a connect failure on another endpoint, an idempotent request
+//! when no response came), passive ejection, the response timeout, the cold-start header, a
+//! `Date` on responses that lack one, metrics, the client header timeout for idle keep-alive
+//! connections, and graceful shutdown (a last request within [`LAST_REQUEST_GRACE`],
+//! `Connection: close` on responses once shutting down).
 
 mod chunked;
 pub mod pool;
