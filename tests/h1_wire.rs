@@ -460,11 +460,16 @@ async fn a_connection_opened_before_shutdown_hears_connection_close_on_its_last_
         1,
     );
     let r = start(&yaml).await;
-    // Connected, nothing sent yet: accepted, waiting for its first bytes when shutdown begins.
+    // Connected, nothing sent yet: waiting for its first bytes when shutdown begins.
     let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
     r.shutdown();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let addr = r.proxy_addr;
+    wait_until(
+        "the listener to close",
+        Duration::from_secs(5),
+        || async move { TcpStream::connect(addr).await.is_err() },
+    )
+    .await;
     // Within the last-request grace, the request is served...
     c.write_all(b"GET /last HTTP/1.1\r\nHost: wire.test\r\n\r\n")
         .await
