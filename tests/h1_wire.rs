@@ -7,6 +7,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -136,9 +137,12 @@ fn config(backend: SocketAddr) -> String {
     )
 }
 
+/// A backend's `Date` (passed on as sent; a response without one gets Reveille's).
+const DATE: &str = "Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n";
+
 fn ok(body: &str) -> Vec<u8> {
     format!(
-        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+        "HTTP/1.1 200 OK\r\n{DATE}content-length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
@@ -174,11 +178,11 @@ async fn pipelined_requests_are_answered_in_order_on_one_backend_connection() {
 async fn chunked_bodies_pass_as_sent_and_close_delimited_ones_are_chunked() {
     let (backend, seen) = scripted(Arc::new(|head, _| match path(head).as_str() {
         "/chunked" => (
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"
-                .to_vec(),
+            format!("HTTP/1.1 200 OK\r\n{DATE}Transfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n")
+                .into_bytes(),
             false,
         ),
-        "/old" => (b"HTTP/1.0 200 OK\r\nServer: old\r\n\r\nuntil close".to_vec(), true),
+        "/old" => (format!("HTTP/1.0 200 OK\r\n{DATE}Server: old\r\n\r\nuntil close").into_bytes(), true),
         p => (ok(p), false),
     }))
     .await;
@@ -189,13 +193,13 @@ async fn chunked_bodies_pass_as_sent_and_close_delimited_ones_are_chunked() {
     c.write_all(b"GET /chunked HTTP/1.1\r\nHost: wire.test\r\n\r\n")
         .await
         .unwrap();
-    let want = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n";
+    let want = format!("HTTP/1.1 200 OK\r\n{DATE}transfer-encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n");
     assert_eq!(read_exact_text(&mut c, want.len()).await, want);
 
     c.write_all(b"GET /old HTTP/1.1\r\nHost: wire.test\r\n\r\n")
         .await
         .unwrap();
-    let want = "HTTP/1.1 200 OK\r\nServer: old\r\ntransfer-encoding: chunked\r\n\r\nb\r\nuntil close\r\n0\r\n\r\n";
+    let want = format!("HTTP/1.1 200 OK\r\n{DATE}Server: old\r\ntransfer-encoding: chunked\r\n\r\nb\r\nuntil close\r\n0\r\n\r\n");
     assert_eq!(read_exact_text(&mut c, want.len()).await, want);
 
     // The client's connection stays open; the backend's, closed after /old, is not reused.
@@ -358,4 +362,259 @@ async fn an_answer_before_the_body_arrives_is_not_lost_to_a_reset() {
     assert!(text.contains("connection: close\r\n"), "{text}");
     trickle.abort();
     stop(r).await;
+}
+
+/// A backend that never answers `/slow` (it counts the request, then waits for the connection
+/// to close and counts that) and answers anything else at once.
+async fn stalling() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stalled = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (s2, c2) = (stalled.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (stalled, closed) = (s2.clone(), c2.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(end) = read_until(&mut s, &mut buf, b"\r\n\r\n").await {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end);
+                    if path(&head) == "/slow" {
+                        stalled.fetch_add(1, Ordering::SeqCst);
+                        while read_more(&mut s, &mut buf).await {}
+                        closed.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    if s.write_all(&ok(&path(&head))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, stalled, closed)
+}
+
+fn config_with(backend: SocketAddr, extra: &[&str]) -> String {
+    let mut yaml = config(backend);
+    for line in extra {
+        yaml.push_str("    ");
+        yaml.push_str(line);
+        yaml.push('\n');
+    }
+    yaml
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_its_request_is_forwarded_frees_the_slot() {
+    let (backend, stalled, closed) = stalling().await;
+    let r = start(&config_with(backend, &["concurrency: 1"])).await;
+    let gate = r.gates[0].clone();
+    let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
+    c.write_all(b"GET /slow HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    wait_until(
+        "the backend to get the request",
+        Duration::from_secs(5),
+        || {
+            let n = stalled.load(Ordering::SeqCst);
+            async move { n == 1 }
+        },
+    )
+    .await;
+    assert_eq!(gate.in_flight(), 1);
+    // The client gives up; hyper's path notices at once (its read sees the end), so must this.
+    drop(c);
+    wait_until("the slot to be freed", Duration::from_secs(3), || {
+        let g = gate.clone();
+        async move { g.in_flight() == 0 }
+    })
+    .await;
+    wait_until(
+        "the backend connection to be closed",
+        Duration::from_secs(3),
+        || {
+            let n = closed.load(Ordering::SeqCst);
+            async move { n == 1 }
+        },
+    )
+    .await;
+    let resp = get(&client(), r.proxy_addr, "wire.test", "/next").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.body, "/next");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_held_across_a_reload_to_h2c_is_never_sent_as_http1() {
+    let (a, stalled, _) = stalling().await;
+    // The new backend records whatever reaches it, then closes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = listener.local_addr().unwrap();
+    let got: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let log = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await
+            {
+                log.lock().extend_from_slice(&buf[..n]);
+            }
+        }
+    });
+    let hold = ["concurrency: 1", "queue: { capacity: 10, timeout: 30s }"];
+    let first_yaml = config_with(a, &hold);
+    let first = reveille::Config::parse(&first_yaml).unwrap();
+    let r = start(&first_yaml).await;
+    let gate = r.gates[0].clone();
+    // The one slot is taken by a request the backend never answers...
+    let mut busy = TcpStream::connect(r.proxy_addr).await.unwrap();
+    busy.write_all(b"GET /slow HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    wait_until("the slot to be taken", Duration::from_secs(5), || {
+        let n = stalled.load(Ordering::SeqCst);
+        async move { n == 1 }
+    })
+    .await;
+    // ... so this one is held, on the fast path.
+    let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
+    c.write_all(b"GET /held HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    wait_until("the request to be held", Duration::from_secs(5), || {
+        let g = gate.clone();
+        async move { g.held() == 1 }
+    })
+    .await;
+    // The service now speaks h2c: the held request follows it to its new gate.
+    let mut with_h2c = hold.to_vec();
+    with_h2c.push("protocol: h2c");
+    let second = reveille::Config::parse(&config_with(b, &with_h2c)).unwrap();
+    let out = r.reload(&second, &first).await;
+    assert_eq!(out.changes.replaced, vec!["wire".to_string()]);
+    let mut rb = Vec::new();
+    let (head, _) = read_response(&mut c, &mut rb).await;
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+    let sent = String::from_utf8_lossy(&got.lock()).to_string();
+    assert!(
+        !sent.contains("HTTP/1.1"),
+        "an h2c backend got HTTP/1.1: {sent:?}"
+    );
+    drop(busy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_opened_before_shutdown_hears_connection_close_on_its_last_request() {
+    let (backend, _) = scripted(Arc::new(|head, _| (ok(&path(head)), false))).await;
+    let yaml = config(backend).replacen(
+        "services:",
+        "shutdown: { delay: 0s, grace: 5s }\nservices:",
+        1,
+    );
+    let r = start(&yaml).await;
+    // Connected, nothing sent yet: waiting for its first bytes when shutdown begins.
+    let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
+    r.shutdown();
+    let addr = r.proxy_addr;
+    wait_until(
+        "the listener to close",
+        Duration::from_secs(5),
+        || async move { TcpStream::connect(addr).await.is_err() },
+    )
+    .await;
+    // Within the last-request grace, the request is served...
+    c.write_all(b"GET /last HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rb = Vec::new();
+    let (head, body) = read_response(&mut c, &mut rb).await;
+    assert_eq!(body, "/last");
+    // ... and its answer says the connection closes, so nothing more is sent on it.
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close\r\n"),
+        "{head}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_its_retry_is_held_leaves_the_queue() {
+    // `/fail` is closed unanswered once the test says so; `/slow` is never answered.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let seen: Seen = Arc::default();
+    let (rel, log) = (release.clone(), seen.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (rel, log) = (rel.clone(), log.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let Some(end) = read_until(&mut s, &mut buf, b"\r\n\r\n").await else {
+                    return;
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                log.lock().push((0, head.clone(), Vec::new()));
+                if path(&head) == "/fail" {
+                    rel.notified().await;
+                    return;
+                }
+                while read_more(&mut s, &mut buf).await {}
+            });
+        }
+    });
+    let r = start(&config_with(
+        backend,
+        &["concurrency: 1", "queue: { capacity: 10, timeout: 30s }"],
+    ))
+    .await;
+    let gate = r.gates[0].clone();
+    let reached = |p: &'static str| {
+        let seen = seen.clone();
+        move || {
+            let n = seen.lock().iter().filter(|(_, h, _)| path(h) == p).count();
+            async move { n == 1 }
+        }
+    };
+    let mut a = TcpStream::connect(r.proxy_addr).await.unwrap();
+    a.write_all(b"GET /fail HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    wait_until(
+        "/fail at the backend",
+        Duration::from_secs(5),
+        reached("/fail"),
+    )
+    .await;
+    let mut q = TcpStream::connect(r.proxy_addr).await.unwrap();
+    q.write_all(b"GET /slow HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    wait_until("/slow held", Duration::from_secs(5), || {
+        let g = gate.clone();
+        async move { g.held() == 1 }
+    })
+    .await;
+    // /fail fails with no answer: its retry waits behind /slow, which takes the one slot.
+    release.notify_one();
+    wait_until(
+        "/slow at the backend",
+        Duration::from_secs(5),
+        reached("/slow"),
+    )
+    .await;
+    wait_until("the retry held", Duration::from_secs(5), || {
+        let g = gate.clone();
+        async move { g.held() == 1 }
+    })
+    .await;
+    drop(a);
+    wait_until("the queue to be empty", Duration::from_secs(3), || {
+        let g = gate.clone();
+        async move { g.held() == 0 }
+    })
+    .await;
+    drop(q);
 }

@@ -17,11 +17,14 @@
 //! hyper path enforces still holds; the fast path only ever takes requests that pass them.
 //!
 //! The fast path keeps the rest of the proxy's behaviour: holding in the gate (a client that
-//! closes while held leaves the queue), following a reload to the new gate, retries (a
-//! connect failure on another endpoint, an idempotent request when no response came),
-//! passive ejection, the response timeout, the cold-start header, metrics, the client header
-//! timeout for idle keep-alive connections, and graceful shutdown (a last request within
-//! [`LAST_REQUEST_GRACE`], `Connection: close` on responses once shutting down).
+//! closes while held leaves the queue; one that closes while its request is forwarded frees
+//! the slot and the backend connection), following a reload to the new gate (a request held
+//! across a reload that makes its service h2c or TLS is answered `503`, never sent as
+//! cleartext HTTP/1.1), retries (a connect failure on another endpoint, an idempotent request
+//! when no response came), passive ejection, the response timeout, the cold-start header, a
+//! `Date` on responses that lack one, metrics, the client header timeout for idle keep-alive
+//! connections, and graceful shutdown (a last request within [`LAST_REQUEST_GRACE`],
+//! `Connection: close` on responses once shutting down).
 
 mod chunked;
 pub mod pool;
@@ -54,6 +57,9 @@ use crate::server::ConnectionGuard;
 const READ_BUF: usize = 4096;
 /// First size of the buffer for a backend's response.
 const RESPONSE_BUF: usize = 8 * 1024;
+/// Capacity a connection's buffers keep between requests; one grown past it by a large head,
+/// body or response is given back.
+const KEEP_BUF: usize = 32 * 1024;
 /// Largest read of a response body at once.
 const MAX_BODY_READ: usize = 64 * 1024;
 /// Largest response head accepted from a backend.
@@ -86,6 +92,9 @@ pub(crate) fn serve(
         let mut stop_rx = close.clone();
         let stop = OnlyWhenWoken::new(scaler::stopped(&mut stop_rx));
         tokio::pin!(stop);
+        // A connection whose first bytes came after shutdown began has seen the signal already
+        // (`has_changed` would not tell): it shuts down from its first request.
+        let shutting = *close.borrow();
         let mut c = Client {
             stream,
             buf: Vec::with_capacity(READ_BUF),
@@ -96,7 +105,7 @@ pub(crate) fn serve(
             last_host: None,
             proxy,
             close,
-            shutting: false,
+            shutting,
             client_header: inbound.client_header(),
         };
         let mut deadline = deadline;
@@ -147,13 +156,27 @@ fn may_end_head(buf: &[u8], from: usize) -> bool {
 
 /// Hands the connection to hyper, replaying the bytes read so far.
 async fn handoff(inbound: Arc<Inbound>, c: Client, guard: ConnectionGuard) {
+    let Client {
+        stream,
+        buf,
+        proxy,
+        close,
+        out,
+        resp,
+        head_timer,
+        resp_timer,
+        last_host,
+        ..
+    } = c;
+    // Freed now, not when hyper is done with the connection (a WebSocket may last hours).
+    drop((out, resp, head_timer, resp_timer, last_host));
     let io = Prefixed {
-        prefix: c.buf,
+        prefix: buf,
         pos: 0,
-        inner: c.stream,
+        inner: stream,
     };
     // Boxed: the fast path's state does not carry hyper's connection.
-    Box::pin(drive(inbound.http1(io, c.proxy), c.close, guard)).await;
+    Box::pin(drive(inbound.http1(io, proxy), close, guard)).await;
 }
 
 /// One client connection on the fast path.
@@ -189,19 +212,26 @@ impl Client {
         armed: &mut bool,
         mut stop: Pin<&mut OnlyWhenWoken<S>>,
     ) -> bool {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(self.buf.capacity().max(READ_BUF));
+        }
+        // A read as `poll_read` does it: a short read tells tokio the socket is drained, so
+        // waiting on it later (for the next head, or for the client leaving while its request
+        // is forwarded) costs no system call.
+        let read = self.stream.read_buf(&mut self.buf);
+        tokio::pin!(read);
+        if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await
+        {
+            return matches!(r, Ok(n) if n > 0);
+        }
+        if !*armed {
+            self.head_timer.as_mut().reset(*deadline);
+            *armed = true;
+        }
         loop {
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(self.buf.capacity().max(READ_BUF));
-            }
-            if !*armed {
-                self.head_timer.as_mut().reset(*deadline);
-                *armed = true;
-            }
-            // A read, not `readable()` + `try_read`: a short read clears the socket's
-            // readiness, so waiting for the next request costs no failed system call.
             tokio::select! {
                 biased;
-                r = self.stream.read_buf(&mut self.buf) => return matches!(r, Ok(n) if n > 0),
+                r = read.as_mut() => return matches!(r, Ok(n) if n > 0),
                 () = self.head_timer.as_mut() => return false,
                 () = stop.as_mut(), if !self.shutting => {
                     self.shutting = true;
@@ -248,10 +278,12 @@ impl Client {
                 Poll::Ready(r) => r,
                 Poll::Pending => {
                     // Held: the read buffer is not needed while waiting unless pipelined bytes
-                    // are in it.
+                    // are in it, the response buffer (kept from an earlier request on this
+                    // connection) not at all.
                     if self.buf.is_empty() {
                         self.buf = Vec::new();
                     }
+                    self.resp = Vec::new();
                     tokio::select! {
                         biased;
                         r = &mut acquiring => r,
@@ -260,6 +292,17 @@ impl Client {
                 }
             }
         };
+        // A reload while held may have made the service one the fast path must not serve (h2c,
+        // TLS): its request is never sent as cleartext HTTP/1.1.
+        let acquired = acquired.and_then(|a| {
+            if serves(gate.settings()) {
+                Ok(a)
+            } else {
+                Err(ProxyError::ServiceRemoved {
+                    service: gate.name().clone(),
+                })
+            }
+        });
         if acquired.is_ok() && body > 0 {
             // The body goes with the head, whole: read the rest of it now.
             if !self.read_body(body).await {
@@ -277,7 +320,7 @@ impl Client {
             }
             Err(e) => Err(e),
         };
-        match result {
+        let keep = match result {
             Ok(keep) => keep,
             Err(e) => {
                 gate.metrics().rejected(e.kind());
@@ -295,6 +338,22 @@ impl Client {
                 }
                 written && !close
             }
+        };
+        self.trim();
+        keep
+    }
+
+    /// Gives back what a large head, body or response grew the buffers to, so an idle
+    /// keep-alive connection (or a held request on it) does not keep it.
+    fn trim(&mut self) {
+        if self.resp.capacity() > KEEP_BUF {
+            self.resp = Vec::new();
+        }
+        if self.out.capacity() > KEEP_BUF {
+            self.out = Vec::new();
+        }
+        if self.buf.capacity() > KEEP_BUF && self.buf.len() <= READ_BUF {
+            self.buf.shrink_to(READ_BUF);
         }
     }
 
@@ -361,15 +420,21 @@ impl Client {
                 timeout,
                 ctx,
             };
-            let err = match exchange.run(&mut self.out, &mut self.resp, timer).await {
-                Ok((up, head)) => break (up, head, host),
-                Err(Failure::Timeout) => {
-                    return Err(ProxyError::UpstreamTimeout {
-                        service: gate.name().clone(),
-                        after: timeout,
-                    })
-                }
-                Err(e) => e,
+            let err = tokio::select! {
+                biased;
+                r = exchange.run(&mut self.out, &mut self.resp, timer) => match r {
+                    Ok((up, head)) => break (up, head, host),
+                    Err(Failure::Timeout) => {
+                        return Err(ProxyError::UpstreamTimeout {
+                            service: gate.name().clone(),
+                            after: timeout,
+                        })
+                    }
+                    Err(e) => e,
+                },
+                // The client left: nobody waits for the answer, the slot and the backend
+                // connection are freed now (as hyper's path does when its read sees the end).
+                () = client_gone(&self.stream, &mut self.buf) => return Ok(false),
             };
             let connect = matches!(err, Failure::Connect(_));
             let retry = connect || (idempotent && attempt < MAX_ATTEMPTS);
@@ -387,12 +452,16 @@ impl Client {
             }
             drop(permit);
             // Boxed: retries are rare, their futures would grow every connection's task.
-            permit = Box::pin(async {
+            let again = Box::pin(async {
                 tokio::time::sleep(RETRY_BACKOFF * 2u32.pow(attempt - 1)).await;
                 gate.acquire_again(deadline).await
-            })
-            .await?
-            .permit;
+            });
+            permit = tokio::select! {
+                biased;
+                r = again => r?.permit,
+                // Held again: a client that leaves leaves the queue.
+                () = client_gone(&self.stream, &mut self.buf) => return Ok(false),
+            };
             attempt += 1;
         };
         gate.metrics()
@@ -611,8 +680,7 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
             None => return Plan::Handoff,
         }
     };
-    let settings = gate.settings();
-    if settings.protocol != Protocol::Http1 || settings.upstream.is_some() {
+    if !serves(gate.settings()) {
         return Plan::Handoff;
     }
     out.clear();
@@ -652,6 +720,11 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
         idempotent: idempotent(method),
         head: method == "HEAD",
     })
+}
+
+/// Whether the fast path serves a service: cleartext HTTP/1.1 backends only.
+fn serves(settings: &crate::gate::GateSettings) -> bool {
+    settings.protocol == Protocol::Http1 && settings.upstream.is_none()
 }
 
 fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -837,6 +910,9 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
     let (Some(status), Some(version)) = (r.code, r.version) else {
         return Parsed::Invalid("the backend's response head does not parse");
     };
+    if status < 100 {
+        return Parsed::Invalid("the backend sent a status code below 100");
+    }
     if status == 101 {
         return Parsed::Invalid("the backend switched protocols unasked");
     }
@@ -917,16 +993,32 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
         ),
     }
     out.extend_from_slice(b"\r\n");
+    let mut dated = false;
     for (h, kind) in r.headers.iter().zip(kinds) {
         let name = h.name.as_bytes();
+        dated |= name.len() == 4 && name.eq_ignore_ascii_case(b"date");
         let keep = match kind {
-            Field::Connection | Field::HopByHop | Field::Special | Field::TransferEncoding => false,
+            Field::Connection | Field::HopByHop | Field::TransferEncoding => false,
+            // Hop-by-hop ones only, as hyper's path (`Expect` and Knative's fields pass).
+            Field::Special
+                if [&b"te"[..], b"upgrade", b"trailer"]
+                    .iter()
+                    .any(|h| name.eq_ignore_ascii_case(h)) =>
+            {
+                false
+            }
             Field::ContentLength => chunked.is_none(),
+            // Reveille's own cold-start field replaces one the backend sent.
+            _ if ctx.cold && name.eq_ignore_ascii_case(COLD_START_HEADER.as_bytes()) => false,
             _ => !listed.iter().any(|l| l.eq_ignore_ascii_case(name)),
         };
         if keep {
             put_field(out, name, h.value);
         }
+    }
+    if !dated {
+        // A proxy adds the date a response lacks (RFC 9110 §6.6.1), as hyper's server does.
+        put_date(out);
     }
     if ctx.cold {
         put_field(out, COLD_START_HEADER.as_bytes(), b"true");
@@ -944,6 +1036,30 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
         framing,
         reuse,
     })
+}
+
+/// Appends a `date` field for now; the date is formatted once a second per thread (as hyper's
+/// server caches it), not per response.
+fn put_date(out: &mut Vec<u8>) {
+    use std::cell::Cell;
+    use std::io::Write;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    /// An IMF-fixdate is 29 bytes.
+    type Date = [u8; 29];
+    thread_local! {
+        static DATE: Cell<(u64, Date)> = const { Cell::new((u64::MAX, [b' '; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let date = DATE.with(|cached| {
+        let (at, mut date) = cached.get();
+        if at != secs {
+            let _ = write!(&mut date[..], "{}", httpdate::HttpDate::from(now));
+            cached.set((secs, date));
+        }
+        date
+    });
+    put_field(out, b"date", &date);
 }
 
 fn parse_length(v: &[u8]) -> Option<u64> {
@@ -1079,6 +1195,7 @@ fn write_error(out: &mut Vec<u8>, e: &ProxyError, close: bool) {
         put_field(out, b"retry-after", secs.to_string().as_bytes());
     }
     put_field(out, b"content-length", body.len().to_string().as_bytes());
+    put_date(out);
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }

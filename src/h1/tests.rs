@@ -149,10 +149,22 @@ async fn uncommon_requests_go_to_hyper() {
     assert!(handed_off(&p, &long));
 }
 
+/// `head` without the `date` field Reveille adds (which must be there, once, and valid).
+fn without_date(head: &str) -> String {
+    let dates: Vec<&str> = head
+        .split("\r\n")
+        .filter(|l| l.to_ascii_lowercase().starts_with("date: "))
+        .collect();
+    assert_eq!(dates.len(), 1, "one date: {head}");
+    let value = &dates[0]["date: ".len()..];
+    assert!(httpdate::parse_http_date(value).is_ok(), "{value:?}");
+    head.replacen(&format!("date: {value}\r\n"), "", 1)
+}
+
 fn respond(resp: &str, ctx: ResponseCtx) -> (Head, String) {
     let mut out = Vec::new();
     match response_head(resp.as_bytes(), &mut out, ctx) {
-        Parsed::Complete(h) => (h, String::from_utf8(out).unwrap()),
+        Parsed::Complete(h) => (h, without_date(&String::from_utf8(out).unwrap())),
         Parsed::Partial => panic!("partial"),
         Parsed::Interim(_) => panic!("interim"),
         Parsed::Invalid(why) => panic!("invalid: {why}"),
@@ -187,6 +199,22 @@ fn response_heads_lose_hop_by_hop_fields_and_keep_their_framing() {
         "HTTP/1.1 201 Made It\r\nContent-Length: 5\r\nServer: s\r\n\
          x-reveille-cold-start: true\r\nconnection: close\r\n\r\n"
     );
+
+    let (_, out) = respond(
+        "HTTP/1.1 200 OK\r\nX-Reveille-Cold-Start: false\r\nContent-Length: 0\r\n\r\n",
+        ResponseCtx {
+            cold: true,
+            ..PLAIN
+        },
+    );
+    assert_eq!(
+        out.to_ascii_lowercase()
+            .matches("x-reveille-cold-start")
+            .count(),
+        1,
+        "{out}"
+    );
+    assert!(out.contains("x-reveille-cold-start: true\r\n"), "{out}");
 
     let (h, out) = respond(
         "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
@@ -238,6 +266,9 @@ fn broken_or_interim_responses_are_told_apart() {
         b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
         b"SMTP ready\r\n\r\n",
+        // Not a status code (hyper's client refuses it: 100..=999 only).
+        b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 000 \r\nContent-Length: 0\r\n\r\n",
     ] {
         assert!(
             matches!(response_head(bad, &mut out, PLAIN), Parsed::Invalid(_)),
@@ -261,7 +292,7 @@ fn error_answers_carry_the_kind_and_close_when_asked() {
         capacity: 3,
     };
     write_error(&mut out, &e, true);
-    let text = String::from_utf8(out).unwrap();
+    let text = without_date(&String::from_utf8(out).unwrap());
     let body = e.body();
     assert_eq!(
         text,
@@ -288,4 +319,202 @@ fn a_head_is_parsed_again_only_when_a_piece_may_end_it() {
         &vec![b'a'; MAX_HEADER_BYTES + 1],
         MAX_HEADER_BYTES
     ));
+}
+
+/// A backend answering every request with a `len`-byte body (request bodies are read whole).
+async fn answering(len: usize) -> SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 8192];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let body: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    while buf.len() < end + body {
+                        let mut chunk = [0u8; 8192];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..end + body);
+                    let mut resp =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n").into_bytes();
+                    resp.resize(resp.len() + len, b'x');
+                    if s.write_all(&resp).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A fast-path connection (its Reveille end) to `web.test` at `backend`, and its client end.
+async fn connected(backend: SocketAddr) -> (Client, TcpStream, Proxy) {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: web\n    hosts: [web.test]\n    backend: {{ static: {{ addresses: [\"{backend}\"] }} }}\n"
+    );
+    let cfg = crate::Config::parse(&yaml).unwrap();
+    let metrics = crate::metrics::Metrics::new();
+    let services = crate::services::Services::new(
+        metrics.clone(),
+        crate::gate::HeldLimit::new(10),
+        None,
+        cfg.timeouts,
+    );
+    services.apply(&cfg.services).await;
+    let shared = Arc::new(crate::proxy::Shared {
+        services,
+        upstreams: crate::upstream::Upstreams::new(&cfg.timeouts),
+        response_timeout: cfg.timeouts.upstream_response,
+        metrics,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (peer, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    let (stream, remote) = accepted.unwrap();
+    let proxy = Proxy::new(shared, remote, "http");
+    // Never shut down.
+    let (tx, close) = watch::channel(false);
+    std::mem::forget(tx);
+    let c = Client {
+        stream,
+        buf: Vec::with_capacity(READ_BUF),
+        out: Vec::new(),
+        resp: Vec::new(),
+        head_timer: Box::pin(tokio::time::sleep(std::time::Duration::from_secs(60))),
+        resp_timer: None,
+        last_host: None,
+        proxy: proxy.clone(),
+        close,
+        shutting: false,
+        client_header: cfg.timeouts.client_header,
+    };
+    (c, peer.unwrap(), proxy)
+}
+
+/// Reads `len` bytes of a response's body (after its head) on the client's end.
+async fn drain_response(peer: &mut TcpStream, body: usize) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            if got.len() == i + 4 + body {
+                return;
+            }
+        }
+        let n = peer.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the response ended early");
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_keeps_no_large_buffers_after_large_transfers() {
+    use tokio::io::AsyncWriteExt;
+    let len = 512 * 1024;
+    let (mut c, mut peer, p) = connected(answering(len).await).await;
+    // A large download, then a large upload (a body of the most the fast path takes).
+    let body = MAX_FAST_BODY as usize;
+    let heads = [
+        "GET /big HTTP/1.1\r\nHost: web.test\r\n\r\n".to_string(),
+        format!("POST /up HTTP/1.1\r\nHost: web.test\r\nContent-Length: {body}\r\n\r\n"),
+    ];
+    for (i, head) in heads.iter().enumerate() {
+        let Plan::Forward(f) = plan(head.as_bytes(), &mut c.out, &p) else {
+            panic!("not forwarded: {head}");
+        };
+        if i == 1 {
+            peer.write_all(&vec![b'u'; body]).await.unwrap();
+        }
+        let (kept, ()) = tokio::join!(c.request(f), drain_response(&mut peer, len));
+        assert!(kept);
+        let (buf, out, resp) = (c.buf.capacity(), c.out.capacity(), c.resp.capacity());
+        assert!(
+            buf <= KEEP_BUF && out <= KEEP_BUF && resp <= KEEP_BUF,
+            "after {head:?}: read buffer {buf}, head buffer {out}, response buffer {resp} bytes"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_handed_to_hyper_keeps_nothing_of_the_fast_path() {
+    use tokio::io::AsyncWriteExt;
+    let (mut c, mut peer, p) = connected(answering(5).await).await;
+    let head = "GET /fast HTTP/1.1\r\nHost: web.test\r\n\r\n";
+    let Plan::Forward(f) = plan(head.as_bytes(), &mut c.out, &p) else {
+        panic!("not forwarded");
+    };
+    let (kept, ()) = tokio::join!(c.request(f), drain_response(&mut peer, 5));
+    assert!(kept);
+    let host = c.last_host.as_ref().expect("a backend was used").1.clone();
+    let timeouts = crate::Config::parse(CONFIG).unwrap().timeouts;
+    let inbound = Arc::new(Inbound::new(&timeouts));
+    let guard = crate::server::Connections::new(1).try_open().unwrap();
+    tokio::spawn(handoff(inbound, c, guard));
+    // hyper serves the connection now.
+    peer.write_all(b"GET /hyper HTTP/1.1\r\nHost: web.test\r\n\r\n")
+        .await
+        .unwrap();
+    drain_response(&mut peer, 5).await;
+    // The pool's map and this test hold the endpoint's idle list; the connection, served by
+    // hyper for as long as the client keeps it (a WebSocket: hours), no longer does, nor its
+    // buffers and timers.
+    assert_eq!(Arc::strong_count(&host), 2);
+}
+
+#[test]
+fn response_fields_that_are_special_only_in_requests_are_passed_on() {
+    let (_, out) = respond(
+        "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nKnative-Serving-Revision: r1\r\n\
+         K-Network-Probe: queue\r\nExpect: x\r\nTrailer: x\r\nUpgrade: y\r\nTE: t\r\n\r\n",
+        PLAIN,
+    );
+    assert_eq!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nKnative-Serving-Revision: r1\r\n\
+         K-Network-Probe: queue\r\nExpect: x\r\n\r\n"
+    );
+}
+
+#[test]
+fn a_response_without_date_gets_one_and_one_with_date_keeps_it() {
+    let mut out = Vec::new();
+    let Parsed::Complete(_) = response_head(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        &mut out,
+        PLAIN,
+    ) else {
+        panic!("not complete");
+    };
+    // Added, as hyper's server does (RFC 9110 §6.6.1: a proxy adds the one it lacks).
+    without_date(&String::from_utf8(out.clone()).unwrap());
+    let backend =
+        "HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 0\r\n\r\n";
+    let Parsed::Complete(_) = response_head(backend.as_bytes(), &mut out, PLAIN) else {
+        panic!("not complete");
+    };
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 0\r\n\r\n"
+    );
 }
