@@ -494,7 +494,8 @@ impl Client {
 /// could destroy the answer just written.
 async fn linger(stream: &mut TcpStream) {
     let _ = stream.shutdown().await;
-    let mut sink = [0u8; 4096];
+    // On the heap: this future is part of every connection's task.
+    let mut sink = vec![0u8; 4096];
     let mut left = 256 * 1024;
     let drain = async {
         while left > 0 {
