@@ -12,8 +12,9 @@ services:
     backend: { static: { addresses: [\"127.0.0.1:2\"] } }
 ";
 
-async fn proxy() -> Proxy {
-    let cfg = crate::Config::parse(CONFIG).unwrap();
+/// The state every connection shares, for the services of `yaml`.
+async fn shared(yaml: &str) -> Arc<crate::proxy::Shared> {
+    let cfg = crate::Config::parse(yaml).unwrap();
     let metrics = crate::metrics::Metrics::new();
     let services = crate::services::Services::new(
         metrics.clone(),
@@ -22,13 +23,16 @@ async fn proxy() -> Proxy {
         cfg.timeouts,
     );
     services.apply(&cfg.services).await;
-    let shared = Arc::new(crate::proxy::Shared {
+    Arc::new(crate::proxy::Shared {
         services,
         upstreams: crate::upstream::Upstreams::new(&cfg.timeouts),
         response_timeout: cfg.timeouts.upstream_response,
         metrics,
-    });
-    Proxy::new(shared, ([192, 0, 2, 7], 5000).into(), "http")
+    })
+}
+
+async fn proxy() -> Proxy {
+    Proxy::new(shared(CONFIG).await, ([192, 0, 2, 7], 5000).into(), "http")
 }
 
 fn forward(p: &Proxy, head: &str) -> (Forward, String) {
@@ -372,21 +376,7 @@ async fn connected(backend: SocketAddr) -> (Client, TcpStream, Proxy) {
     let yaml = format!(
         "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: web\n    hosts: [web.test]\n    backend: {{ static: {{ addresses: [\"{backend}\"] }} }}\n"
     );
-    let cfg = crate::Config::parse(&yaml).unwrap();
-    let metrics = crate::metrics::Metrics::new();
-    let services = crate::services::Services::new(
-        metrics.clone(),
-        crate::gate::HeldLimit::new(10),
-        None,
-        cfg.timeouts,
-    );
-    services.apply(&cfg.services).await;
-    let shared = Arc::new(crate::proxy::Shared {
-        services,
-        upstreams: crate::upstream::Upstreams::new(&cfg.timeouts),
-        response_timeout: cfg.timeouts.upstream_response,
-        metrics,
-    });
+    let shared = shared(&yaml).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (peer, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
@@ -406,7 +396,7 @@ async fn connected(backend: SocketAddr) -> (Client, TcpStream, Proxy) {
         proxy: proxy.clone(),
         close,
         shutting: false,
-        client_header: cfg.timeouts.client_header,
+        client_header: crate::Config::parse(&yaml).unwrap().timeouts.client_header,
     };
     (c, peer.unwrap(), proxy)
 }
