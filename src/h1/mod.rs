@@ -406,7 +406,7 @@ impl Client {
             head_method,
         };
         let mut attempt = 1;
-        let (mut upstream, head, host) = loop {
+        let (upstream, head, host) = loop {
             let addr = permit.endpoint().addr;
             let host = self.host(addr);
             let timer = self
@@ -466,25 +466,49 @@ impl Client {
         };
         gate.metrics()
             .request(head.status, arrived.elapsed().as_secs_f64());
+        let release = Release {
+            up: Some(upstream),
+            host: head.reuse.then_some(&*host),
+            permit: Some(permit),
+        };
         let relayed = relay_body(
             &mut self.stream,
-            &mut upstream,
+            release,
             &mut self.resp,
             &mut self.out,
             head.len,
             head.framing,
         )
         .await;
-        drop(permit);
         match relayed {
-            Ok(clean) => {
-                if clean && head.reuse {
-                    host.put(upstream);
-                }
-                Ok(!close)
-            }
+            Ok(()) => Ok(!close),
             // Midway: the client has part of a response; only closing tells it so.
             Err(()) => Ok(false),
+        }
+    }
+}
+
+/// The backend side of a response being relayed: freed as soon as its last byte is read —
+/// the endpoint slot, and the connection back to the pool when the body ended exactly —
+/// before the last bytes go to the client, so the client's next request (perhaps on another
+/// connection, on another worker) finds both free.
+struct Release<'a> {
+    up: Option<TcpStream>,
+    /// The pool to return the connection to (`None`: it cannot take another request).
+    host: Option<&'a pool::Host>,
+    permit: Option<crate::gate::Permit>,
+}
+
+impl Release<'_> {
+    fn up(&mut self) -> &mut TcpStream {
+        self.up.as_mut().expect("present until done")
+    }
+
+    /// The body has been read; `clean`: it ended exactly where its framing said.
+    fn done(&mut self, clean: bool) {
+        self.permit.take();
+        if let (Some(up), Some(host), true) = (self.up.take(), self.host, clean) {
+            host.put(up);
         }
     }
 }
@@ -1086,48 +1110,55 @@ fn itoa3(status: u16) -> [u8; 3] {
 /// `Err(())` when either side failed midway.
 async fn relay_body(
     client: &mut TcpStream,
-    up: &mut TcpStream,
+    mut backend: Release<'_>,
     resp: &mut Vec<u8>,
     out: &mut Vec<u8>,
     start: usize,
     framing: Framing,
-) -> Result<bool, ()> {
+) -> Result<(), ()> {
     let first = &resp[start..];
     match framing {
         Framing::Empty => {
-            client.write_all(out).await.map_err(drop)?;
-            Ok(first.is_empty())
+            backend.done(first.is_empty());
+            client.write_all(out).await.map_err(drop)
         }
         Framing::Length(n) => {
             let take = first.len().min(usize::try_from(n).unwrap_or(usize::MAX));
             let mut clean = first.len() == take;
             out.extend_from_slice(&first[..take]);
-            client.write_all(out).await.map_err(drop)?;
             let mut left = n - take as u64;
+            if left == 0 {
+                backend.done(clean);
+            }
+            client.write_all(out).await.map_err(drop)?;
             while left > 0 {
-                let got = read_some(up, resp).await?;
+                let got = read_some(backend.up(), resp).await?;
                 let take = got.min(usize::try_from(left).unwrap_or(usize::MAX));
                 clean &= got == take;
-                client.write_all(&resp[..take]).await.map_err(drop)?;
                 left -= take as u64;
+                if left == 0 {
+                    backend.done(clean);
+                }
+                client.write_all(&resp[..take]).await.map_err(drop)?;
             }
-            Ok(clean)
+            Ok(())
         }
         Framing::Chunked => {
             let mut scanner = chunked::Scanner::default();
             let end = scanner.feed(first).map_err(drop)?;
             let upto = end.unwrap_or(first.len());
             out.extend_from_slice(&first[..upto]);
-            client.write_all(out).await.map_err(drop)?;
             if let Some(end) = end {
-                return Ok(end == first.len());
+                backend.done(end == first.len());
+                return client.write_all(out).await.map_err(drop);
             }
+            client.write_all(out).await.map_err(drop)?;
             loop {
-                let got = read_some(up, resp).await?;
+                let got = read_some(backend.up(), resp).await?;
                 match scanner.feed(&resp[..got]).map_err(drop)? {
                     Some(end) => {
-                        client.write_all(&resp[..end]).await.map_err(drop)?;
-                        return Ok(end == got);
+                        backend.done(end == got);
+                        return client.write_all(&resp[..end]).await.map_err(drop);
                     }
                     None => client.write_all(&resp[..got]).await.map_err(drop)?,
                 }
@@ -1141,11 +1172,11 @@ async fn relay_body(
                 if resp.capacity() < RESPONSE_BUF {
                     resp.reserve(RESPONSE_BUF);
                 }
-                let got = up.read_buf(resp).await.map_err(drop)?;
+                let got = backend.up().read_buf(resp).await.map_err(drop)?;
                 out.clear();
                 if got == 0 {
-                    client.write_all(b"0\r\n\r\n").await.map_err(drop)?;
-                    return Ok(false);
+                    backend.done(false);
+                    return client.write_all(b"0\r\n\r\n").await.map_err(drop);
                 }
                 put_chunk(out, &resp[..got]);
                 client.write_all(out).await.map_err(drop)?;
