@@ -31,11 +31,11 @@ use crate::upstream::{self, BodySlot, Outgoing, ProxyBody, Upstreams};
 /// Header on responses to requests that were held during a cold start.
 pub const COLD_START_HEADER: &str = "x-reveille-cold-start";
 /// Attempts at most for one request (connect failures, safe retries).
-pub(crate) const MAX_ATTEMPTS: u32 = 5;
+const MAX_ATTEMPTS: u32 = 5;
 /// First pause before a retry; doubles each time.
-pub(crate) const RETRY_BACKOFF: Duration = Duration::from_millis(10);
+const RETRY_BACKOFF: Duration = Duration::from_millis(10);
 /// How long an endpoint that refused a connection is skipped by the balancer.
-pub(crate) const PASSIVE_EJECTION: Duration = Duration::from_secs(1);
+const PASSIVE_EJECTION: Duration = Duration::from_secs(1);
 
 static KNATIVE_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
 static KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-namespace");
@@ -246,22 +246,18 @@ impl Proxy {
             };
             // `keep_headers` already says idempotent, body unsent before, attempts left; the
             // body must still be unsent after this attempt.
-            let retry = err.is_connect() || (keep_headers && (body_was_empty || slot.untouched()));
-            debug!(service = %gate.name(), endpoint = %permit.endpoint().addr, attempt, retry, error = %err, "upstream failed");
-            if !retry || attempt >= MAX_ATTEMPTS || Instant::now() >= deadline {
-                let service = gate.name().clone();
-                return Err(if err.is_connect() {
-                    ProxyError::UpstreamConnect { service }
-                } else {
-                    ProxyError::Upstream { service }
-                });
-            }
-            if err.is_connect() {
-                gate.eject(permit.endpoint(), PASSIVE_EJECTION);
-            }
+            let resendable = keep_headers && (body_was_empty || slot.untouched());
+            debug!(service = %gate.name(), endpoint = %permit.endpoint().addr, attempt, error = %err, "upstream failed");
+            retry_after(
+                gate,
+                &permit,
+                attempt,
+                err.is_connect(),
+                resendable,
+                deadline,
+            )?;
             drop(permit);
-            tokio::time::sleep(RETRY_BACKOFF * 2u32.pow(attempt - 1)).await;
-            permit = gate.acquire_again(deadline).await?.permit;
+            permit = next_attempt(gate, attempt, deadline).await?;
             attempt += 1;
         };
         if cold {
@@ -280,6 +276,44 @@ impl Proxy {
             ProxyBody::upstream(body, permit, lease),
         ))
     }
+}
+
+/// The retry rule of both request paths, after attempt number `attempt` on `permit`'s endpoint
+/// failed: `Ok` when another attempt may follow — the connect failed (nothing was sent), or
+/// the request is `resendable` (idempotent, and its body can be sent again) — with attempts
+/// and time left; a refused endpoint is then skipped for [`PASSIVE_EJECTION`]. `Err`: the
+/// request's answer.
+pub(crate) fn retry_after(
+    gate: &Gate,
+    permit: &crate::gate::Permit,
+    attempt: u32,
+    connect: bool,
+    resendable: bool,
+    deadline: Instant,
+) -> Result<(), ProxyError> {
+    if !(connect || resendable) || attempt >= MAX_ATTEMPTS || Instant::now() >= deadline {
+        let service = gate.name().clone();
+        return Err(if connect {
+            ProxyError::UpstreamConnect { service }
+        } else {
+            ProxyError::Upstream { service }
+        });
+    }
+    if connect {
+        gate.eject(permit.endpoint(), PASSIVE_EJECTION);
+    }
+    Ok(())
+}
+
+/// The endpoint slot for the attempt after `attempt`: after the back-off (10 ms, doubling),
+/// holding again if no endpoint is ready, within the request's deadline.
+pub(crate) async fn next_attempt(
+    gate: &Arc<Gate>,
+    attempt: u32,
+    deadline: Instant,
+) -> Result<crate::gate::Permit, ProxyError> {
+    tokio::time::sleep(RETRY_BACKOFF * 2u32.pow(attempt - 1)).await;
+    Ok(gate.acquire_again(deadline).await?.permit)
 }
 
 /// [`Gate::acquire`], following the service to its new gate when a reload replaced it while

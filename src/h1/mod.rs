@@ -47,9 +47,7 @@ use crate::error::ProxyError;
 use crate::gate::{Acquired, Gate};
 use crate::inbound::{drive, Inbound, OnlyWhenWoken, LAST_REQUEST_GRACE};
 use crate::limits::{MAX_HEADER_BYTES, MAX_URI_BYTES};
-use crate::proxy::{
-    acquire_following, Proxy, COLD_START_HEADER, MAX_ATTEMPTS, PASSIVE_EJECTION, RETRY_BACKOFF,
-};
+use crate::proxy::{acquire_following, next_attempt, retry_after, Proxy, COLD_START_HEADER};
 use crate::scaler;
 use crate::server::ConnectionGuard;
 
@@ -436,29 +434,16 @@ impl Client {
                 // connection are freed now (as hyper's path does when its read sees the end).
                 () = client_gone(&self.stream, &mut self.buf) => return Ok(false),
             };
+            debug!(service = %gate.name(), endpoint = %addr, attempt, error = %err, "upstream failed");
+            // The body (if any) is kept whole in `out`: an idempotent request can be resent.
             let connect = matches!(err, Failure::Connect(_));
-            let retry = connect || (idempotent && attempt < MAX_ATTEMPTS);
-            debug!(service = %gate.name(), endpoint = %addr, attempt, retry, error = %err, "upstream failed");
-            if !retry || attempt >= MAX_ATTEMPTS || Instant::now() >= deadline {
-                let service = gate.name().clone();
-                return Err(if connect {
-                    ProxyError::UpstreamConnect { service }
-                } else {
-                    ProxyError::Upstream { service }
-                });
-            }
-            if connect {
-                gate.eject(permit.endpoint(), PASSIVE_EJECTION);
-            }
+            retry_after(gate, &permit, attempt, connect, idempotent, deadline)?;
             drop(permit);
             // Boxed: retries are rare, their futures would grow every connection's task.
-            let again = Box::pin(async {
-                tokio::time::sleep(RETRY_BACKOFF * 2u32.pow(attempt - 1)).await;
-                gate.acquire_again(deadline).await
-            });
+            let again = Box::pin(next_attempt(gate, attempt, deadline));
             permit = tokio::select! {
                 biased;
-                r = again => r?.permit,
+                r = again => r?,
                 // Held again: a client that leaves leaves the queue.
                 () = client_gone(&self.stream, &mut self.buf) => return Ok(false),
             };
