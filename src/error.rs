@@ -164,6 +164,28 @@ impl ProxyError {
         }
     }
 
+    /// The fields of Reveille's own answer besides its framing and `Date`, one list for both
+    /// request paths: the body's type, the kind, and `Retry-After` where a retry makes sense.
+    pub fn answer_fields(
+        &self,
+    ) -> impl Iterator<Item = (&'static str, std::borrow::Cow<'static, str>)> {
+        use std::borrow::Cow;
+        [
+            Some(("content-type", Cow::Borrowed("text/plain; charset=utf-8"))),
+            Some(("x-reveille-error", Cow::Borrowed(self.kind()))),
+            self.retry_after()
+                .map(|secs| ("retry-after", Cow::Owned(secs.to_string()))),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// Whether the answer closes the connection: a request that was not understood leaves
+    /// nothing after it on the connection to trust.
+    pub fn closes_connection(&self) -> bool {
+        self.status() == StatusCode::BAD_REQUEST
+    }
+
     /// The response body: one line naming the service and the reason.
     pub fn body(&self) -> String {
         format!("reveille: {self}\n")

@@ -422,15 +422,11 @@ pub fn error_response(e: &ProxyError) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::local(e.body()));
     *resp.status_mut() = e.status();
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    h.insert("x-reveille-error", HeaderValue::from_static(e.kind()));
-    if let Some(secs) = e.retry_after() {
-        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    for (name, value) in e.answer_fields() {
+        let value = HeaderValue::from_str(&value).expect("Reveille's own fields are plain ASCII");
+        h.insert(name, value);
     }
-    if e.status() == StatusCode::BAD_REQUEST {
+    if e.closes_connection() {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp

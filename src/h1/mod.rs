@@ -325,8 +325,7 @@ impl Client {
                 debug!(service = %gate.name(), kind = e.kind(), "rejected: {e}");
                 gate.metrics()
                     .request(e.status().as_u16(), arrived.elapsed().as_secs_f64());
-                let close =
-                    close || e.status() == http::StatusCode::BAD_REQUEST || self.shutting_down();
+                let close = close || e.closes_connection() || self.shutting_down();
                 write_error(&mut self.out, &e, close);
                 let written = self.stream.write_all(&self.out).await.is_ok();
                 if written && close && body > 0 {
@@ -1206,10 +1205,8 @@ fn write_error(out: &mut Vec<u8>, e: &ProxyError, close: bool) {
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    put_field(out, b"content-type", b"text/plain; charset=utf-8");
-    put_field(out, b"x-reveille-error", e.kind().as_bytes());
-    if let Some(secs) = e.retry_after() {
-        put_field(out, b"retry-after", secs.to_string().as_bytes());
+    for (name, value) in e.answer_fields() {
+        put_field(out, name.as_bytes(), value.as_bytes());
     }
     put_field(out, b"content-length", body.len().to_string().as_bytes());
     put_date(out);
