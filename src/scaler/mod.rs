@@ -59,6 +59,8 @@ impl Driver {
         after: Option<Arc<Driver>>,
     ) -> Arc<Driver> {
         let lazy = matches!(service.backend, Backend::Process(_));
+        // A predecessor already gone need not be kept (nor waited for).
+        let after = after.filter(|before| !before.state.lock().done);
         let driver = Arc::new(Driver {
             service,
             kube,
@@ -136,18 +138,34 @@ impl Driver {
     }
 
     /// Stops the task (and its backend); no task starts any more. See [`Driver::stopped`].
-    pub fn stop(&self) {
+    pub fn stop(self: &Arc<Self>) {
         let mut st = self.state.lock();
         st.stopped = true;
-        match &st.running {
-            Some(stop) => {
-                let _ = stop.send(true);
+        if let Some(stop) = &st.running {
+            let _ = stop.send(true);
+            return;
+        }
+        match st.after.take() {
+            // Never started, but the driver it replaced may still be stopping its backend: a
+            // successor waits on this one, so it is done only once that one is.
+            Some(before) => {
+                drop(st);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    before.stopped().await;
+                    this.finish();
+                });
             }
             None => {
                 st.done = true;
                 self.done.notify_waiters();
             }
         }
+    }
+
+    fn finish(&self) {
+        self.state.lock().done = true;
+        self.done.notify_waiters();
     }
 
     /// Resolves once [`Driver::stop`] was called and the task (with its backend) is gone.
@@ -178,4 +196,51 @@ impl OnDemand for Driver {
 /// Resolves when `stop` turns true (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn spec(yaml_backend: &str) -> (Arc<Gate>, Arc<Service>) {
+        let cfg = crate::Config::parse(&format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: a\n    hosts: [a]\n    backend: {yaml_backend}\n"
+        ))
+        .unwrap();
+        let spec = Arc::new(cfg.services[0].clone());
+        let gate = Gate::new(
+            "a",
+            crate::gate::GateSettings {
+                capacity: 1,
+                hold_timeout: Duration::from_secs(1),
+                concurrency: None,
+                protocol: spec.protocol,
+                upstream: None,
+                held_limit: crate::gate::HeldLimit::new(1),
+            },
+            crate::metrics::Metrics::new().service("a"),
+        );
+        (gate, spec)
+    }
+
+    /// A replacement that never started (a process service nobody asked for) is stopped only
+    /// once the driver it replaced is: the one after it must not start its backend beside the
+    /// first one's.
+    #[tokio::test]
+    async fn a_driver_that_never_started_is_done_only_after_the_one_it_replaced() {
+        let (gate_a, static_spec) = spec("{ static: { addresses: [\"127.0.0.1:1\"] } }");
+        let a = Driver::launch(&gate_a, static_spec, None, None);
+        let (gate_b, process_spec) =
+            spec("{ process: { command: [\"/bin/true\"], address: \"127.0.0.1:2\" } }");
+        let b = Driver::launch(&gate_b, process_spec, None, Some(a.clone()));
+        assert!(!b.running(), "a process driver waits for a demand");
+        b.stop();
+        let early = tokio::time::timeout(Duration::from_millis(100), b.stopped()).await;
+        assert!(early.is_err(), "done while the replaced driver still runs");
+        a.stop();
+        tokio::time::timeout(Duration::from_secs(5), b.stopped())
+            .await
+            .expect("done once the replaced driver is");
+    }
 }
