@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
@@ -220,7 +220,7 @@ impl Proxy {
         let cold = acquired.cold && acquired.held_for.is_some();
         let mut permit = acquired.permit;
         let mut attempt = 1;
-        let idempotent = idempotent(out.method());
+        let idempotent = idempotent(out.method().as_str());
         let (mut resp, lease) = loop {
             // The headers are copied only when a sent request may be sent again.
             let keep_headers =
@@ -405,10 +405,12 @@ fn splice(
     Response::from_parts(parts, ProxyBody::local(""))
 }
 
-fn idempotent(m: &Method) -> bool {
+/// Whether a method may be sent twice without changing the outcome (RFC 9110 §9.2.2); for
+/// both request paths.
+pub(crate) fn idempotent(method: &str) -> bool {
     matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
     )
 }
 

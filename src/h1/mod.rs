@@ -613,13 +613,6 @@ fn plain_target_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
 }
 
-fn idempotent(method: &str) -> bool {
-    matches!(
-        method,
-        "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
-    )
-}
-
 /// Parses the head in `buf` and, for a common request, writes the backend's head into `out`.
 fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
     // Uninitialised: httparse writes the fields it finds (initialising the array would cost
@@ -649,8 +642,11 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
     let mut close = false;
     let mut body: Option<u64> = None;
     let mut xff = false;
-    for h in req.headers.iter() {
-        match field(h.name.as_bytes()) {
+    // Each field's kind, found once for the checks and the rewrite.
+    let mut kinds = [Field::Other; FAST_HEADERS];
+    for (h, kind) in req.headers.iter().zip(kinds.iter_mut()) {
+        *kind = field(h.name.as_bytes());
+        match *kind {
             Field::Host => {
                 if host.is_some() || !visible_ascii(h.value) {
                     return Plan::Handoff;
@@ -698,11 +694,8 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for h in req.headers.iter() {
-        if matches!(
-            field(h.name.as_bytes()),
-            Field::Host | Field::ContentLength | Field::Other
-        ) {
+    for (h, kind) in req.headers.iter().zip(kinds) {
+        if matches!(kind, Field::Host | Field::ContentLength | Field::Other) {
             put_field(out, h.name.as_bytes(), h.value);
         }
     }
@@ -710,8 +703,8 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
     // Every earlier hop, however many lines they came on (RFC 9110 §5.3), then the client.
     out.extend_from_slice(b"x-forwarded-for: ");
     if xff {
-        for h in req.headers.iter() {
-            if field(h.name.as_bytes()) == Field::XForwardedFor && visible_ascii(h.value) {
+        for (h, kind) in req.headers.iter().zip(kinds) {
+            if kind == Field::XForwardedFor && visible_ascii(h.value) {
                 out.extend_from_slice(h.value);
                 out.extend_from_slice(b", ");
             }
@@ -726,7 +719,7 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
         head_len,
         body: body.unwrap_or(0) as usize,
         close,
-        idempotent: idempotent(method),
+        idempotent: crate::proxy::idempotent(method),
         head: method == "HEAD",
     })
 }
