@@ -704,3 +704,37 @@ mod properties {
         }
     }
 }
+
+/// The fast path's field table (bytes, any case) and the hyper path's hop-by-hop list
+/// (`HeaderName`s) are two spellings of one rule: they must not drift apart.
+#[test]
+fn the_fast_path_and_hyper_path_agree_on_hop_by_hop_fields() {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "x-forwarded-for",
+        "accept",
+        "expect",
+        "cookie",
+    ] {
+        let header = http::HeaderName::from_static(name);
+        let dropped_or_handed_off = !matches!(
+            field(name.to_ascii_uppercase().as_bytes()),
+            Field::Host | Field::ContentLength | Field::Other | Field::XForwardedFor
+        ) && name != "expect";
+        assert_eq!(
+            dropped_or_handed_off,
+            crate::upstream::is_hop_by_hop(&header),
+            "{name}"
+        );
+    }
+}
