@@ -72,8 +72,11 @@ impl Driver {
             }),
             done: Notify::new(),
         });
-        gate.set_on_demand(driver.clone());
-        if !lazy {
+        // Only a process driver waits for demand; the others run from now on and need no word
+        // of each held request.
+        if lazy {
+            gate.set_on_demand(driver.clone());
+        } else {
             driver.start(gate);
         }
         driver
