@@ -54,9 +54,10 @@ pub struct Totals {
 }
 
 impl Totals {
-    /// Whether anything is held or in flight anywhere, or a rollout is in progress.
+    /// Whether anything is held or in flight anywhere, or a rollout is in progress (a rollout
+    /// already counts as one request in `concurrency`).
     pub fn active(&self) -> bool {
-        self.concurrency > 0 || self.rolling_out
+        self.concurrency > 0
     }
 }
 
