@@ -43,7 +43,9 @@ use tracing::{info, info_span, warn, Instrument, Span};
 use self::validate::{StepClient, API_TIMEOUT, CONDITION, REASON_FAILED};
 use super::endpoints::{Routing, SliceEndpoint};
 use super::scale::{Change, WorkloadApi};
-use crate::config::{AtZero, KubernetesBackend, OnFailure, PortRef, Rollout, Scaling};
+use crate::config::{
+    AtZero, KubernetesBackend, OnFailure, PortRef, Rollout, Scaling, ValidationStep,
+};
 use crate::gate::Gate;
 
 /// First pause after a failed Deployment read; doubles up to [`BACKOFF_MAX`].
@@ -82,7 +84,10 @@ struct Controller {
     validating: HashSet<String>,
     /// Pods (uid) validated by this controller whose condition may not be in the store yet.
     done: HashSet<String>,
-    /// Versions already rolled back (one rollback per failed version).
+    /// The validation steps, shared by every pod's validation (not copied per pod).
+    steps: Arc<[ValidationStep]>,
+    /// Versions already rolled back (one rollback per failed version; forgotten with their
+    /// ReplicaSet).
     rolled_back: HashSet<String>,
     /// One tracing span per version seen rolling out.
     spans: HashMap<String, Span>,
@@ -98,7 +103,8 @@ struct Controller {
     workload: WorkloadApi,
     replicas: i32,
     scaling: Scaling,
-    /// Versions woken for validation (`at_zero: wake`), once each.
+    /// Versions woken for validation (`at_zero: wake`), once each (forgotten with their
+    /// ReplicaSet).
     woken: HashSet<String>,
     /// The version being woken for validation, and until when that counts as in progress.
     waking_for: Option<(String, tokio::time::Instant)>,
@@ -118,7 +124,9 @@ pub async fn run(
     let gate = routing.gate().clone();
     let ns = cfg.namespace.clone();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let steps: Arc<[ValidationStep]> = rollout.validation.clone().into();
     let mut c = Controller {
+        steps,
         gate: gate.clone(),
         routing,
         cfg: rollout,
@@ -372,6 +380,9 @@ impl Controller {
         }
         let live: HashSet<&String> = versions.keys().collect();
         self.spans.retain(|v, _| live.contains(v));
+        // Versions whose ReplicaSet is gone (past the revision history) cannot come back.
+        self.rolled_back.retain(|v| revisions.contains_key(v));
+        self.woken.retain(|v| revisions.contains_key(v));
         self.report(Some(&versions), None);
     }
 
@@ -456,7 +467,7 @@ impl Controller {
         self.validating
             .insert(pod.metadata.uid.clone().unwrap_or_default());
         let span = self.span(&version, revision);
-        let steps = self.cfg.validation.clone();
+        let steps = self.steps.clone();
         let client = self.client.clone();
         let progress = self.progress.clone();
         let total = steps.len();
