@@ -201,29 +201,37 @@ fn ready_addresses(store: &Store<EndpointSlice>, port: &PortRef) -> Vec<SocketAd
 
 /// Every endpoint of every slice in the store, ready or not, sorted by address.
 fn all_endpoints(store: &Store<EndpointSlice>, port: &PortRef) -> Vec<SliceEndpoint> {
-    let mut out = Vec::new();
-    for slice in store.state() {
-        let Some(number) = slice_port(&slice, port) else {
-            continue;
-        };
-        for ep in &slice.endpoints {
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            if let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) {
-                out.push(SliceEndpoint {
-                    addr: SocketAddr::new(ip, number),
-                    pod: ep
-                        .target_ref
-                        .as_ref()
-                        .filter(|r| r.kind.as_deref() == Some("Pod"))
-                        .and_then(|r| r.name.clone()),
-                    ready,
-                });
-            }
-        }
-    }
+    let mut out: Vec<SliceEndpoint> = store
+        .state()
+        .iter()
+        .flat_map(|slice| slice_endpoints(slice, port))
+        .collect();
     out.sort_by(|a, b| (a.addr, &a.pod).cmp(&(b.addr, &b.pod)));
     out.dedup();
     out
+}
+
+/// A slice's endpoints at `port`. An endpoint is ready when `conditions.ready` is true or
+/// unset; only its first address counts (the rest are the same pod's).
+fn slice_endpoints<'a>(
+    slice: &'a EndpointSlice,
+    port: &PortRef,
+) -> impl Iterator<Item = SliceEndpoint> + 'a {
+    let number = slice_port(slice, port);
+    number.into_iter().flat_map(move |number| {
+        slice.endpoints.iter().filter_map(move |ep| {
+            let ip = ep.addresses.first()?.parse::<IpAddr>().ok()?;
+            Some(SliceEndpoint {
+                addr: SocketAddr::new(ip, number),
+                pod: ep
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .and_then(|r| r.name.clone()),
+                ready: ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
+            })
+        })
+    })
 }
 
 /// The slice's port number for `port`, if the slice carries addresses and the port.
@@ -243,21 +251,13 @@ fn slice_port(slice: &EndpointSlice, port: &PortRef) -> Option<u16> {
     }
 }
 
-/// Adds a slice's ready addresses at `port`. An endpoint is usable when `conditions.ready` is
-/// true or unset; only its first address counts (the rest are the same pod's).
+/// Adds a slice's ready addresses at `port` (see [`slice_endpoints`]).
 pub fn collect_ready(slice: &EndpointSlice, port: &PortRef, out: &mut BTreeSet<SocketAddr>) {
-    let Some(number) = slice_port(slice, port) else {
-        return;
-    };
-    for ep in &slice.endpoints {
-        let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-        if !ready {
-            continue;
-        }
-        if let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) {
-            out.insert(SocketAddr::new(ip, number));
-        }
-    }
+    out.extend(
+        slice_endpoints(slice, port)
+            .filter(|e| e.ready)
+            .map(|e| e.addr),
+    );
 }
 
 /// Exponential pause between failed watch attempts, reset once events flow again.
