@@ -612,6 +612,14 @@ impl Gate {
         addrs: &[SocketAddr],
         quiesce: Duration,
     ) -> bool {
+        self.switch_with(quiesce, || self.set_endpoints(addrs))
+            .await
+    }
+
+    /// [`Gate::switch_endpoints`] where `install` sets the new endpoints, called once the old
+    /// requests are done (or `quiesce` ran out) and before the held requests go: the caller
+    /// decides then what the new set is (a scale-down meanwhile may have withdrawn it).
+    pub async fn switch_with(self: &Arc<Self>, quiesce: Duration, install: impl FnOnce()) -> bool {
         /// Ends the pause even if the switch is dropped half-way (its task aborted).
         struct Resume<'a>(&'a Arc<Gate>);
         impl Drop for Resume<'_> {
@@ -627,7 +635,7 @@ impl Gate {
             .await
             .is_ok();
         // Installed while still paused; the held requests go when the pause ends.
-        self.set_endpoints(addrs);
+        install();
         drop(resume);
         drained
     }

@@ -344,3 +344,44 @@ async fn an_aborted_switch_does_not_leave_the_gate_paused() {
     // The pause ends with the switch; the old endpoints stay (the switch never finished).
     assert_eq!(held.await.unwrap().unwrap(), addr(1));
 }
+
+/// What a switch installs is decided after the old requests are done and before any held
+/// request goes: a withdrawal meanwhile (a scale-down) keeps them held rather than sent to
+/// pods being stopped.
+#[tokio::test(start_paused = true)]
+async fn a_switch_decides_its_endpoints_before_releasing_the_held() {
+    let g = gate(100, None);
+    g.set_endpoints(&[addr(1)]);
+    let old = g.acquire(deadline()).await.unwrap();
+    let withdrawn = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let switch = {
+        let (g, withdrawn) = (g.clone(), withdrawn.clone());
+        tokio::spawn(async move {
+            let install = || {
+                let to: &[SocketAddr] = if withdrawn.load(Ordering::SeqCst) {
+                    &[]
+                } else {
+                    &[addr(2)]
+                };
+                g.set_endpoints(to);
+            };
+            g.switch_with(Duration::from_secs(3), install).await
+        })
+    };
+    tokio::task::yield_now().await;
+    let held = {
+        let g = g.clone();
+        tokio::spawn(async move {
+            g.acquire(deadline())
+                .await
+                .map(|a| a.permit.endpoint().addr)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    withdrawn.store(true, Ordering::SeqCst);
+    drop(old);
+    assert!(switch.await.unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!held.is_finished(), "not sent to the withdrawn version");
+    assert_eq!(g.held(), 1);
+}

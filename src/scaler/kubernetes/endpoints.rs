@@ -95,17 +95,17 @@ impl Routing {
             inner.addrs = addrs.clone();
             inner.withdrawn
         };
-        let drained = if withdrawn {
-            true
-        } else {
-            let drained = self.gate.switch_endpoints(&addrs, quiesce).await;
-            // A scale-down that withdrew the pods meanwhile wins.
-            let inner = self.inner.lock();
-            if inner.withdrawn {
-                self.gate.set_endpoints(&[]);
-            }
-            drained
-        };
+        let drained = withdrawn
+            || self
+                .gate
+                .switch_with(quiesce, || {
+                    // A scale-down that withdrew the pods meanwhile wins: decided under the
+                    // lock `withdraw` takes, before any held request is released.
+                    let inner = self.inner.lock();
+                    self.gate
+                        .set_endpoints(if inner.withdrawn { &[] } else { &addrs });
+                })
+                .await;
         self.seen.send_replace(n);
         drained
     }
