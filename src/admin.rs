@@ -172,7 +172,7 @@ pub fn services(state: &AdminState) -> Vec<u8> {
         backend: &'static str,
         queue_capacity: usize,
         concurrency: Option<usize>,
-        rollout: Option<Value>,
+        rollout: Option<&'a Value>,
     }
     let snapshot = state.services.load();
     let mut out = Vec::with_capacity(64 + snapshot.services.len() * 320);
@@ -190,6 +190,7 @@ pub fn services(state: &AdminState) -> Vec<u8> {
                 in_flight: e.in_flight(),
             })
             .collect();
+        let rollout = g.rollout_report();
         write_json(
             &mut out,
             &Service {
@@ -207,7 +208,7 @@ pub fn services(state: &AdminState) -> Vec<u8> {
                 backend: s.backend_kind(),
                 queue_capacity: g.settings().capacity,
                 concurrency: g.settings().concurrency,
-                rollout: g.rollout_report(),
+                rollout: rollout.as_deref(),
             },
         );
     }

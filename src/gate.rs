@@ -214,7 +214,7 @@ pub struct Gate {
     /// A controlled rollout is validating or switching: the service counts as active.
     rolling_out: AtomicBool,
     /// The rollout's state for the admin API (`None`: no `rollout:` configured).
-    rollout_report: Mutex<Option<serde_json::Value>>,
+    rollout_report: arc_swap::ArcSwapOption<serde_json::Value>,
     on_demand: OnceLock<Arc<dyn OnDemand>>,
 }
 
@@ -257,7 +257,7 @@ impl Gate {
             metrics,
             paused: AtomicBool::new(false),
             rolling_out: AtomicBool::new(false),
-            rollout_report: Mutex::new(None),
+            rollout_report: arc_swap::ArcSwapOption::empty(),
             on_demand: OnceLock::new(),
         })
     }
@@ -652,12 +652,12 @@ impl Gate {
 
     /// Publishes the rollout's state for the admin API.
     pub fn set_rollout_report(&self, report: serde_json::Value) {
-        *self.rollout_report.lock() = Some(report);
+        self.rollout_report.store(Some(Arc::new(report)));
     }
 
-    /// The rollout's state, if the service has `rollout:`.
-    pub fn rollout_report(&self) -> Option<serde_json::Value> {
-        self.rollout_report.lock().clone()
+    /// The rollout's state (`None`: no `rollout:` configured); shared, not copied.
+    pub fn rollout_report(&self) -> Option<Arc<serde_json::Value>> {
+        self.rollout_report.load_full()
     }
 
     /// Whether a controlled rollout is validating or switching.
