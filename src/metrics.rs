@@ -238,6 +238,7 @@ impl Metrics {
                 None => {
                     let g = Arc::new(ServiceGauges {
                         name: name.into(),
+                        label: escape(name).into(),
                         ..ServiceGauges::default()
                     });
                     services.insert(g.name.clone(), g.clone());
@@ -305,18 +306,17 @@ impl Metrics {
         if services.is_empty() {
             return;
         }
-        let names: Vec<String> = services.iter().map(|g| escape(&g.name)).collect();
         out.reserve(services.len() * 320);
         for (family, help, value) in SERVICE_GAUGES {
             let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} gauge");
-            for (g, name) in services.iter().zip(&names) {
-                let _ = writeln!(out, "{family}{{service=\"{name}\"}} {}", value(g));
+            for g in &services {
+                let _ = writeln!(out, "{family}{{service=\"{}\"}} {}", g.label, value(g));
             }
         }
         let (family, help) = SERVICE_STATE;
         let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} gauge");
-        for (g, name) in services.iter().zip(&names) {
-            let now = g.state.load(Ordering::Relaxed);
+        for g in &services {
+            let (name, now) = (&g.label, g.state.load(Ordering::Relaxed));
             for s in crate::gate::State::ALL {
                 let _ = writeln!(
                     out,
@@ -373,6 +373,8 @@ impl Gauge {
 #[derive(Default)]
 pub struct ServiceGauges {
     name: Arc<str>,
+    /// `name` escaped as a label value, once (a scrape writes it for every gauge family).
+    label: Box<str>,
     /// Held requests.
     pub held: Gauge,
     /// In-flight requests.
