@@ -413,7 +413,7 @@ impl Lease {
 /// FNV-1a, for endpoint addresses (few, and not chosen by clients): cheaper than SipHash on the
 /// per-request lookup.
 #[derive(Default, Clone, Copy)]
-pub(crate) struct AddrHasher(u64);
+struct AddrHasher(u64);
 
 impl std::hash::Hasher for AddrHasher {
     fn finish(&self) -> u64 {
@@ -434,12 +434,78 @@ impl std::hash::Hasher for AddrHasher {
     }
 }
 
+/// A pool's per-endpoint entries, by address, made on first use; the pool's reaper starts
+/// with the first entry. Shared by [`Http1Pool`] and the fast path's pool.
+pub(crate) struct Endpoints<H> {
+    map: dashmap::DashMap<SocketAddr, Arc<H>, std::hash::BuildHasherDefault<AddrHasher>>,
+    reaper: std::sync::Once,
+}
+
+impl<H> Default for Endpoints<H> {
+    fn default() -> Self {
+        Endpoints {
+            map: dashmap::DashMap::default(),
+            reaper: std::sync::Once::new(),
+        }
+    }
+}
+
+impl<H> Endpoints<H> {
+    /// `addr`'s entry, made by `make` if there is none; `start_reaper` runs once, with the
+    /// first entry.
+    pub(crate) fn get(
+        &self,
+        addr: SocketAddr,
+        make: impl FnOnce() -> H,
+        start_reaper: impl FnOnce(),
+    ) -> Arc<H> {
+        if let Some(h) = self.map.get(&addr) {
+            return h.clone();
+        }
+        self.reaper.call_once(start_reaper);
+        self.map
+            .entry(addr)
+            .or_insert_with(|| Arc::new(make()))
+            .clone()
+    }
+
+    /// Runs `prune` on every entry; an entry it reports empty is forgotten unless someone
+    /// still holds it (endpoints come and go).
+    pub(crate) fn prune(&self, mut prune: impl FnMut(&H) -> bool) {
+        self.map.retain(|_, h| prune(h) || Arc::strong_count(h) > 1);
+    }
+
+    /// `addr`'s entry, if it exists.
+    #[cfg(test)]
+    pub(crate) fn peek(&self, addr: SocketAddr) -> Option<Arc<H>> {
+        self.map.get(&addr).map(|h| h.clone())
+    }
+}
+
+/// How often a pool whose connections may idle `idle_timeout` is reaped.
+pub(crate) fn reap_period(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+}
+
+/// A new TCP connection to a backend within `timeout`, Nagle off.
+pub(crate) async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connecting to the backend timed out",
+            )
+        })??;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
 struct PoolInner {
-    hosts: dashmap::DashMap<SocketAddr, Arc<Host>, std::hash::BuildHasherDefault<AddrHasher>>,
+    hosts: Endpoints<Host>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     builder: hyper::client::conn::http1::Builder,
-    reaper: std::sync::Once,
 }
 
 /// The pool of HTTP/1.1 cleartext connections to backends, by endpoint address.
@@ -451,41 +517,30 @@ impl Http1Pool {
     pub fn new(timeouts: &Timeouts) -> Self {
         let builder = hyper::client::conn::http1::Builder::new();
         Http1Pool(Arc::new(PoolInner {
-            hosts: dashmap::DashMap::default(),
+            hosts: Endpoints::default(),
             connect_timeout: timeouts.upstream_connect,
             idle_timeout: timeouts.upstream_idle,
             builder,
-            reaper: std::sync::Once::new(),
         }))
     }
 
     fn host(&self, addr: SocketAddr) -> Arc<Host> {
-        if let Some(h) = self.0.hosts.get(&addr) {
-            return h.clone();
-        }
-        self.0.reaper.call_once(|| {
-            let pool = Arc::downgrade(&self.0);
-            let every =
-                (self.0.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-            tokio::spawn(reap(pool, every));
-        });
-        self.0
-            .hosts
-            .entry(addr)
-            .or_insert_with(|| {
-                Arc::new(Host {
-                    idle: Mutex::new(Vec::new()),
-                })
-            })
-            .clone()
+        self.0.hosts.get(
+            addr,
+            || Host {
+                idle: Mutex::new(Vec::new()),
+            },
+            || {
+                let every = reap_period(self.0.idle_timeout);
+                tokio::spawn(reap(Arc::downgrade(&self.0), every));
+            },
+        )
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<Conn, SendError> {
-        let tcp = tokio::time::timeout(self.0.connect_timeout, TcpStream::connect(addr))
+        let tcp = connect_tcp(addr, self.0.connect_timeout)
             .await
-            .map_err(|_| SendError::Connect("connecting to the backend timed out".into()))?
             .map_err(|e| SendError::Connect(e.into()))?;
-        let _ = tcp.set_nodelay(true);
         let (sender, driver) = self
             .0
             .builder
@@ -605,13 +660,12 @@ async fn reap(pool: std::sync::Weak<PoolInner>, every: Duration) {
         let Some(pool) = pool.upgrade() else { return };
         let now = std::time::Instant::now();
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        pool.hosts.retain(|_, host| {
+        pool.hosts.prune(|host| {
             let mut idle = host.idle.lock();
             idle.retain_mut(|i| {
                 now.duration_since(i.since) < pool.idle_timeout && i.conn.ready(&mut cx)
             });
-            // A host nobody holds and with nothing idle is forgotten (endpoints come and go).
-            !idle.is_empty() || Arc::strong_count(host) > 1
+            !idle.is_empty()
         });
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 
-use crate::upstream::AddrHasher;
+use crate::upstream::{connect_tcp, reap_period, Endpoints};
 
 /// Idle connections kept per endpoint address at most.
 const MAX_IDLE_PER_ENDPOINT: usize = 1024;
@@ -70,14 +70,13 @@ fn usable(stream: &TcpStream) -> bool {
 }
 
 struct Inner {
-    hosts: dashmap::DashMap<SocketAddr, Arc<Host>, std::hash::BuildHasherDefault<AddrHasher>>,
+    hosts: Endpoints<Host>,
     /// Reaper ticks so far: the pool's clock.
     tick: AtomicU64,
     /// Ticks an idle connection may wait.
     max_idle_ticks: u64,
     every: Duration,
     connect_timeout: Duration,
-    reaper: std::sync::Once,
 }
 
 /// The fast path's pool of cleartext HTTP/1.1 connections, by endpoint address.
@@ -88,56 +87,40 @@ impl RawPool {
     /// An empty pool: connections wait idle at most `idle_timeout` (rounded to the reaper's
     /// period, a quarter of it within 100 ms..5 s), connecting gives up after `connect_timeout`.
     pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
-        let every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let every = reap_period(idle_timeout);
         let max_idle_ticks = (idle_timeout.as_nanos() / every.as_nanos().max(1)).max(1) as u64;
         RawPool(Arc::new(Inner {
-            hosts: dashmap::DashMap::default(),
+            hosts: Endpoints::default(),
             tick: AtomicU64::new(0),
             max_idle_ticks,
             every,
             connect_timeout,
-            reaper: std::sync::Once::new(),
         }))
     }
 
     /// The idle list of `addr` (made on first use).
     pub fn host(&self, addr: SocketAddr) -> Arc<Host> {
-        if let Some(h) = self.0.hosts.get(&addr) {
-            return h.clone();
-        }
-        self.0.reaper.call_once(|| {
-            tokio::spawn(reap(Arc::downgrade(&self.0)));
-        });
-        self.0
-            .hosts
-            .entry(addr)
-            .or_insert_with(|| {
-                Arc::new(Host {
-                    idle: Mutex::new(Vec::new()),
-                    pool: Arc::downgrade(&self.0),
-                })
-            })
-            .clone()
+        self.0.hosts.get(
+            addr,
+            || Host {
+                idle: Mutex::new(Vec::new()),
+                pool: Arc::downgrade(&self.0),
+            },
+            || {
+                tokio::spawn(reap(Arc::downgrade(&self.0)));
+            },
+        )
     }
 
     /// A new connection to `addr`, bounded by the connect timeout.
     pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
-        let tcp = tokio::time::timeout(self.0.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connecting to the backend timed out",
-                )
-            })??;
-        let _ = tcp.set_nodelay(true);
-        Ok(tcp)
+        connect_tcp(addr, self.0.connect_timeout).await
     }
 
     /// Idle connections to `addr` now.
     #[cfg(test)]
     fn idle(&self, addr: SocketAddr) -> usize {
-        self.0.hosts.get(&addr).map_or(0, |h| h.idle.lock().len())
+        self.0.hosts.peek(addr).map_or(0, |h| h.idle.lock().len())
     }
 }
 
@@ -153,10 +136,10 @@ async fn reap(pool: Weak<Inner>) {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
         let now = pool.tick.fetch_add(1, Ordering::Relaxed) + 1;
-        pool.hosts.retain(|_, host| {
+        pool.hosts.prune(|host| {
             let mut idle = host.idle.lock();
             idle.retain(|i| now - i.tick <= pool.max_idle_ticks && usable(&i.stream));
-            !idle.is_empty() || Arc::strong_count(host) > 1
+            !idle.is_empty()
         });
     }
 }
