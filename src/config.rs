@@ -52,6 +52,21 @@ pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::ZERO;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Default bound on reading a client's request headers (slowloris protection).
 pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a client connection may stay open with no request in progress (HTTP/1.1
+/// keep-alive between requests, HTTP/2 with no open stream); then it is closed (HTTP/2: GOAWAY).
+pub const DEFAULT_CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time writing to a client may make no progress before the connection is closed.
+pub const DEFAULT_CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time a request body may send no bytes before the request is answered 408.
+pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default directory for state that survives a restart (pid files, learned demand).
+pub const DEFAULT_STATE_DIR: &str = "./.reveille-state";
+/// Default upgrade protocols a service passes through (`services[].upgrades`).
+pub const DEFAULT_UPGRADES: &[&str] = &["websocket"];
+/// Default bound on open admin connections.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 256;
+/// Default bound on concurrent `/api/local` long-polls on the admin listener.
+pub const DEFAULT_ADMIN_MAX_LONG_POLLS: usize = 64;
 /// Default bound on connecting to a backend.
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time an idle pooled upstream connection is kept.
@@ -91,6 +106,16 @@ pub struct Config {
     pub coordination: Option<Coordination>,
     /// Services from `ReveilleService` objects (`crd:`; absent: only the file's services).
     pub crd: Option<CrdWatch>,
+    /// Where state that must survive a restart is kept (`state_dir`, default
+    /// [`DEFAULT_STATE_DIR`]): pid files of process backends, learned demand.
+    pub state_dir: PathBuf,
+    /// Knative routing for every service of the file (`knative: { enabled }`, default off);
+    /// each service's own `knative:` overrides it.
+    pub knative: bool,
+    /// Request fields whose name holds `_` are dropped before forwarding (default on, as
+    /// nginx's `underscores_in_headers off`): some backends fold `_` into `-`, so
+    /// `X_Forwarded_For` could pass for a field Reveille sets.
+    pub drop_underscore_headers: bool,
 }
 
 /// Inbound TLS: a second listener beside the plain one, same services.
@@ -118,6 +143,15 @@ pub struct Shutdown {
 pub struct Timeouts {
     /// Reading a client's request headers.
     pub client_header: Duration,
+    /// A client connection with no request in progress (HTTP/1.1 keep-alive, HTTP/2 with no
+    /// open stream) is closed after this long (default 60 s).
+    pub client_idle: Duration,
+    /// Writing to a client may make no progress this long; then the connection is closed and
+    /// its slot freed (default 60 s).
+    pub client_write: Duration,
+    /// A request body may send no bytes this long; then it is answered 408, or the connection
+    /// closed when the response has started (default 60 s).
+    pub client_body: Duration,
     /// Connecting to a backend.
     pub upstream_connect: Duration,
     /// Keeping an idle pooled connection to a backend.
@@ -136,6 +170,11 @@ pub struct Limits {
     /// Connections the kernel completes and keeps for the proxy and TLS listeners until
     /// Reveille accepts them (capped by the kernel at `net.core.somaxconn`).
     pub listen_backlog: u32,
+    /// Open admin connections at most (default 256); more are closed at once.
+    pub admin_max_connections: usize,
+    /// Concurrent `/api/local` long-polls on the admin listener at most (default 64); more
+    /// are answered `503` with `Retry-After`.
+    pub admin_max_long_polls: usize,
 }
 
 /// The protocol Reveille speaks to a service's backend.
@@ -196,6 +235,12 @@ pub struct Service {
     pub concurrency: Option<usize>,
     /// What KEDA scales this service on.
     pub keda: ServiceKeda,
+    /// Reachable as a Knative revision (`Knative-Serving-*` fields, `<name>.<namespace>.svc.*`
+    /// hosts) besides its own hosts; off unless `knative: true` here or at the top.
+    pub knative: bool,
+    /// Upgrade protocols passed to the backend (lowercase; default `[websocket]`). Any other
+    /// `Upgrade` is removed and the request forwarded as a plain one; `h2c` is never allowed.
+    pub upgrades: Vec<String>,
 }
 
 /// Hold-queue settings.
@@ -348,6 +393,17 @@ struct RawConfig {
     keda: keda::RawKeda,
     coordination: Option<kubernetes::RawCoordination>,
     crd: Option<kubernetes::RawCrd>,
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    knative: RawKnative,
+    drop_underscore_headers: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKnative {
+    #[serde(default)]
+    enabled: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -369,6 +425,9 @@ struct RawShutdown {
 #[serde(deny_unknown_fields)]
 struct RawTimeouts {
     client_header: Option<HumanDuration>,
+    client_idle: Option<HumanDuration>,
+    client_write: Option<HumanDuration>,
+    client_body: Option<HumanDuration>,
     upstream_connect: Option<HumanDuration>,
     upstream_idle: Option<HumanDuration>,
     upstream_response: Option<HumanDuration>,
@@ -380,6 +439,8 @@ struct RawLimits {
     max_connections: Option<usize>,
     max_held: Option<usize>,
     listen_backlog: Option<u32>,
+    admin_max_connections: Option<usize>,
+    admin_max_long_polls: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -402,6 +463,8 @@ struct RawService {
     #[serde(default)]
     keda: keda::RawServiceKeda,
     rollout: Option<rollout::RawRollout>,
+    knative: Option<bool>,
+    upgrades: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -540,6 +603,9 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     };
     let timeouts = Timeouts {
         client_header: dur(raw.timeouts.client_header, DEFAULT_CLIENT_HEADER_TIMEOUT),
+        client_idle: dur(raw.timeouts.client_idle, DEFAULT_CLIENT_IDLE_TIMEOUT),
+        client_write: dur(raw.timeouts.client_write, DEFAULT_CLIENT_WRITE_TIMEOUT),
+        client_body: dur(raw.timeouts.client_body, DEFAULT_CLIENT_BODY_TIMEOUT),
         upstream_connect: dur(
             raw.timeouts.upstream_connect,
             DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
@@ -568,7 +634,18 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             .unwrap_or(DEFAULT_MAX_CONNECTIONS),
         max_held: raw.limits.max_held.unwrap_or(DEFAULT_MAX_HELD),
         listen_backlog: raw.limits.listen_backlog.unwrap_or(DEFAULT_LISTEN_BACKLOG),
+        admin_max_connections: raw
+            .limits
+            .admin_max_connections
+            .unwrap_or(DEFAULT_ADMIN_MAX_CONNECTIONS),
+        admin_max_long_polls: raw
+            .limits
+            .admin_max_long_polls
+            .unwrap_or(DEFAULT_ADMIN_MAX_LONG_POLLS),
     };
+    if limits.admin_max_connections == 0 {
+        p.add("limits.admin_max_connections", "must be at least 1");
+    }
     if limits.max_connections == 0 {
         p.add("limits.max_connections", "must be at least 1");
     }
@@ -593,6 +670,19 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         "timeouts.upstream_connect".into(),
         timeouts.upstream_connect,
     );
+    for (name, d) in [
+        ("client_idle", timeouts.client_idle),
+        ("client_write", timeouts.client_write),
+        ("client_body", timeouts.client_body),
+    ] {
+        positive(&mut p, format!("timeouts.{name}"), d);
+    }
+    let state_dir = raw
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    if state_dir.as_os_str().is_empty() {
+        p.add("state_dir", "must not be empty");
+    }
 
     let crd = raw.crd.map(|c| kubernetes::validate_crd(&mut p, c));
     if raw.services.is_empty() && crd.is_none() {
@@ -722,6 +812,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             }
         }
         let keda = keda::validate_service(&mut p, &format!("{at}.keda"), s.keda);
+        let upgrades = validate_upgrades(&mut p, &format!("{at}.upgrades"), s.upgrades);
         let upstream_tls = validate_upstream_tls(&mut p, &at, s.protocol, s.upstream_tls);
         services.push(Service {
             name: s.name,
@@ -735,6 +826,8 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             idle_timeout,
             concurrency: (s.concurrency > 0).then_some(s.concurrency),
             keda,
+            knative: s.knative.unwrap_or(raw.knative.enabled),
+            upgrades,
         });
     }
     let tls = raw.tls.map(|t| validate_tls(&mut p, t, listen, admin));
@@ -750,10 +843,45 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             keda,
             coordination,
             crd,
+            state_dir,
+            knative: raw.knative.enabled,
+            drop_underscore_headers: raw.drop_underscore_headers.unwrap_or(true),
         })
     } else {
         Err(ConfigError { problems: p.0 })
     }
+}
+
+/// `upgrades`: lowercase protocol names (RFC 9110 §7.8 tokens); `h2c` is refused, since it
+/// would tunnel HTTP/2 to the backend past routing and the fields Reveille sets.
+fn validate_upgrades(p: &mut Problems, at: &str, raw: Option<Vec<String>>) -> Vec<String> {
+    let Some(raw) = raw else {
+        return DEFAULT_UPGRADES.iter().map(|s| s.to_string()).collect();
+    };
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, u) in raw.iter().enumerate() {
+        let u = u.trim().to_ascii_lowercase();
+        let name = u.split('/').next().unwrap_or_default();
+        if u.is_empty()
+            || !u
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b",;\"".contains(&b))
+        {
+            p.add(
+                format!("{at}[{i}]"),
+                "must be a protocol name like `websocket`",
+            );
+        } else if name == "h2c" {
+            p.add(
+                format!("{at}[{i}]"),
+                "h2c cannot be allowed: it would tunnel HTTP/2 to the backend past routing \
+                 (serve the service with `protocol: h2c` instead)",
+            );
+        } else {
+            out.push(u);
+        }
+    }
+    out
 }
 
 /// Checks the TLS listener and loads its certificate and key, so a bad pair is reported by

@@ -208,3 +208,54 @@ fn no_services_is_an_error() {
         vec!["services: at least one service is required"]
     );
 }
+
+#[test]
+fn hardening_defaults_are_closed() {
+    let c = Config::parse_with_env(GOOD, &|_| None).unwrap();
+    assert!(!c.knative, "Knative routing is opt-in");
+    assert!(c.services.iter().all(|s| !s.knative));
+    assert!(c.drop_underscore_headers);
+    assert_eq!(c.services[0].upgrades, vec!["websocket".to_string()]);
+    assert_eq!(c.timeouts.client_idle, DEFAULT_CLIENT_IDLE_TIMEOUT);
+    assert_eq!(c.timeouts.client_write, DEFAULT_CLIENT_WRITE_TIMEOUT);
+    assert_eq!(c.timeouts.client_body, DEFAULT_CLIENT_BODY_TIMEOUT);
+    assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+    assert_eq!(
+        c.limits.admin_max_connections,
+        DEFAULT_ADMIN_MAX_CONNECTIONS
+    );
+}
+
+#[test]
+fn knative_is_enabled_at_the_top_or_per_service() {
+    let text = "knative: { enabled: true }\nservices:\n  - name: a\n    hosts: [a]\n    backend: { static: { addresses: [127.0.0.1:1] } }\n  - name: b\n    hosts: [b]\n    knative: false\n    backend: { static: { addresses: [127.0.0.1:1] } }\n";
+    let c = Config::parse_with_env(text, &|_| None).unwrap();
+    assert!(c.knative);
+    assert!(c.services[0].knative);
+    assert!(!c.services[1].knative);
+}
+
+#[test]
+fn h2c_cannot_be_an_allowed_upgrade_and_timeouts_must_be_positive() {
+    let e = errs(
+        "timeouts: { client_idle: 0s, client_write: 0s }\nservices:\n  - name: a\n    hosts: [a]\n    upgrades: [websocket, H2C, 'a b']\n    backend: { static: { addresses: [127.0.0.1:1] } }\n",
+    );
+    assert!(
+        e.iter()
+            .any(|l| l.starts_with("services[0].upgrades[1]: h2c cannot be allowed")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|l| l.starts_with("services[0].upgrades[2]: must be a protocol name")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter().any(|l| l.starts_with("timeouts.client_idle:")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter().any(|l| l.starts_with("timeouts.client_write:")),
+        "{e:?}"
+    );
+}
