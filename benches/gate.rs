@@ -25,6 +25,7 @@ fn gate(concurrency: Option<usize>) -> Arc<Gate> {
             protocol: Protocol::Http1,
             upstream: None,
             held_limit: HeldLimit::new(1_000_000),
+            upgrades: GateSettings::default_upgrades(),
         },
         Metrics::new().service("bench"),
     )

@@ -30,6 +30,26 @@ pub enum ProxyError {
     /// `Transfer-Encoding` is not a single `chunked`, so the body's framing cannot be kept.
     #[error("unsupported Transfer-Encoding (only a single \"chunked\" is accepted)")]
     BadTransferEncoding,
+    /// An absolute-form target (HTTP/1.1) or `:authority` (HTTP/2) names another host than the
+    /// `Host` field: which one routes would be a guess, so neither does (RFC 9112 §3.2.2).
+    #[error("request target and Host name different hosts")]
+    AmbiguousHost,
+    /// The path has a `.` or `..` segment (also percent-encoded, or between `\` or `%2F`): a
+    /// backend that resolves it would escape the path prefix the request was routed by.
+    #[error("request path has dot segments")]
+    DotSegments,
+    /// `CONNECT` is not proxied: Reveille forwards requests to services, it is not a tunnel.
+    #[error("CONNECT is not allowed")]
+    ConnectNotAllowed,
+    /// The request body's chunked framing is malformed.
+    #[error("malformed request body (chunked framing)")]
+    BadBody,
+    /// The request body sent no bytes within `timeouts.client_body`.
+    #[error("request body stalled for {}", humantime::format_duration(*.after))]
+    BodyTimeout {
+        /// The timeout.
+        after: Duration,
+    },
     /// No service is configured for the request's host and path.
     #[error("no service for host {host:?}")]
     NoRoute {
@@ -114,9 +134,14 @@ impl ProxyError {
     /// The HTTP status the client gets.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::MissingHost | ProxyError::InvalidHost | ProxyError::BadTransferEncoding => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::MissingHost
+            | ProxyError::InvalidHost
+            | ProxyError::BadTransferEncoding
+            | ProxyError::AmbiguousHost
+            | ProxyError::DotSegments
+            | ProxyError::BadBody => StatusCode::BAD_REQUEST,
+            ProxyError::ConnectNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::QueueFull { .. }
@@ -139,6 +164,11 @@ impl ProxyError {
             ProxyError::InvalidHost => "invalid_host",
             ProxyError::UriTooLong { .. } => "uri_too_long",
             ProxyError::BadTransferEncoding => "bad_transfer_encoding",
+            ProxyError::AmbiguousHost => "ambiguous_host",
+            ProxyError::DotSegments => "dot_segments",
+            ProxyError::ConnectNotAllowed => "connect_not_allowed",
+            ProxyError::BadBody => "bad_body",
+            ProxyError::BodyTimeout { .. } => "body_timeout",
             ProxyError::NoRoute { .. } => "no_route",
             ProxyError::QueueFull { .. } => "queue_full",
             ProxyError::HeldLimit { .. } => "held_limit",
@@ -175,6 +205,8 @@ impl ProxyError {
             Some(("x-reveille-error", Cow::Borrowed(self.kind()))),
             self.retry_after()
                 .map(|secs| ("retry-after", Cow::Owned(secs.to_string()))),
+            matches!(self, ProxyError::ConnectNotAllowed)
+                .then_some(("allow", Cow::Borrowed("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"))),
         ]
         .into_iter()
         .flatten()
@@ -183,7 +215,10 @@ impl ProxyError {
     /// Whether the answer closes the connection: a request that was not understood leaves
     /// nothing after it on the connection to trust.
     pub fn closes_connection(&self) -> bool {
-        self.status() == StatusCode::BAD_REQUEST
+        matches!(
+            self.status(),
+            StatusCode::BAD_REQUEST | StatusCode::REQUEST_TIMEOUT | StatusCode::METHOD_NOT_ALLOWED
+        )
     }
 
     /// The response body: one line naming the service and the reason.
@@ -299,6 +334,18 @@ mod tests {
                 },
                 504,
                 "upstream_timeout",
+                None,
+            ),
+            (ProxyError::AmbiguousHost, 400, "ambiguous_host", None),
+            (ProxyError::DotSegments, 400, "dot_segments", None),
+            (ProxyError::ConnectNotAllowed, 405, "connect_not_allowed", None),
+            (ProxyError::BadBody, 400, "bad_body", None),
+            (
+                ProxyError::BodyTimeout {
+                    after: Duration::from_secs(1),
+                },
+                408,
+                "body_timeout",
                 None,
             ),
         ];

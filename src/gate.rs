@@ -106,6 +106,20 @@ pub struct GateSettings {
     pub upstream: Option<Box<UpstreamClient>>,
     /// The global bound on held requests.
     pub held_limit: Arc<HeldLimit>,
+    /// Upgrade protocols passed to the backend (`services[].upgrades`), lowercase.
+    pub upgrades: Arc<[Box<str>]>,
+}
+
+impl GateSettings {
+    /// `upgrades` as the gate keeps them.
+    pub fn upgrades_of(list: &[String]) -> Arc<[Box<str>]> {
+        list.iter().map(|u| Box::from(u.as_str())).collect()
+    }
+
+    /// The default upgrade list (`websocket`).
+    pub fn default_upgrades() -> Arc<[Box<str>]> {
+        crate::config::DEFAULT_UPGRADES.iter().map(|u| Box::from(*u)).collect()
+    }
 }
 
 /// The shared empty endpoint list (a gate without endpoints allocates none of its own).

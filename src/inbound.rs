@@ -29,6 +29,9 @@ use crate::proxy::Proxy;
 use crate::scaler;
 use crate::server::ConnectionGuard;
 
+mod activity;
+pub(crate) use activity::{Activity, InProgress, Watched};
+
 /// HTTP/2 clients are pinged this often; one that does not answer within
 /// [`H2_PING_TIMEOUT`] is disconnected (HTTP/1's idle keep-alive connections are closed by
 /// `timeouts.client_header`, which also bounds the wait for the next request).
@@ -51,6 +54,8 @@ pub struct Inbound {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     client_header: Duration,
+    client_idle: Duration,
+    client_write: Duration,
 }
 
 impl Inbound {
@@ -73,6 +78,8 @@ impl Inbound {
             http1: h1,
             http2: h2,
             client_header: timeouts.client_header,
+            client_idle: timeouts.client_idle,
+            client_write: timeouts.client_write,
         }
     }
 
@@ -82,27 +89,48 @@ impl Inbound {
         self.client_header
     }
 
+    /// The bounds [`drive`] keeps on a connection it serves.
+    fn bounds(&self, activity: Arc<Activity>, metrics: &crate::metrics::Metrics) -> Bounds {
+        Bounds {
+            activity,
+            idle: self.client_idle,
+            write: self.client_write,
+            metrics: metrics.clone(),
+        }
+    }
+
     /// Serves `io` as HTTP/1.1 (upgrades allowed).
-    pub fn http1<I>(&self, io: I, svc: Proxy) -> Conn<I>
+    pub fn http1<I>(&self, io: I, mut svc: Proxy) -> Conn<I>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let activity = Activity::new();
+        svc.activity = Some(activity.clone());
+        let bounds = Box::new(self.bounds(activity.clone(), &svc.shared.metrics));
         Conn::Http1 {
             conn: self
                 .http1
-                .serve_connection(TokioIo::new(io), svc)
+                .serve_connection(TokioIo::new(Watched::new(io, activity)), svc)
                 .with_upgrades(),
+            bounds,
         }
     }
 
     /// Serves `io` as HTTP/2.
-    pub fn http2<I>(&self, io: I, svc: Proxy) -> Conn<I>
+    pub fn http2<I>(&self, io: I, mut svc: Proxy) -> Conn<I>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let activity = Activity::new();
+        svc.activity = Some(activity.clone());
+        let bounds = Box::new(self.bounds(activity.clone(), &svc.shared.metrics));
         Conn::Http2 {
             // Boxed: an HTTP/1 connection, the common case, then does not carry HTTP/2's size.
-            conn: Box::pin(self.http2.serve_connection(TokioIo::new(io), svc)),
+            conn: Box::pin(
+                self.http2
+                    .serve_connection(TokioIo::new(Watched::new(io, activity)), svc),
+            ),
+            bounds,
         }
     }
 
@@ -196,14 +224,47 @@ fn decide(first: &[u8]) -> Decision {
     }
 }
 
+/// What [`drive`] watches on a connection: its activity and the bounds on it.
+pub struct Bounds {
+    activity: Arc<Activity>,
+    idle: Duration,
+    write: Duration,
+    metrics: crate::metrics::Metrics,
+}
+
+impl Bounds {
+    /// How often the bounds are looked at: a quarter of the shorter one, so either is kept
+    /// within a quarter of itself.
+    fn period(&self) -> Duration {
+        (self.idle.min(self.write) / 4).max(Duration::from_millis(10))
+    }
+}
+
+/// What a look at a connection's bounds found.
+enum Verdict {
+    Fine,
+    /// No request in progress for `client_idle`: shut down gracefully.
+    Idle,
+    /// Writes made no progress for `client_write`: close now.
+    Stalled,
+}
+
+type Io<I> = TokioIo<Watched<I>>;
+
 pin_project! {
     /// One client connection served by hyper, HTTP/1 or HTTP/2, with a graceful shutdown.
     #[project = ConnProj]
     pub enum Conn<I> {
         /// HTTP/1.1, upgrades allowed.
-        Http1 { #[pin] conn: http1::UpgradeableConnection<TokioIo<I>, Proxy> },
+        Http1 {
+            #[pin] conn: http1::UpgradeableConnection<Io<I>, Proxy>,
+            bounds: Box<Bounds>,
+        },
         /// HTTP/2.
-        Http2 { conn: Pin<Box<http2::Connection<TokioIo<I>, Proxy, TokioExecutor>>> },
+        Http2 {
+            conn: Pin<Box<http2::Connection<Io<I>, Proxy, TokioExecutor>>>,
+            bounds: Box<Bounds>,
+        },
     }
 }
 
@@ -215,8 +276,28 @@ where
     /// HTTP/2 sends GOAWAY and closes once its streams are done. Keep polling until it ends.
     pub fn graceful_shutdown(self: Pin<&mut Self>) {
         match self.project() {
-            ConnProj::Http1 { conn } => conn.graceful_shutdown(),
-            ConnProj::Http2 { conn } => conn.as_mut().graceful_shutdown(),
+            ConnProj::Http1 { conn, .. } => conn.graceful_shutdown(),
+            ConnProj::Http2 { conn, .. } => conn.as_mut().graceful_shutdown(),
+        }
+    }
+
+    fn bounds(&self) -> &Bounds {
+        match self {
+            Conn::Http1 { bounds, .. } | Conn::Http2 { bounds, .. } => bounds,
+        }
+    }
+
+    /// Looks at the connection's bounds (and counts what they end).
+    fn verdict(&self) -> Verdict {
+        let b = self.bounds();
+        if b.activity.write_blocked_for() >= b.write {
+            b.metrics.reject_connection("client_write_timeout");
+            Verdict::Stalled
+        } else if b.activity.idle_for() >= b.idle {
+            b.metrics.reject_connection("client_idle_timeout");
+            Verdict::Idle
+        } else {
+            Verdict::Fine
         }
     }
 }
@@ -229,8 +310,8 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            ConnProj::Http1 { conn } => conn.poll(cx),
-            ConnProj::Http2 { conn } => conn.as_mut().poll(cx),
+            ConnProj::Http1 { conn, .. } => conn.poll(cx),
+            ConnProj::Http2 { conn, .. } => conn.as_mut().poll(cx),
         }
     }
 }
@@ -250,10 +331,31 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async move {
-        tokio::select! {
-            biased;
-            _ = &mut conn => return,
-            _ = OnlyWhenWoken::new(scaler::stopped(&mut close)) => {}
+        let period = conn.bounds().period();
+        // Re-armed, not re-created: one timer for the connection's life.
+        let tick = tokio::time::sleep(period);
+        tokio::pin!(tick);
+        let stop = OnlyWhenWoken::new(scaler::stopped(&mut close));
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut conn => return,
+                _ = stop.as_mut() => break,
+                () = tick.as_mut() => match conn.verdict() {
+                    Verdict::Fine => tick.as_mut().reset(Instant::now() + period),
+                    // Dropping the connection drops its responses in progress: their endpoint
+                    // slots and backend connections are freed with them.
+                    Verdict::Stalled => return,
+                    Verdict::Idle => {
+                        Pin::new(&mut conn).graceful_shutdown();
+                        // A client that does not read the GOAWAY or the close is cut after
+                        // the write bound.
+                        let _ = tokio::time::timeout(conn.bounds().write, &mut conn).await;
+                        return;
+                    }
+                },
+            }
         }
         tokio::select! {
             _ = &mut conn => return,
@@ -383,17 +485,13 @@ mod tests {
         )
         .unwrap();
         let metrics = crate::metrics::Metrics::new();
-        let shared = Arc::new(crate::proxy::Shared {
-            services: crate::services::Services::new(
-                metrics.clone(),
-                crate::gate::HeldLimit::new(1),
-                None,
-                cfg.timeouts,
-            ),
-            upstreams: crate::upstream::Upstreams::new(&cfg.timeouts),
-            response_timeout: cfg.timeouts.upstream_response,
-            metrics,
-        });
+        let services = crate::services::Services::new(
+            metrics.clone(),
+            crate::gate::HeldLimit::new(1),
+            None,
+            cfg.timeouts,
+        );
+        let shared = Arc::new(crate::proxy::Shared::new(services, metrics, &cfg));
         (cfg, shared)
     }
 

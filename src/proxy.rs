@@ -54,6 +54,40 @@ pub struct Shared {
     pub response_timeout: Duration,
     /// All metrics.
     pub metrics: Metrics,
+    /// The client-side timeouts (idle, write, body progress) and the upstream ones.
+    pub timeouts: crate::config::Timeouts,
+    /// Request fields with `_` in their name are dropped ([`crate::Config::drop_underscore_headers`]).
+    pub drop_underscore_headers: bool,
+    /// Turned true when `shutdown.grace` has run out: requests still waiting for a backend's
+    /// answer are answered `503 shutting_down` instead of being cut when the process exits.
+    in_flight_stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Shared {
+    /// The state every connection shares, for `config`'s settings.
+    pub fn new(services: Arc<Services>, metrics: Metrics, config: &crate::Config) -> Self {
+        Shared {
+            services,
+            upstreams: Upstreams::new(&config.timeouts),
+            response_timeout: config.timeouts.upstream_response,
+            metrics,
+            timeouts: config.timeouts,
+            drop_underscore_headers: config.drop_underscore_headers,
+            in_flight_stop: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// The shutdown grace has run out: every request still waiting for a backend's response
+    /// head gets `503 shutting_down` now.
+    pub fn cut_in_flight(&self) {
+        self.in_flight_stop.send_replace(true);
+    }
+
+    /// Resolves once [`Shared::cut_in_flight`] was called.
+    pub(crate) async fn in_flight_cut(&self) {
+        let mut rx = self.in_flight_stop.subscribe();
+        let _ = rx.wait_for(|cut| *cut).await;
+    }
 }
 
 /// The per-connection hyper service.
@@ -63,6 +97,8 @@ pub struct Proxy {
     /// The client's address as an `X-Forwarded-For` value, made once per connection.
     pub(crate) client_ip: HeaderValue,
     pub(crate) proto: &'static str,
+    /// The connection's activity when hyper serves it (bounds idle time and stalled writes).
+    pub(crate) activity: Option<Arc<crate::inbound::Activity>>,
 }
 
 impl Proxy {
@@ -72,6 +108,7 @@ impl Proxy {
             shared,
             client_ip: upstream::client_ip(remote),
             proto,
+            activity: None,
         }
     }
 }
@@ -84,7 +121,17 @@ impl hyper::service::Service<Request<Incoming>> for Proxy {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         // No `async` block around `handle`: it would keep its own copy of the request and the
         // service beside the ones in `handle`'s future, in every held request.
-        Box::pin(self.clone().handle(req).map(Ok))
+        match &self.activity {
+            Some(a) => {
+                let request = a.begin();
+                Box::pin(
+                    self.clone()
+                        .handle(req)
+                        .map(move |resp| Ok(resp.map(|b| b.in_progress(request)))),
+                )
+            }
+            None => Box::pin(self.clone().handle(req).map(Ok)),
+        }
     }
 }
 
@@ -92,6 +139,21 @@ impl hyper::service::Service<Request<Incoming>> for Proxy {
 struct Routed {
     gate: Arc<Gate>,
     knative: bool,
+}
+
+/// What routing decided: a service, or a Knative probe answered at once.
+enum Routing {
+    Service(Routed),
+    Probe(Response<ProxyBody>),
+}
+
+impl Routing {
+    fn to(gate: &Arc<Gate>, knative: bool) -> Self {
+        Routing::Service(Routed {
+            gate: gate.clone(),
+            knative,
+        })
+    }
 }
 
 impl Proxy {
@@ -107,9 +169,6 @@ impl Proxy {
                     .reject_unrouted(e.kind(), e.status().as_u16());
                 return error_response(&e);
             }
-            if let Some(resp) = knative_probe(&req) {
-                return resp;
-            }
             let routed = match self.route(&req) {
                 Ok(r) => r,
                 Err(e) => {
@@ -119,8 +178,13 @@ impl Proxy {
                     return error_response(&e);
                 }
             };
-            let gate = routed.gate;
-            if routed.knative {
+            let gate = match routed {
+                Routing::Probe(resp) => return resp,
+                Routing::Service(r) => r,
+            };
+            let (gate, knative) = (gate.gate, gate.knative);
+            self.strip_client_fields(req.headers_mut(), knative);
+            if knative {
                 let h = req.headers_mut();
                 h.remove(&KNATIVE_REVISION);
                 h.remove(&KNATIVE_NAMESPACE);
@@ -134,7 +198,16 @@ impl Proxy {
             let acquired = acquire_following(&self.shared.services, &mut gate, deadline).await;
             let resp = match acquired {
                 // Boxed: a held request then carries only the hold state, not the forwarding one.
-                Ok(acquired) => Box::pin(self.forward(req, acquired, &gate, deadline)).await,
+                Ok(acquired) => {
+                    let forward = Box::pin(self.forward(req, acquired, &gate, deadline));
+                    tokio::select! {
+                        biased;
+                        r = forward => r,
+                        () = self.shared.in_flight_cut() => Err(ProxyError::ShuttingDown {
+                            service: gate.name().clone(),
+                        }),
+                    }
+                }
                 Err(e) => Err(e),
             };
             let resp = resp.unwrap_or_else(|e| {
@@ -148,48 +221,70 @@ impl Proxy {
         }
     }
 
-    fn route(&self, req: &Request<Incoming>) -> Result<Routed, ProxyError> {
+    /// Picks the service. Knative names (the `Knative-Serving-*` fields, `<name>.<ns>.svc.*`
+    /// hosts) and probes count only when some service opted in to Knative routing, and then
+    /// reach only those services; otherwise a request is routed by its host and path alone.
+    fn route(&self, req: &Request<Incoming>) -> Result<Routing, ProxyError> {
         let snapshot = self.shared.services.load();
         let router = &snapshot.router;
         let headers = req.headers();
-        if let (Some(rev), Some(ns)) = (
-            headers.get(&KNATIVE_REVISION),
-            headers.get(&KNATIVE_NAMESPACE),
-        ) {
-            let (rev, ns) = (
-                rev.to_str().unwrap_or_default(),
-                ns.to_str().unwrap_or_default(),
-            );
-            return router
-                .lookup_revision(ns, rev)
-                .map(|g| Routed {
-                    gate: g.clone(),
-                    knative: true,
-                })
-                .ok_or_else(|| ProxyError::NoRoute {
-                    host: truncate(&format!("{rev}.{ns} (Knative revision)")),
-                });
+        let knative = router.has_revisions();
+        if knative {
+            if let Some(resp) = knative_probe(req) {
+                return Ok(Routing::Probe(resp));
+            }
+            if let (Some(rev), Some(ns)) = (
+                headers.get(&KNATIVE_REVISION),
+                headers.get(&KNATIVE_NAMESPACE),
+            ) {
+                let (rev, ns) = (
+                    rev.to_str().unwrap_or_default(),
+                    ns.to_str().unwrap_or_default(),
+                );
+                return router
+                    .lookup_revision(ns, rev)
+                    .map(|g| Routing::to(g, true))
+                    .ok_or_else(|| ProxyError::NoRoute {
+                        host: truncate(&format!("{rev}.{ns} (Knative revision)")),
+                    });
+            }
         }
-        let host = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))
-            .ok_or(ProxyError::MissingHost)?;
+        let host = crate::limits::routing_host(req)?;
         if let Some(g) = router.lookup(host, req.uri().path()) {
-            return Ok(Routed {
-                gate: g.clone(),
-                knative: false,
-            });
+            return Ok(Routing::to(g, false));
         }
         if let Some(g) = router.lookup_revision_host(host) {
-            return Ok(Routed {
-                gate: g.clone(),
-                knative: true,
-            });
+            return Ok(Routing::to(g, true));
         }
         Err(ProxyError::NoRoute {
             host: truncate(host),
         })
+    }
+
+    /// Removes what a client must not decide for the backend: the Knative fields unless the
+    /// request was routed as a Knative one (Reveille sets its own then), and with
+    /// `drop_underscore_headers` every field whose name holds `_`.
+    fn strip_client_fields(&self, h: &mut http::HeaderMap, knative: bool) {
+        if !knative {
+            for name in [
+                &KNATIVE_REVISION,
+                &KNATIVE_NAMESPACE,
+                &K_ORIGINAL_HOST,
+                &K_PROXY_REQUEST,
+            ] {
+                h.remove(name);
+            }
+        }
+        if self.shared.drop_underscore_headers && h.keys().any(|k| k.as_str().contains('_')) {
+            let names: Vec<HeaderName> = h
+                .keys()
+                .filter(|k| k.as_str().contains('_'))
+                .cloned()
+                .collect();
+            for name in names {
+                h.remove(name);
+            }
+        }
     }
 
     async fn forward(
@@ -199,12 +294,19 @@ impl Proxy {
         gate: &Arc<Gate>,
         deadline: Instant,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let upgrade = upgrade_requested(&req);
+        let upgrade = upgrade_requested(&req, &gate.settings().upgrades);
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let body_was_empty = http_body::Body::is_end_stream(&body);
+        let stall = self.shared.timeouts.client_body;
+        // A chunked body is read ahead (up to 64 KiB) so that broken framing is answered 400
+        // before anything reaches the backend; HTTP/2 frames and Content-Length need no check.
+        let slot = if !body_was_empty && parts.headers.contains_key(header::TRANSFER_ENCODING) {
+            BodySlot::read_ahead(body, stall).await?
+        } else {
+            BodySlot::new(body, stall)
+        };
         let mut out = Outgoing::with_client_ip(parts, &self.client_ip, self.proto, upgrade);
-        let slot = BodySlot::new(body);
         let protocol = gate.settings().protocol;
         let Some(upstream) = self
             .shared
@@ -242,7 +344,12 @@ impl Proxy {
                         after: timeout,
                     })
                 }
-                Err(e) => e,
+                Err(e) => match slot.fault() {
+                    // The client's body broke or stalled: its error, not the backend's (the
+                    // backend's request was cut with it).
+                    Some(fault) => return Err(fault),
+                    None => e,
+                },
             };
             // `keep_headers` already says idempotent, body unsent before, attempts left; the
             // body must still be unsent after this attempt.
@@ -265,8 +372,15 @@ impl Proxy {
                 .insert(COLD_START_HEADER, HeaderValue::from_static("true"));
         }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
-                return Ok(splice(resp, client_upgrade, permit, lease));
+            match client_upgrade {
+                Some(client_upgrade) => return Ok(splice(resp, client_upgrade, permit, lease)),
+                // A switch nobody asked for (or that was not let through) would hand the
+                // client's connection to whatever the backend speaks next.
+                None => {
+                    return Err(ProxyError::Upstream {
+                        service: gate.name().clone(),
+                    })
+                }
             }
         }
         upstream::strip_hop_by_hop(resp.headers_mut());
@@ -358,8 +472,12 @@ fn knative_probe(req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
     Some(resp)
 }
 
-/// The `Upgrade` value of an HTTP/1.1 upgrade request (WebSocket and others).
-fn upgrade_requested(req: &Request<Incoming>) -> Option<HeaderValue> {
+/// The `Upgrade` value to pass on for an HTTP/1.1 upgrade request: the protocols it offers
+/// that the service allows (`upgrades`, default `websocket`), in the client's order. `None`:
+/// no upgrade is asked for, or none allowed; the request then goes on as a plain one without
+/// `Upgrade` (a server may ignore it, RFC 9110 §7.8), so `h2c` can never be tunnelled past
+/// routing and the fields Reveille sets.
+fn upgrade_requested(req: &Request<Incoming>, allowed: &[Box<str>]) -> Option<HeaderValue> {
     let conn = req.headers().get(header::CONNECTION)?.to_str().ok()?;
     if !conn
         .split(',')
@@ -367,7 +485,22 @@ fn upgrade_requested(req: &Request<Incoming>) -> Option<HeaderValue> {
     {
         return None;
     }
-    req.headers().get(header::UPGRADE).cloned()
+    let offered = req.headers().get(header::UPGRADE)?.to_str().ok()?;
+    let kept: Vec<&str> = offered
+        .split(',')
+        .map(str::trim)
+        .filter(|p| {
+            let name = p.split('/').next().unwrap_or_default();
+            !name.eq_ignore_ascii_case("h2c")
+                && allowed.iter().any(|a| {
+                    a.eq_ignore_ascii_case(p) || (!a.contains('/') && a.eq_ignore_ascii_case(name))
+                })
+        })
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
 }
 
 /// Returns the backend's 101 to the client and splices the two upgraded connections. The

@@ -85,6 +85,11 @@ impl<T> Router<T> {
             .insert(format!("{namespace}/{revision}").into(), value);
     }
 
+    /// Whether any value is reachable as a Knative revision (Knative routing is opt-in).
+    pub fn has_revisions(&self) -> bool {
+        !self.revisions.is_empty()
+    }
+
     /// The value for a Knative revision.
     pub fn lookup_revision(&self, namespace: &str, revision: &str) -> Option<&T> {
         if self.revisions.is_empty() {

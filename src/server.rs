@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Shared};
 use crate::services::{Changes, Services};
 use crate::tls::TlsListener;
-use crate::{scaler, upstream};
+use crate::scaler;
 
 /// Extra time after the grace for the 503s of still-held requests to be written.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
@@ -202,12 +202,7 @@ pub async fn start_with(
     services.apply(&config.services).await;
     let gates = services.load().gates();
     let crd_client = kube_client.filter(|_| config.crd.is_some());
-    let shared = Arc::new(Shared {
-        services: services.clone(),
-        upstreams: upstream::Upstreams::new(&config.timeouts),
-        response_timeout: config.timeouts.upstream_response,
-        metrics: metrics.clone(),
-    });
+    let shared = Arc::new(Shared::new(services.clone(), metrics.clone(), &config));
     let local = Arc::new(Local::new(&gates, config.keda.rate_window));
     let cluster = Arc::new(Cluster::new(
         local.clone(),
@@ -280,7 +275,7 @@ pub async fn start_with(
 
     let proxy_task = tokio::spawn(accept_proxy(
         proxy_listener,
-        shared,
+        shared.clone(),
         inbound,
         close_rx,
         conns.clone(),
@@ -308,6 +303,7 @@ pub async fn start_with(
 
     let shutdown_cfg = config.shutdown;
     let task_services = services.clone();
+    let task_shared = shared.clone();
     let task = tokio::spawn(async move {
         scaler::stopped(&mut shutdown_rx).await;
         info!(delay = ?shutdown_cfg.delay, grace = ?shutdown_cfg.grace, "shutting down");
@@ -335,6 +331,8 @@ pub async fn start_with(
                     service: g.name().clone(),
                 });
             }
+            // Requests already forwarded and still waiting for their answer get the same 503.
+            task_shared.cut_in_flight();
             let _ = tokio::time::timeout(FINAL_FLUSH, &mut drained).await;
         }
         task_services.stop_all().await;

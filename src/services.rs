@@ -68,7 +68,10 @@ impl Snapshot {
             for host in &s.hosts {
                 router.insert(host, s.path_prefix.as_deref(), e.gate.clone());
             }
-            router.insert_revision(&s.namespace, &s.name, e.gate.clone());
+            // Opt-in: a revision name or `*.svc.*` host reaches only services that allow it.
+            if s.knative {
+                router.insert_revision(&s.namespace, &s.name, e.gate.clone());
+            }
             by_name.insert(e.gate.name().clone(), e.gate.clone());
         }
         Snapshot {
@@ -268,6 +271,7 @@ impl Services {
                     .as_ref()
                     .map(|tls| Box::new(upstream::tls_client(tls, spec.protocol, &self.timeouts))),
                 held_limit: self.held_limit.clone(),
+                upgrades: GateSettings::upgrades_of(&spec.upgrades),
             },
             self.metrics.service(&spec.name),
         );
@@ -291,6 +295,7 @@ fn same_gate(a: &Service, b: &Service) -> bool {
         && a.concurrency == b.concurrency
         && a.protocol == b.protocol
         && a.upstream_tls == b.upstream_tls
+        && a.upgrades == b.upgrades
 }
 
 #[cfg(test)]

@@ -41,8 +41,12 @@ use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
+mod body;
+pub use body::{BodySlot, RequestBody, READ_AHEAD};
+
 use crate::config::{Protocol, Timeouts, UpstreamTls};
 use crate::gate::{Endpoint, Permit};
+use crate::inbound::InProgress;
 
 /// A pooled client to backends (one per cleartext protocol, one per TLS service).
 pub type UpstreamClient = Client<Connector, RequestBody>;
@@ -670,76 +674,6 @@ async fn reap(pool: std::sync::Weak<PoolInner>, every: Duration) {
     }
 }
 
-/// The client's request body, shared across attempts: the first attempt that actually sends
-/// the body takes it. A connect failure happens before the body is polled, so the body is still
-/// there for a retry on another endpoint.
-pub struct RequestBody {
-    slot: Arc<Mutex<Option<Incoming>>>,
-    taken: Option<Incoming>,
-}
-
-/// Where a request's body waits until an attempt sends it.
-#[derive(Clone)]
-pub struct BodySlot(Arc<Mutex<Option<Incoming>>>);
-
-impl BodySlot {
-    /// Holds `body` for the attempts.
-    pub fn new(body: Incoming) -> Self {
-        BodySlot(Arc::new(Mutex::new(Some(body))))
-    }
-
-    /// Whether no attempt has started sending the body.
-    pub fn untouched(&self) -> bool {
-        self.0.lock().is_some()
-    }
-
-    /// A body for one attempt.
-    pub fn body(&self) -> RequestBody {
-        RequestBody {
-            slot: self.0.clone(),
-            taken: None,
-        }
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        if this.taken.is_none() {
-            this.taken = this.slot.lock().take();
-        }
-        match this.taken.as_mut() {
-            Some(b) => Pin::new(b).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.taken {
-            Some(b) => b.is_end_stream(),
-            None => self.slot.lock().as_ref().is_none_or(|b| b.is_end_stream()),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.taken {
-            Some(b) => b.size_hint(),
-            None => self
-                .slot
-                .lock()
-                .as_ref()
-                .map(|b| b.size_hint())
-                .unwrap_or_else(|| SizeHint::with_exact(0)),
-        }
-    }
-}
-
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -759,7 +693,21 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == PROXY_CONNECTION
 }
 
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
+/// Fields a `Connection` list cannot remove: `Host` (routing and the backend's virtual hosts
+/// depend on it; nginx and HAProxy keep it too), the body's framing, and the fields Reveille
+/// sets itself. Removing them is no client's choice.
+pub fn is_protected(name: &HeaderName) -> bool {
+    name == header::HOST
+        || name == header::CONTENT_LENGTH
+        || name == X_FORWARDED_FOR
+        || name == X_FORWARDED_HOST
+        || name == X_FORWARDED_PROTO
+        || name.as_str() == "k-original-host"
+        || name.as_str() == "k-proxy-request"
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`
+/// (except the [`is_protected`] ones).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Usually there is none: one pass over the few names present costs less than a hashed
     // lookup per hop-by-hop name. (Names listed in `Connection` need `Connection` itself.)
@@ -774,7 +722,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
         .collect();
     for name in listed {
-        headers.remove(name);
+        if !is_protected(&name) {
+            headers.remove(name);
+        }
     }
     headers.remove(header::CONNECTION);
     headers.remove(&KEEP_ALIVE);
@@ -990,9 +940,14 @@ pin_project_lite::pin_project! {
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
         /// Streamed from the backend; with a pooled connection, the body drives it.
-        Upstream { #[pin] body: Incoming, permit: Option<Permit>, lease: Option<Lease> },
+        Upstream {
+            #[pin] body: Incoming,
+            permit: Option<Permit>,
+            lease: Option<Lease>,
+            request: Option<InProgress>,
+        },
         /// Written by Reveille.
-        Local { #[pin] body: Full<Bytes> },
+        Local { #[pin] body: Full<Bytes>, request: Option<InProgress> },
     }
 }
 
@@ -1001,7 +956,19 @@ impl ProxyBody {
     pub fn local(b: impl Into<Bytes>) -> Self {
         ProxyBody::Local {
             body: Full::new(b.into()),
+            request: None,
         }
+    }
+
+    /// Keeps the client connection's request `r` in progress until this body is dropped (the
+    /// connection then counts as idle again, [`crate::inbound::Activity`]).
+    pub(crate) fn in_progress(mut self, r: InProgress) -> Self {
+        match &mut self {
+            ProxyBody::Upstream { request, .. } | ProxyBody::Local { request, .. } => {
+                *request = Some(r)
+            }
+        }
+        self
     }
 
     /// The backend's body, keeping `permit` until it ends; `lease` is the connection it comes
@@ -1018,6 +985,7 @@ impl ProxyBody {
             body,
             permit: Some(permit),
             lease,
+            request: None,
         }
     }
 }
@@ -1035,6 +1003,7 @@ impl Body for ProxyBody {
                 mut body,
                 permit,
                 lease,
+                ..
             } => {
                 let mut r = body.as_mut().poll_frame(cx);
                 if r.is_pending() {
@@ -1067,21 +1036,23 @@ impl Body for ProxyBody {
                 }
                 r
             }
-            ProxyBodyProj::Local { body } => body.poll_frame(cx).map_err(|never| match never {}),
+            ProxyBodyProj::Local { body, .. } => {
+                body.poll_frame(cx).map_err(|never| match never {})
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
-            ProxyBody::Local { body } => body.is_end_stream(),
+            ProxyBody::Local { body, .. } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream { body, .. } => body.size_hint(),
-            ProxyBody::Local { body } => body.size_hint(),
+            ProxyBody::Local { body, .. } => body.size_hint(),
         }
     }
 }
@@ -1156,5 +1127,26 @@ mod tests {
         assert_eq!(left.len(), 2, "{left:?}");
         assert!(h.contains_key("x-keep"));
         assert!(h.contains_key(header::HOST));
+    }
+
+    #[test]
+    fn connection_cannot_remove_host_framing_or_our_own_fields() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static(
+                "host, content-length, x-forwarded-for, X-Forwarded-Host, k-original-host, x-gone",
+            ),
+        );
+        for name in ["host", "content-length", "x-forwarded-for", "x-forwarded-host", "k-original-host", "x-gone"] {
+            h.insert(name, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["content-length", "host", "k-original-host", "x-forwarded-for", "x-forwarded-host"]
+        );
     }
 }

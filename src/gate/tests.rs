@@ -21,6 +21,7 @@ fn gate_with_limit(
             protocol: Protocol::Http1,
             upstream: None,
             held_limit,
+            upgrades: GateSettings::default_upgrades(),
         },
         Metrics::new().service("svc"),
     )

@@ -124,8 +124,20 @@ pub(crate) fn serve(
                         Plan::Forward(f) => break f,
                     }
                 }
+                let idle = c.buf.is_empty();
                 if !c.read_more(&mut deadline, &mut armed, stop.as_mut()).await {
+                    if idle && !c.shutting && Instant::now() >= deadline {
+                        c.proxy.shared.metrics.reject_connection("client_idle_timeout");
+                    }
                     return;
+                }
+                if idle {
+                    // The first bytes of a head: the rest must come within `client_header`.
+                    let head = Instant::now() + c.client_header;
+                    if head < deadline {
+                        deadline = head;
+                        armed = false;
+                    }
                 }
             };
             c.buf.drain(..fwd.head_len);
@@ -134,7 +146,14 @@ pub(crate) fn serve(
             if !c.request(fwd).await {
                 return;
             }
-            deadline = Instant::now() + c.client_header;
+            // Between requests the connection may idle for `timeouts.client_idle`; pipelined
+            // bytes already start the next head, bounded by `client_header`.
+            deadline = Instant::now()
+                + if c.buf.is_empty() {
+                    c.proxy.shared.timeouts.client_idle
+                } else {
+                    c.client_header
+                };
         }
     }
 }
@@ -301,13 +320,21 @@ impl Client {
                 })
             }
         });
+        let mut acquired = acquired;
         if acquired.is_ok() && body > 0 {
             // The body goes with the head, whole: read the rest of it now.
-            if !self.read_body(body).await {
-                return false;
+            match self.read_body(body).await {
+                BodyRead::Whole => {
+                    self.out.extend_from_slice(&self.buf[..body]);
+                    self.buf.drain(..body);
+                }
+                BodyRead::Gone => return false,
+                BodyRead::Stalled => {
+                    acquired = Err(ProxyError::BodyTimeout {
+                        after: self.proxy.shared.timeouts.client_body,
+                    });
+                }
             }
-            self.out.extend_from_slice(&self.buf[..body]);
-            self.buf.drain(..body);
         }
         // An error answer with the body unread must close (the body would be read as a head).
         let close = close || (acquired.is_err() && body > 0);
@@ -327,7 +354,11 @@ impl Client {
                     .request(e.status().as_u16(), arrived.elapsed().as_secs_f64());
                 let close = close || e.closes_connection() || self.shutting_down();
                 write_error(&mut self.out, &e, close);
-                let written = self.stream.write_all(&self.out).await.is_ok();
+                let writer = Writer {
+                    limit: self.proxy.shared.timeouts.client_write,
+                    metrics: &self.proxy.shared.metrics,
+                };
+                let written = writer.put(&mut self.stream, &self.out).await.is_ok();
                 if written && close && body > 0 {
                     // The body is still coming: closing with it unread would reset the
                     // connection, and the client could lose the answer. Linger briefly.
@@ -354,20 +385,27 @@ impl Client {
         }
     }
 
-    /// Reads until `buf` holds `len` body bytes, bounded by the client header timeout; `false`
-    /// when the client closed, failed or stalled.
-    async fn read_body(&mut self, len: usize) -> bool {
-        let deadline = Instant::now() + self.client_header;
+    /// Reads until `buf` holds `len` body bytes, each read within `timeouts.client_body`.
+    async fn read_body(&mut self, len: usize) -> BodyRead {
+        let stall = self.proxy.shared.timeouts.client_body;
         while self.buf.len() < len {
             self.buf.reserve(len - self.buf.len());
-            let read = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf));
+            let read = tokio::time::timeout(stall, self.stream.read_buf(&mut self.buf));
             match read.await {
                 Ok(Ok(n)) if n > 0 => {}
-                _ => return false,
+                Ok(_) => return BodyRead::Gone,
+                Err(_) => {
+                    self.proxy
+                        .shared
+                        .metrics
+                        .reject_connection("client_body_timeout");
+                    return BodyRead::Stalled;
+                }
             }
         }
-        true
+        BodyRead::Whole
     }
+
 
     fn host(&mut self, addr: SocketAddr) -> Arc<pool::Host> {
         match &self.last_host {
@@ -432,6 +470,12 @@ impl Client {
                 // The client left: nobody waits for the answer, the slot and the backend
                 // connection are freed now (as hyper's path does when its read sees the end).
                 () = client_gone(&self.stream, &mut self.buf) => return Ok(false),
+                // The shutdown grace ran out: an answer rather than a cut connection.
+                () = self.proxy.shared.in_flight_cut() => {
+                    return Err(ProxyError::ShuttingDown {
+                        service: gate.name().clone(),
+                    })
+                }
             };
             debug!(service = %gate.name(), endpoint = %addr, attempt, error = %err, "upstream failed");
             // The body (if any) is kept whole in `out`: an idempotent request can be resent.
@@ -455,8 +499,13 @@ impl Client {
             host: head.reuse.then_some(&*host),
             permit: Some(permit),
         };
+        let writer = Writer {
+            limit: self.proxy.shared.timeouts.client_write,
+            metrics: &self.proxy.shared.metrics,
+        };
         let relayed = relay_body(
             &mut self.stream,
+            writer,
             release,
             &mut self.resp,
             &mut self.out,
@@ -469,6 +518,48 @@ impl Client {
             // Midway: the client has part of a response; only closing tells it so.
             Err(()) => Ok(false),
         }
+    }
+}
+
+/// How reading a request body ended.
+enum BodyRead {
+    Whole,
+    /// The client closed or failed.
+    Gone,
+    /// No bytes within `timeouts.client_body`: answered `408`.
+    Stalled,
+}
+
+/// Writes to a client, each wait for the socket to take more bounded by
+/// `timeouts.client_write`: a client that stops reading is closed (and counted) instead of
+/// keeping its endpoint slot and backend connection. A write the socket takes at once costs no
+/// timer.
+#[derive(Clone, Copy)]
+struct Writer<'a> {
+    limit: std::time::Duration,
+    metrics: &'a crate::metrics::Metrics,
+}
+
+impl Writer<'_> {
+    async fn put(self, client: &mut TcpStream, mut buf: &[u8]) -> Result<(), ()> {
+        while !buf.is_empty() {
+            match client.try_write(buf) {
+                Ok(0) => return Err(()),
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    match tokio::time::timeout(self.limit, client.writable()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return Err(()),
+                        Err(_) => {
+                            self.metrics.reject_connection("client_write_timeout");
+                            return Err(());
+                        }
+                    }
+                }
+                Err(_) => return Err(()),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -573,8 +664,10 @@ enum Field {
     /// Hop-by-hop, dropped.
     HopByHop,
     TransferEncoding,
-    /// Hop-by-hop with framing or protocol meaning: hyper's path handles it.
+    /// Hop-by-hop with framing or protocol meaning, or a Knative field: hyper's path handles it.
     Special,
+    /// A name with `_`: dropped under `drop_underscore_headers`, else copied.
+    Underscore,
     Other,
 }
 
@@ -598,6 +691,8 @@ fn field(name: &[u8]) -> Field {
         7 if is("upgrade") || is("trailer") => Field::Special,
         24 if is("knative-serving-revision") => Field::Special,
         25 if is("knative-serving-namespace") => Field::Special,
+        15 if is("k-original-host") || is("k-proxy-request") => Field::Special,
+        _ if name.contains(&b'_') => Field::Underscore,
         _ => Field::Other,
     }
 }
@@ -678,6 +773,10 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
         return Plan::Handoff;
     };
     let path = target.split_once('?').map_or(target, |(p, _)| p);
+    if crate::limits::has_dot_segments(path.as_bytes()) {
+        // hyper's path answers 400.
+        return Plan::Handoff;
+    }
     let gate = {
         let snapshot = proxy.shared.services.load();
         match snapshot.router.lookup(host, path) {
@@ -694,8 +793,11 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let underscores = !proxy.shared.drop_underscore_headers;
     for (h, kind) in req.headers.iter().zip(kinds) {
-        if matches!(kind, Field::Host | Field::ContentLength | Field::Other) {
+        if matches!(kind, Field::Host | Field::ContentLength | Field::Other)
+            || (underscores && kind == Field::Underscore)
+        {
             put_field(out, h.name.as_bytes(), h.value);
         }
     }
@@ -1087,6 +1189,7 @@ fn itoa3(status: u16) -> [u8; 3] {
 /// `Err(())` when either side failed midway.
 async fn relay_body(
     client: &mut TcpStream,
+    w: Writer<'_>,
     mut backend: Release<'_>,
     resp: &mut Vec<u8>,
     out: &mut Vec<u8>,
@@ -1097,7 +1200,7 @@ async fn relay_body(
     match framing {
         Framing::Empty => {
             backend.done(first.is_empty());
-            client.write_all(out).await.map_err(drop)
+            w.put(client, out).await
         }
         Framing::Length(n) => {
             let take = first.len().min(usize::try_from(n).unwrap_or(usize::MAX));
@@ -1107,7 +1210,7 @@ async fn relay_body(
             if left == 0 {
                 backend.done(clean);
             }
-            client.write_all(out).await.map_err(drop)?;
+            w.put(client, out).await?;
             while left > 0 {
                 let got = read_some(backend.up(), resp).await?;
                 let take = got.min(usize::try_from(left).unwrap_or(usize::MAX));
@@ -1116,7 +1219,7 @@ async fn relay_body(
                 if left == 0 {
                     backend.done(clean);
                 }
-                client.write_all(&resp[..take]).await.map_err(drop)?;
+                w.put(client, &resp[..take]).await?;
             }
             Ok(())
         }
@@ -1127,23 +1230,23 @@ async fn relay_body(
             out.extend_from_slice(&first[..upto]);
             if let Some(end) = end {
                 backend.done(end == first.len());
-                return client.write_all(out).await.map_err(drop);
+                return w.put(client, out).await;
             }
-            client.write_all(out).await.map_err(drop)?;
+            w.put(client, out).await?;
             loop {
                 let got = read_some(backend.up(), resp).await?;
                 match scanner.feed(&resp[..got]).map_err(drop)? {
                     Some(end) => {
                         backend.done(end == got);
-                        return client.write_all(&resp[..end]).await.map_err(drop);
+                        return w.put(client, &resp[..end]).await;
                     }
-                    None => client.write_all(&resp[..got]).await.map_err(drop)?,
+                    None => w.put(client, &resp[..got]).await?,
                 }
             }
         }
         Framing::UntilClose => {
             put_chunk(out, first);
-            client.write_all(out).await.map_err(drop)?;
+            w.put(client, out).await?;
             loop {
                 resp.clear();
                 if resp.capacity() < RESPONSE_BUF {
@@ -1153,10 +1256,10 @@ async fn relay_body(
                 out.clear();
                 if got == 0 {
                     backend.done(false);
-                    return client.write_all(b"0\r\n\r\n").await.map_err(drop);
+                    return w.put(client, b"0\r\n\r\n").await;
                 }
                 put_chunk(out, &resp[..got]);
-                client.write_all(out).await.map_err(drop)?;
+                w.put(client, out).await?;
             }
         }
     }

@@ -23,12 +23,7 @@ async fn shared(yaml: &str) -> Arc<crate::proxy::Shared> {
         cfg.timeouts,
     );
     services.apply(&cfg.services).await;
-    Arc::new(crate::proxy::Shared {
-        services,
-        upstreams: crate::upstream::Upstreams::new(&cfg.timeouts),
-        response_timeout: cfg.timeouts.upstream_response,
-        metrics,
-    })
+    Arc::new(crate::proxy::Shared::new(services, metrics, &cfg))
 }
 
 async fn proxy() -> Proxy {

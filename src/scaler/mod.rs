@@ -221,6 +221,7 @@ mod tests {
                 protocol: spec.protocol,
                 upstream: None,
                 held_limit: crate::gate::HeldLimit::new(1),
+                upgrades: crate::gate::GateSettings::default_upgrades(),
             },
             crate::metrics::Metrics::new().service("a"),
         );
