@@ -205,8 +205,10 @@ impl ProxyError {
             Some(("x-reveille-error", Cow::Borrowed(self.kind()))),
             self.retry_after()
                 .map(|secs| ("retry-after", Cow::Owned(secs.to_string()))),
-            matches!(self, ProxyError::ConnectNotAllowed)
-                .then_some(("allow", Cow::Borrowed("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"))),
+            matches!(self, ProxyError::ConnectNotAllowed).then_some((
+                "allow",
+                Cow::Borrowed("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
+            )),
         ]
         .into_iter()
         .flatten()
@@ -338,7 +340,12 @@ mod tests {
             ),
             (ProxyError::AmbiguousHost, 400, "ambiguous_host", None),
             (ProxyError::DotSegments, 400, "dot_segments", None),
-            (ProxyError::ConnectNotAllowed, 405, "connect_not_allowed", None),
+            (
+                ProxyError::ConnectNotAllowed,
+                405,
+                "connect_not_allowed",
+                None,
+            ),
             (ProxyError::BadBody, 400, "bad_body", None),
             (
                 ProxyError::BodyTimeout {

@@ -118,7 +118,10 @@ impl GateSettings {
 
     /// The default upgrade list (`websocket`).
     pub fn default_upgrades() -> Arc<[Box<str>]> {
-        crate::config::DEFAULT_UPGRADES.iter().map(|u| Box::from(*u)).collect()
+        crate::config::DEFAULT_UPGRADES
+            .iter()
+            .map(|u| Box::from(*u))
+            .collect()
     }
 }
 

@@ -30,7 +30,7 @@ use crate::scaler;
 use crate::server::ConnectionGuard;
 
 mod activity;
-pub(crate) use activity::{Activity, InProgress, Watched};
+pub(crate) use activity::{Activity, Tracked, Watched};
 
 /// HTTP/2 clients are pinged this often; one that does not answer within
 /// [`H2_PING_TIMEOUT`] is disconnected (HTTP/1's idle keep-alive connections are closed by
@@ -100,13 +100,13 @@ impl Inbound {
     }
 
     /// Serves `io` as HTTP/1.1 (upgrades allowed).
-    pub fn http1<I>(&self, io: I, mut svc: Proxy) -> Conn<I>
+    pub fn http1<I>(&self, io: I, svc: Proxy) -> Conn<I>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let activity = Activity::new();
-        svc.activity = Some(activity.clone());
         let bounds = Box::new(self.bounds(activity.clone(), &svc.shared.metrics));
+        let svc = Tracked::new(svc, activity.clone());
         Conn::Http1 {
             conn: self
                 .http1
@@ -117,13 +117,13 @@ impl Inbound {
     }
 
     /// Serves `io` as HTTP/2.
-    pub fn http2<I>(&self, io: I, mut svc: Proxy) -> Conn<I>
+    pub fn http2<I>(&self, io: I, svc: Proxy) -> Conn<I>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let activity = Activity::new();
-        svc.activity = Some(activity.clone());
         let bounds = Box::new(self.bounds(activity.clone(), &svc.shared.metrics));
+        let svc = Tracked::new(svc, activity.clone());
         Conn::Http2 {
             // Boxed: an HTTP/1 connection, the common case, then does not carry HTTP/2's size.
             conn: Box::pin(
@@ -257,12 +257,12 @@ pin_project! {
     pub enum Conn<I> {
         /// HTTP/1.1, upgrades allowed.
         Http1 {
-            #[pin] conn: http1::UpgradeableConnection<Io<I>, Proxy>,
+            #[pin] conn: http1::UpgradeableConnection<Io<I>, Tracked>,
             bounds: Box<Bounds>,
         },
         /// HTTP/2.
         Http2 {
-            conn: Pin<Box<http2::Connection<Io<I>, Proxy, TokioExecutor>>>,
+            conn: Pin<Box<http2::Connection<Io<I>, Tracked, TokioExecutor>>>,
             bounds: Box<Bounds>,
         },
     }

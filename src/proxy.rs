@@ -22,6 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::config::Protocol;
 use crate::error::ProxyError;
 use crate::gate::{Acquired, Gate};
 use crate::metrics::Metrics;
@@ -97,8 +98,6 @@ pub struct Proxy {
     /// The client's address as an `X-Forwarded-For` value, made once per connection.
     pub(crate) client_ip: HeaderValue,
     pub(crate) proto: &'static str,
-    /// The connection's activity when hyper serves it (bounds idle time and stalled writes).
-    pub(crate) activity: Option<Arc<crate::inbound::Activity>>,
 }
 
 impl Proxy {
@@ -108,7 +107,6 @@ impl Proxy {
             shared,
             client_ip: upstream::client_ip(remote),
             proto,
-            activity: None,
         }
     }
 }
@@ -121,17 +119,7 @@ impl hyper::service::Service<Request<Incoming>> for Proxy {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         // No `async` block around `handle`: it would keep its own copy of the request and the
         // service beside the ones in `handle`'s future, in every held request.
-        match &self.activity {
-            Some(a) => {
-                let request = a.begin();
-                Box::pin(
-                    self.clone()
-                        .handle(req)
-                        .map(move |resp| Ok(resp.map(|b| b.in_progress(request)))),
-                )
-            }
-            None => Box::pin(self.clone().handle(req).map(Ok)),
-        }
+        Box::pin(self.clone().handle(req).map(Ok))
     }
 }
 
@@ -141,18 +129,12 @@ struct Routed {
     knative: bool,
 }
 
-/// What routing decided: a service, or a Knative probe answered at once.
-enum Routing {
-    Service(Routed),
-    Probe(Response<ProxyBody>),
-}
-
-impl Routing {
+impl Routed {
     fn to(gate: &Arc<Gate>, knative: bool) -> Self {
-        Routing::Service(Routed {
+        Routed {
             gate: gate.clone(),
             knative,
-        })
+        }
     }
 }
 
@@ -169,6 +151,11 @@ impl Proxy {
                     .reject_unrouted(e.kind(), e.status().as_u16());
                 return error_response(&e);
             }
+            if self.shared.services.load().router.has_revisions() {
+                if let Some(resp) = knative_probe(&req) {
+                    return resp;
+                }
+            }
             let routed = match self.route(&req) {
                 Ok(r) => r,
                 Err(e) => {
@@ -178,11 +165,7 @@ impl Proxy {
                     return error_response(&e);
                 }
             };
-            let gate = match routed {
-                Routing::Probe(resp) => return resp,
-                Routing::Service(r) => r,
-            };
-            let (gate, knative) = (gate.gate, gate.knative);
+            let Routed { gate, knative } = routed;
             self.strip_client_fields(req.headers_mut(), knative);
             if knative {
                 let h = req.headers_mut();
@@ -199,14 +182,7 @@ impl Proxy {
             let resp = match acquired {
                 // Boxed: a held request then carries only the hold state, not the forwarding one.
                 Ok(acquired) => {
-                    let forward = Box::pin(self.forward(req, acquired, &gate, deadline));
-                    tokio::select! {
-                        biased;
-                        r = forward => r,
-                        () = self.shared.in_flight_cut() => Err(ProxyError::ShuttingDown {
-                            service: gate.name().clone(),
-                        }),
-                    }
+                    Box::pin(self.forward_until_cut(req, acquired, &gate, deadline)).await
                 }
                 Err(e) => Err(e),
             };
@@ -222,17 +198,13 @@ impl Proxy {
     }
 
     /// Picks the service. Knative names (the `Knative-Serving-*` fields, `<name>.<ns>.svc.*`
-    /// hosts) and probes count only when some service opted in to Knative routing, and then
+    /// hosts), like Knative probes, count only when some service opted in to Knative routing, and then
     /// reach only those services; otherwise a request is routed by its host and path alone.
-    fn route(&self, req: &Request<Incoming>) -> Result<Routing, ProxyError> {
+    fn route(&self, req: &Request<Incoming>) -> Result<Routed, ProxyError> {
         let snapshot = self.shared.services.load();
         let router = &snapshot.router;
         let headers = req.headers();
-        let knative = router.has_revisions();
-        if knative {
-            if let Some(resp) = knative_probe(req) {
-                return Ok(Routing::Probe(resp));
-            }
+        if router.has_revisions() {
             if let (Some(rev), Some(ns)) = (
                 headers.get(&KNATIVE_REVISION),
                 headers.get(&KNATIVE_NAMESPACE),
@@ -243,7 +215,7 @@ impl Proxy {
                 );
                 return router
                     .lookup_revision(ns, rev)
-                    .map(|g| Routing::to(g, true))
+                    .map(|g| Routed::to(g, true))
                     .ok_or_else(|| ProxyError::NoRoute {
                         host: truncate(&format!("{rev}.{ns} (Knative revision)")),
                     });
@@ -251,10 +223,10 @@ impl Proxy {
         }
         let host = crate::limits::routing_host(req)?;
         if let Some(g) = router.lookup(host, req.uri().path()) {
-            return Ok(Routing::to(g, false));
+            return Ok(Routed::to(g, false));
         }
         if let Some(g) = router.lookup_revision_host(host) {
-            return Ok(Routing::to(g, true));
+            return Ok(Routed::to(g, true));
         }
         Err(ProxyError::NoRoute {
             host: truncate(host),
@@ -287,6 +259,23 @@ impl Proxy {
         }
     }
 
+    /// [`Proxy::forward`], unless the shutdown grace runs out first: then `503`.
+    async fn forward_until_cut(
+        &self,
+        req: Request<Incoming>,
+        acquired: Acquired,
+        gate: &Arc<Gate>,
+        deadline: Instant,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        tokio::select! {
+            biased;
+            r = self.forward(req, acquired, gate, deadline) => r,
+            () = self.shared.in_flight_cut() => Err(ProxyError::ShuttingDown {
+                service: gate.name().clone(),
+            }),
+        }
+    }
+
     async fn forward(
         &self,
         mut req: Request<Incoming>,
@@ -307,6 +296,16 @@ impl Proxy {
             BodySlot::new(body, stall)
         };
         let mut out = Outgoing::with_client_ip(parts, &self.client_ip, self.proto, upgrade);
+        if slot.unknown_length()
+            && matches!(gate.settings().protocol, Protocol::Http1 | Protocol::Https)
+        {
+            // Said explicitly: hyper's client does not chunk a GET (or HEAD) body of unknown
+            // length by itself, and would send it with no framing at all, as a second request.
+            out.headers_mut().insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         let protocol = gate.settings().protocol;
         let Some(upstream) = self
             .shared

@@ -28,9 +28,9 @@ use crate::inbound::Inbound;
 use crate::keda::{self, Cluster, Local, PeerSource, Scaler, ServiceTargets, StaticPeers};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Shared};
+use crate::scaler;
 use crate::services::{Changes, Services};
 use crate::tls::TlsListener;
-use crate::scaler;
 
 /// Extra time after the grace for the 503s of still-held requests to be written.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);

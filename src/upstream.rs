@@ -46,7 +46,6 @@ pub use body::{BodySlot, RequestBody, READ_AHEAD};
 
 use crate::config::{Protocol, Timeouts, UpstreamTls};
 use crate::gate::{Endpoint, Permit};
-use crate::inbound::InProgress;
 
 /// A pooled client to backends (one per cleartext protocol, one per TLS service).
 pub type UpstreamClient = Client<Connector, RequestBody>;
@@ -940,14 +939,9 @@ pin_project_lite::pin_project! {
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
         /// Streamed from the backend; with a pooled connection, the body drives it.
-        Upstream {
-            #[pin] body: Incoming,
-            permit: Option<Permit>,
-            lease: Option<Lease>,
-            request: Option<InProgress>,
-        },
+        Upstream { #[pin] body: Incoming, permit: Option<Permit>, lease: Option<Lease> },
         /// Written by Reveille.
-        Local { #[pin] body: Full<Bytes>, request: Option<InProgress> },
+        Local { #[pin] body: Full<Bytes> },
     }
 }
 
@@ -956,19 +950,7 @@ impl ProxyBody {
     pub fn local(b: impl Into<Bytes>) -> Self {
         ProxyBody::Local {
             body: Full::new(b.into()),
-            request: None,
         }
-    }
-
-    /// Keeps the client connection's request `r` in progress until this body is dropped (the
-    /// connection then counts as idle again, [`crate::inbound::Activity`]).
-    pub(crate) fn in_progress(mut self, r: InProgress) -> Self {
-        match &mut self {
-            ProxyBody::Upstream { request, .. } | ProxyBody::Local { request, .. } => {
-                *request = Some(r)
-            }
-        }
-        self
     }
 
     /// The backend's body, keeping `permit` until it ends; `lease` is the connection it comes
@@ -985,7 +967,6 @@ impl ProxyBody {
             body,
             permit: Some(permit),
             lease,
-            request: None,
         }
     }
 }
@@ -1138,7 +1119,14 @@ mod tests {
                 "host, content-length, x-forwarded-for, X-Forwarded-Host, k-original-host, x-gone",
             ),
         );
-        for name in ["host", "content-length", "x-forwarded-for", "x-forwarded-host", "k-original-host", "x-gone"] {
+        for name in [
+            "host",
+            "content-length",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "k-original-host",
+            "x-gone",
+        ] {
             h.insert(name, HeaderValue::from_static("1"));
         }
         strip_hop_by_hop(&mut h);
@@ -1146,7 +1134,13 @@ mod tests {
         left.sort();
         assert_eq!(
             left,
-            ["content-length", "host", "k-original-host", "x-forwarded-for", "x-forwarded-host"]
+            [
+                "content-length",
+                "host",
+                "k-original-host",
+                "x-forwarded-for",
+                "x-forwarded-host"
+            ]
         );
     }
 }

@@ -141,9 +141,22 @@ async fn content_length_with_transfer_encoding_cannot_smuggle() {
     assert_eq!(status_line(&resp), "HTTP/1.1 200 OK");
     assert_eq!(responses(&resp), 1, "{}", String::from_utf8_lossy(&resp));
     let text = String::from_utf8_lossy(&resp);
-    // The echo comes back chunked: exactly the five bytes `hello`, not the three of the CL.
-    let (_, body) = text.split_once("\r\n\r\n").unwrap();
-    assert_eq!(body, "5\r\nhello\r\n0\r\n\r\n", "{text}");
+    // The echo is exactly the five bytes `hello`, not the three of the CL. (A chunked body of
+    // up to 64 KiB is read whole before it is sent, so it reaches the backend, and comes back,
+    // with its length; a longer one streams, chunked.)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        assert_eq!(body, "5\r\nhello\r\n0\r\n\r\n", "{text}");
+    } else {
+        assert!(
+            head.to_ascii_lowercase().contains("content-length: 5"),
+            "{text}"
+        );
+        assert_eq!(body, "hello", "{text}");
+    }
 
     // Other framing hyper refuses itself: two different lengths, a length that is not a
     // number, chunked on HTTP/1.0, a coding whose last one is not chunked.

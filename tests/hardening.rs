@@ -100,10 +100,20 @@ impl Recorder {
                     .await;
                 return;
             }
+            if head
+                .split_whitespace()
+                .nth(1)
+                .is_some_and(|t| t.ends_with("/hang"))
+            {
+                // Never answers (the connection stays open until the test ends).
+                std::future::pending::<()>().await;
+            }
             if head.starts_with("get /big") {
                 let size = 64 << 20;
                 let _ = s
-                    .write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n").as_bytes())
+                    .write_all(
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n").as_bytes(),
+                    )
                     .await;
                 let block = vec![b'x'; 1 << 20];
                 for _ in 0..64 {
@@ -113,8 +123,7 @@ impl Recorder {
                 }
                 continue;
             }
-            if s
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                 .await
                 .is_err()
             {
@@ -231,7 +240,10 @@ async fn read_response(s: &mut TcpStream) -> String {
         match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return String::from_utf8_lossy(&out).into_owned(),
             Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-            Err(_) => panic!("no whole response in 10 s: {:?}", String::from_utf8_lossy(&out)),
+            Err(_) => panic!(
+                "no whole response in 10 s: {:?}",
+                String::from_utf8_lossy(&out)
+            ),
         }
     }
 }
@@ -249,11 +261,23 @@ async fn knative_names_reach_nothing_unless_enabled() {
     )
     .await;
     assert_eq!(status(&resp), "HTTP/1.1 200 OK", "{resp}");
-    assert!(private.seen().is_empty(), "internal reached: {:?}", private.seen());
+    assert!(
+        private.seen().is_empty(),
+        "internal reached: {:?}",
+        private.seen()
+    );
     let seen = public.seen();
     assert_eq!(seen.len(), 1);
-    assert!(!seen[0].head.contains("knative-serving"), "{}", seen[0].head);
-    assert!(!seen[0].head.contains("k-original-host"), "{}", seen[0].head);
+    assert!(
+        !seen[0].head.contains("knative-serving"),
+        "{}",
+        seen[0].head
+    );
+    assert!(
+        !seen[0].head.contains("k-original-host"),
+        "{}",
+        seen[0].head
+    );
 
     let resp = exchange(
         r.proxy_addr,
@@ -283,9 +307,21 @@ async fn knative_opt_in_reaches_only_the_services_that_allow_it() {
     assert_eq!(status(&resp), "HTTP/1.1 200 OK", "{resp}");
     let seen = private.seen();
     assert_eq!(seen.len(), 1, "internal opted in");
-    assert!(seen[0].head.contains("k-proxy-request: activator"), "{}", seen[0].head);
-    assert!(seen[0].head.contains("k-original-host: public.test"), "{}", seen[0].head);
-    assert!(!seen[0].head.contains("knative-serving"), "{}", seen[0].head);
+    assert!(
+        seen[0].head.contains("k-proxy-request: activator"),
+        "{}",
+        seen[0].head
+    );
+    assert!(
+        seen[0].head.contains("k-original-host: public.test"),
+        "{}",
+        seen[0].head
+    );
+    assert!(
+        !seen[0].head.contains("knative-serving"),
+        "{}",
+        seen[0].head
+    );
     // `public` did not opt in: its name is no Knative revision.
     let resp = exchange(
         r.proxy_addr,
@@ -300,7 +336,10 @@ async fn knative_opt_in_reaches_only_the_services_that_allow_it() {
     )
     .await;
     assert!(status(&resp).starts_with("HTTP/1.1 200"), "{resp}");
-    assert!(resp.to_ascii_lowercase().contains("k-network-hash: abc"), "{resp}");
+    assert!(
+        resp.to_ascii_lowercase().contains("k-network-hash: abc"),
+        "{resp}"
+    );
     stop(r).await;
 }
 
@@ -314,9 +353,21 @@ async fn connection_cannot_remove_host() {
     .await;
     assert_eq!(status(&resp), "HTTP/1.1 200 OK", "{resp}");
     let seen = public.seen();
-    assert_eq!(field(&seen[0].head, "host"), Some("public.test"), "{}", seen[0].head);
-    assert_eq!(field(&seen[0].head, "x-forwarded-host"), Some("public.test"));
-    assert_eq!(field(&seen[0].head, "x-drop"), None, "a listed field still goes");
+    assert_eq!(
+        field(&seen[0].head, "host"),
+        Some("public.test"),
+        "{}",
+        seen[0].head
+    );
+    assert_eq!(
+        field(&seen[0].head, "x-forwarded-host"),
+        Some("public.test")
+    );
+    assert_eq!(
+        field(&seen[0].head, "x-drop"),
+        None,
+        "a listed field still goes"
+    );
     stop(r).await;
 }
 
@@ -374,7 +425,8 @@ async fn malformed_chunked_bodies_are_400_and_reach_no_backend() {
     ];
     for body in cases {
         let mut req =
-            b"POST /in HTTP/1.1\r\nHost: public.test\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            b"POST /in HTTP/1.1\r\nHost: public.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .to_vec();
         req.extend_from_slice(body);
         let resp = exchange(r.proxy_addr, &req).await;
         assert!(
@@ -387,7 +439,10 @@ async fn malformed_chunked_bodies_are_400_and_reach_no_backend() {
     assert!(public.seen().is_empty(), "{:?}", public.seen());
     let text = metrics_text(&client(), &r).await;
     assert_eq!(
-        metric(&text, r#"reveille_rejected_total{reason="bad_body",service="public"}"#),
+        metric(
+            &text,
+            r#"reveille_rejected_total{reason="bad_body",service="public"}"#
+        ),
         Some(4.0),
         "{text}"
     );
@@ -406,21 +461,32 @@ async fn a_chunked_body_that_breaks_while_streaming_is_400_and_cut_at_the_backen
     req.extend_from_slice(b"\r\n");
     s.write_all(&req).await.unwrap();
     // The backend gets the head and the first part, then the break.
-    wait_until("the backend sees the request", Duration::from_secs(10), || {
-        let n = public.seen().len();
-        async move { n == 1 }
-    })
+    wait_until(
+        "the backend sees the request",
+        Duration::from_secs(10),
+        || {
+            let n = public.seen().len();
+            async move { n == 1 }
+        },
+    )
     .await;
     s.write_all(b"zz\r\n").await.unwrap();
     let resp = read_response(&mut s).await;
     assert!(status(&resp).starts_with("HTTP/1.1 400"), "{resp}");
-    wait_until("the backend's request is cut", Duration::from_secs(10), || {
-        let seen = public.seen();
-        async move { !seen[0].complete }
-    })
+    wait_until(
+        "the backend's request is cut",
+        Duration::from_secs(10),
+        || {
+            let seen = public.seen();
+            async move { !seen[0].complete }
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!public.seen()[0].complete, "the backend got a whole request");
+    assert!(
+        !public.seen()[0].complete,
+        "the backend got a whole request"
+    );
     stop(r).await;
 }
 
@@ -430,26 +496,31 @@ async fn stalled_bodies_are_408_on_both_paths() {
     // Small (the fast path reads it whole) and large (hyper's path streams it).
     for len in [1000usize, 200_000] {
         let mut s = TcpStream::connect(r.proxy_addr).await.unwrap();
-        let head =
-            format!("POST /up HTTP/1.1\r\nHost: public.test\r\nContent-Length: {len}\r\n\r\n0123456789");
+        let head = format!(
+            "POST /up HTTP/1.1\r\nHost: public.test\r\nContent-Length: {len}\r\n\r\n0123456789"
+        );
         s.write_all(head.as_bytes()).await.unwrap();
         let started = std::time::Instant::now();
         let resp = read_response(&mut s).await;
         assert!(status(&resp).starts_with("HTTP/1.1 408"), "{len}: {resp}");
-        assert!(started.elapsed() < Duration::from_secs(5), "{len}: {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{len}: {:?}",
+            started.elapsed()
+        );
     }
-    assert!(public.seen().iter().all(|s| !s.complete), "{:?}", public.seen().len());
+    assert!(
+        public.seen().iter().all(|s| !s.complete),
+        "{:?}",
+        public.seen().len()
+    );
     stop(r).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_is_closed_and_frees_its_slot() {
     // `public` has concurrency 1: a stuck reader would keep every other request waiting.
-    let (r, _public, _) = setup(
-        "timeouts: { client_write: 500ms }",
-        &[],
-    )
-    .await;
+    let (r, _public, _) = setup("timeouts: { client_write: 500ms }", &[]).await;
     let mut stuck = TcpStream::connect(r.proxy_addr).await.unwrap();
     stuck
         .write_all(b"GET /big HTTP/1.1\r\nHost: public.test\r\n\r\n")
@@ -466,11 +537,18 @@ async fn a_client_that_does_not_read_is_closed_and_frees_its_slot() {
     .await
     .expect("the second request was served");
     assert_eq!(resp.status, 200);
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
     let text = metrics_text(&c, &r).await;
     assert!(
-        metric(&text, r#"reveille_rejected_total{reason="client_write_timeout",service=""}"#)
-            .unwrap_or(0.0)
+        metric(
+            &text,
+            r#"reveille_rejected_total{reason="client_write_timeout",service=""}"#
+        )
+        .unwrap_or(0.0)
             >= 1.0,
         "{text}"
     );
@@ -502,10 +580,16 @@ async fn idle_http2_and_http1_connections_are_closed() {
         .expect("the idle HTTP/2 connection was closed")
         .unwrap()
         .unwrap();
-    assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
     // HTTP/1.1 keep-alive (the fast path): one request, then idle until closed.
     let mut s = TcpStream::connect(r.proxy_addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: public.test\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: public.test\r\n\r\n")
+        .await
+        .unwrap();
     let resp = read_response(&mut s).await;
     assert_eq!(status(&resp), "HTTP/1.1 200 OK");
     let mut buf = [0u8; 16];
@@ -534,11 +618,20 @@ async fn ambiguous_targets_and_dot_segments_are_400() {
     )
     .await;
     assert_eq!(status(&resp), "HTTP/1.1 200 OK", "{resp}");
-    assert!(private.seen()[0].head.starts_with("get /private/x http/1.1"));
-    for target in ["/public/../private/x", "/x/%2e%2e/private/x", "/x/..%2fprivate"] {
+    assert!(private.seen()[0]
+        .head
+        .starts_with("get /private/x http/1.1"));
+    for target in [
+        "/public/../private/x",
+        "/x/%2e%2e/private/x",
+        "/x/..%2fprivate",
+    ] {
         let req = format!("GET {target} HTTP/1.1\r\nHost: internal.test\r\n\r\n");
         let resp = exchange(r.proxy_addr, req.as_bytes()).await;
-        assert!(status(&resp).starts_with("HTTP/1.1 400"), "{target}: {resp}");
+        assert!(
+            status(&resp).starts_with("HTTP/1.1 400"),
+            "{target}: {resp}"
+        );
         assert!(resp.contains("dot_segments"), "{resp}");
     }
     assert_eq!(private.seen().len(), 1);
@@ -561,4 +654,39 @@ async fn underscore_fields_are_dropped_unless_allowed() {
     exchange(r.proxy_addr, req).await;
     assert!(public.seen()[0].head.contains("x_forwarded_for: 6.6.6.6"));
     stop(r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_past_the_grace_get_503() {
+    let (r, public, private) = setup("shutdown: { grace: 500ms }", &[]).await;
+    // One on the fast path, one on hyper's (a `Connection` list hands it over).
+    let mut fast = TcpStream::connect(r.proxy_addr).await.unwrap();
+    fast.write_all(b"GET /hang HTTP/1.1\r\nHost: public.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut slow = TcpStream::connect(r.proxy_addr).await.unwrap();
+    slow.write_all(
+        b"GET /private/hang HTTP/1.1\r\nHost: internal.test\r\nConnection: x-hop\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    wait_until(
+        "both requests are at their backends",
+        Duration::from_secs(10),
+        || {
+            let n = public.seen().len() + private.seen().len();
+            async move { n == 2 }
+        },
+    )
+    .await;
+    let _ = private;
+    r.shutdown();
+    for s in [&mut fast, &mut slow] {
+        let resp = read_response(s).await;
+        assert!(status(&resp).starts_with("HTTP/1.1 503"), "{resp}");
+        assert!(resp.contains("shutting_down"), "{resp}");
+    }
+    tokio::time::timeout(Duration::from_secs(30), r.wait())
+        .await
+        .expect("shutdown within 30s");
 }

@@ -58,7 +58,13 @@ async fn read_head(s: &mut TcpStream) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_is_held_during_a_cold_start_then_spliced_both_ways() {
     let port = free_port();
-    let r = start(&process_config(port, "400ms", &[])).await;
+    // Upgrades are allow-listed per service (default: websocket only).
+    let r = start(&process_config(
+        port,
+        "400ms",
+        &["upgrades: [websocket, echo]"],
+    ))
+    .await;
     let gate = r.gates[0].clone();
     let mut s = TcpStream::connect(r.proxy_addr).await.unwrap();
     s.write_all(b"GET /_demo/upgrade HTTP/1.1\r\nHost: hello.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
@@ -227,7 +233,12 @@ async fn h2c_streams_and_trailers_pass_end_to_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn knative_headers_select_the_revision_and_probes_are_answered() {
     let backend = demo_in_process().await;
-    let yaml = static_config(&[backend], "", "namespace: integrations");
+    // Knative routing is opt-in (tests/hardening.rs checks it is off by default).
+    let yaml = static_config(
+        &[backend],
+        "knative: { enabled: true }",
+        "namespace: integrations",
+    );
     let r = start(&yaml).await;
     let c = client();
     let req = Request::builder()
@@ -543,11 +554,11 @@ async fn the_global_held_limit_spans_services() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_keep_alive_connection_is_closed_after_the_client_header_timeout() {
+async fn an_idle_keep_alive_connection_is_closed_after_the_client_idle_timeout() {
     let backend = demo_in_process().await;
     let r = start(&static_config(
         &[backend],
-        "timeouts: { client_header: 500ms }",
+        "timeouts: { client_idle: 500ms }",
         "",
     ))
     .await;

@@ -127,7 +127,10 @@ pub(crate) fn serve(
                 let idle = c.buf.is_empty();
                 if !c.read_more(&mut deadline, &mut armed, stop.as_mut()).await {
                     if idle && !c.shutting && Instant::now() >= deadline {
-                        c.proxy.shared.metrics.reject_connection("client_idle_timeout");
+                        c.proxy
+                            .shared
+                            .metrics
+                            .reject_connection("client_idle_timeout");
                     }
                     return;
                 }
@@ -405,7 +408,6 @@ impl Client {
         }
         BodyRead::Whole
     }
-
 
     fn host(&mut self, addr: SocketAddr) -> Arc<pool::Host> {
         match &self.last_host {

@@ -6,14 +6,23 @@
 //! whose writes made no progress for `timeouts.client_write` is closed at once, which frees the
 //! endpoint slot and the backend connection of the response it was writing.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
+
+use crate::proxy::Proxy;
+use crate::upstream::ProxyBody;
 
 /// Milliseconds since a process-wide origin (so an instant fits an atomic); never 0.
 fn now_ms() -> u64 {
@@ -152,6 +161,89 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
     }
 }
 
+/// The proxy service of one hyper-served connection, counting its requests in progress: from
+/// the head until the response body is done with (dropped by hyper).
+#[derive(Clone)]
+pub struct Tracked {
+    proxy: Proxy,
+    activity: Arc<Activity>,
+}
+
+impl Tracked {
+    pub(crate) fn new(proxy: Proxy, activity: Arc<Activity>) -> Self {
+        Tracked { proxy, activity }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for Tracked {
+    type Response = Response<TrackedBody>;
+    type Error = Infallible;
+    type Future = TrackedFuture;
+
+    fn call(&self, req: Request<Incoming>) -> TrackedFuture {
+        TrackedFuture {
+            request: Some(self.activity.begin()),
+            inner: hyper::service::Service::call(&self.proxy, req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Tracked`]'s future: the proxy's, then its response body keeps the request counted.
+    pub struct TrackedFuture {
+        #[pin]
+        inner: <Proxy as hyper::service::Service<Request<Incoming>>>::Future,
+        request: Option<InProgress>,
+    }
+}
+
+impl Future for TrackedFuture {
+    type Output = Result<Response<TrackedBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = match this.inner.poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(resp)) => resp,
+            Poll::Ready(Err(never)) => match never {},
+        };
+        let request = this.request.take();
+        Poll::Ready(Ok(resp.map(|body| TrackedBody {
+            body,
+            _request: request,
+        })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as in progress until it is dropped.
+    pub struct TrackedBody {
+        #[pin]
+        body: ProxyBody,
+        _request: Option<InProgress>,
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,10 +255,18 @@ mod tests {
         let r2 = a.begin();
         assert_eq!(a.idle_for(), Duration::ZERO);
         drop(r1);
-        assert_eq!(a.idle_for(), Duration::ZERO, "one request still in progress");
+        assert_eq!(
+            a.idle_for(),
+            Duration::ZERO,
+            "one request still in progress"
+        );
         drop(r2);
         std::thread::sleep(Duration::from_millis(20));
-        assert!(a.idle_for() >= Duration::from_millis(15), "{:?}", a.idle_for());
+        assert!(
+            a.idle_for() >= Duration::from_millis(15),
+            "{:?}",
+            a.idle_for()
+        );
         let _r3 = a.begin();
         assert_eq!(a.idle_for(), Duration::ZERO);
     }

@@ -91,6 +91,17 @@ impl BodySlot {
         Ok(Self::with_ahead(ahead, rest, stall))
     }
 
+    /// Whether the body's length is unknown until it ends (it is still streaming from the
+    /// client after what was read ahead, and the client did not say its length).
+    pub fn unknown_length(&self) -> bool {
+        self.0
+            .body
+            .lock()
+            .as_ref()
+            .and_then(|b| b.rest.as_ref())
+            .is_some_and(|r| r.size_hint().exact().is_none())
+    }
+
     /// Whether no attempt has started sending the body.
     pub fn untouched(&self) -> bool {
         self.0.body.lock().is_some()
@@ -173,7 +184,9 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let end = |b: &ClientBody| b.ahead.is_empty() && b.rest.as_ref().is_none_or(|r| r.is_end_stream());
+        let end = |b: &ClientBody| {
+            b.ahead.is_empty() && b.rest.as_ref().is_none_or(|r| r.is_end_stream())
+        };
         match &self.taken {
             Some(b) => end(b),
             None => self.shared.body.lock().as_ref().is_none_or(end),
@@ -182,7 +195,12 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         let hint = |b: &ClientBody| {
-            let ahead: u64 = b.ahead.iter().filter_map(|f| f.data_ref()).map(|d| d.len() as u64).sum();
+            let ahead: u64 = b
+                .ahead
+                .iter()
+                .filter_map(|f| f.data_ref())
+                .map(|d| d.len() as u64)
+                .sum();
             match &b.rest {
                 None => SizeHint::with_exact(ahead),
                 Some(r) => {

@@ -1,5 +1,6 @@
 //! Property tests ("fuzz targets") run as ordinary tests with a bounded case count: config
-//! parsing, routing against a naive reference, and hop-by-hop header handling. One test binary,
+//! parsing, routing against a naive reference, hop-by-hop header handling, and raw requests
+//! through both request paths to a recording backend (`wire`). One test binary,
 //! one module per target.
 //!
 //! `PROPTEST_CASES` raises the count (`scripts/fuzz.sh` does, for a bounded time). A failure
@@ -8,6 +9,7 @@
 mod config;
 mod headers;
 mod routing;
+mod wire;
 
 use proptest::test_runner::Config as ProptestConfig;
 
