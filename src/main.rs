@@ -87,6 +87,9 @@ fn report(path: &std::path::Path, e: &ConfigError) {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: `${REVEILLE_EXE}` must name the binary as it was at start, even
+    // after an upgrade replaces the file (see `reveille_exe`).
+    let _ = reveille::config::reveille_exe();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.cmd {
