@@ -92,6 +92,7 @@ pub struct Families {
     rollout_validations: IntCounterVec,
     rollout_switches: IntCounterVec,
     rollout_rollbacks: IntCounterVec,
+    accept_errors: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -221,6 +222,11 @@ impl Metrics {
                 "Deployments patched back to the previous revision after a failed validation.",
                 &["service"],
             ),
+            accept_errors: counter(
+                "reveille_accept_errors_total",
+                "Failed accepts (EMFILE, ENFILE, ENOBUFS, ...) by listener (proxy, tls, admin, keda); each is followed by a pause.",
+                &["listener"],
+            ),
             registry,
         };
         Metrics {
@@ -274,6 +280,11 @@ impl Metrics {
     /// Counts a connection closed at once by Reveille (e.g. over `limits.max_connections`).
     pub fn reject_connection(&self, reason: &str) {
         self.rejected.with_label_values(&["", reason]).inc();
+    }
+
+    /// Counts a failed `accept` on `listener` (`proxy`, `tls`, `admin`, `keda`).
+    pub fn accept_error(&self, listener: &'static str) {
+        self.accept_errors.with_label_values(&[listener]).inc();
     }
 
     /// Counts a message sent on a KEDA stream.

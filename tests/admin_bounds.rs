@@ -1,0 +1,204 @@
+//! The admin listener is bounded (issue 12, item 4): a connection limit, header and idle
+//! timeouts, a cap on `/api/local` long-polls; and a failing `accept` backs off. The fd tests
+//! start the real binary under a low `ulimit -n`.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// `reveille serve` with `config`, under `ulimit -n fds`.
+fn serve_with_fd_limit(name: &str, config: &str, fds: u32) -> tokio::process::Child {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("admin-bounds-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("reveille.yaml");
+    std::fs::write(&path, config).unwrap();
+    tokio::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("ulimit -n {fds} && exec \"$0\" \"$@\""),
+            BIN,
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// Opens `n` connections that send nothing (as fast as the listener's queue takes them).
+async fn idle_connections(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    v
+}
+
+/// One raw `GET /healthz`: the status line's code, or `None` when the connection is closed
+/// without an answer (or nothing comes within a second).
+async fn healthz(addr: SocketAddr) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_admin_connections_cannot_starve_the_proxy_and_time_out() {
+    let (proxy, admin, backend) = (free_port(), free_port(), free_port());
+    let config = format!(
+        "listen: 127.0.0.1:{proxy}\nadmin: 127.0.0.1:{admin}\nlimits: {{ admin_max_connections: 16 }}\ntimeouts: {{ client_header: 3s, client_idle: 3s }}\nstate_dir: state\nservices:\n  - name: hello\n    hosts: [hello.test]\n    backend:\n      process:\n        command: {}\n        address: 127.0.0.1:{backend}\n",
+        demo_command(backend, "0s")
+    );
+    let _reveille = serve_with_fd_limit("starve", &config, 128);
+    let (proxy, admin): (SocketAddr, SocketAddr) = (
+        ([127, 0, 0, 1], proxy).into(),
+        ([127, 0, 0, 1], admin).into(),
+    );
+    wait_until("admin answers", Duration::from_secs(20), || async {
+        healthz(admin).await == Some(200)
+    })
+    .await;
+
+    // More idle connections than the process has descriptors.
+    let mut idle = idle_connections(admin, 200).await;
+    let opened = Instant::now();
+    // All 16 slots are taken: a new admin connection is closed without an answer...
+    assert_eq!(healthz(admin).await, None, "admin answered over its limit");
+    // ...and the proxy still accepts and serves.
+    let c = client();
+    let resp = tokio::time::timeout(Duration::from_secs(10), get(&c, proxy, "hello.test", "/"))
+        .await
+        .expect("the proxy answers while the admin port is flooded");
+    assert_eq!(resp.status, 200, "{resp:?}");
+
+    // The idle ones are closed after `client_header`; the admin port answers again.
+    for s in &mut idle {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .expect("an idle admin connection is closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "no bytes on an idle connection");
+    }
+    let waited = opened.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2500),
+        "closed before the header timeout: {waited:?}"
+    );
+    wait_until("healthz answers again", Duration::from_secs(5), || async {
+        healthz(admin).await == Some(200)
+    })
+    .await;
+    let metrics = get(&c, admin, "admin", "/metrics").await.body;
+    let rejected = metric(
+        &metrics,
+        "reveille_rejected_total{reason=\"admin_max_connections\",service=\"\"}",
+    )
+    .unwrap_or_else(|| panic!("no admin_max_connections count in\n{metrics}"));
+    assert!(
+        rejected >= 184.0,
+        "200 idle + 1 over a limit of 16, counted {rejected}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_accepts_back_off_instead_of_spinning() {
+    let (proxy, admin) = (free_port(), free_port());
+    let config = format!(
+        "listen: 127.0.0.1:{proxy}\nadmin: 127.0.0.1:{admin}\nlimits: {{ admin_max_connections: 1000 }}\ntimeouts: {{ client_header: 60s }}\nservices:\n  - name: hello\n    hosts: [hello.test]\n    backend: {{ static: {{ addresses: [\"127.0.0.1:1\"] }} }}\n"
+    );
+    let _reveille = serve_with_fd_limit("backoff", &config, 64);
+    let admin: SocketAddr = ([127, 0, 0, 1], admin).into();
+    wait_until("admin answers", Duration::from_secs(20), || async {
+        healthz(admin).await == Some(200)
+    })
+    .await;
+    // About 50 are accepted before descriptors run out; the rest wait in the kernel's queue
+    // and every `accept` of them fails with EMFILE.
+    let idle = idle_connections(admin, 100).await;
+    let start = Instant::now();
+    // The window measured: how often accept was tried while it could only fail.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(idle);
+    let c = client();
+    wait_until(
+        "admin answers after the flood",
+        Duration::from_secs(10),
+        || async { healthz(admin).await == Some(200) },
+    )
+    .await;
+    let window = start.elapsed().as_secs_f64();
+    let metrics = get(&c, admin, "admin", "/metrics").await.body;
+    let errors = metric(&metrics, "reveille_accept_errors_total{listener=\"admin\"}")
+        .unwrap_or_else(|| panic!("no accept error count in\n{metrics}"));
+    // 5 ms doubling to 1 s gives about 10 in 3 s; a fixed 20 ms pause gave about 150.
+    assert!(errors >= 3.0, "EMFILE was hit: {errors} errors");
+    assert!(
+        errors / window < 15.0,
+        "{errors} accept errors in {window:.1}s: not backing off"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_over_the_cap_get_503_at_once_and_slots_come_back() {
+    let r = start(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nlimits: { admin_max_long_polls: 2 }\nservices:\n  - name: hello\n    hosts: [hello.test]\n    backend: { static: { addresses: [\"127.0.0.1:1\"] } }\n",
+    )
+    .await;
+    let c = client();
+    let admin = r.admin_addr;
+    let long = "/api/local?wait=hello&since=0&timeout_ms=3000";
+    let polls: Vec<_> = (0..2)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { get(&c, admin, "admin", long).await })
+        })
+        .collect();
+    // A short poll gets a slot (and answers after 1 ms) until both long ones hold theirs.
+    let short = "/api/local?wait=hello&since=0&timeout_ms=1";
+    wait_until("both slots taken", Duration::from_secs(5), || {
+        let c = c.clone();
+        async move { get(&c, admin, "admin", short).await.status == 503 }
+    })
+    .await;
+    let t = Instant::now();
+    let over = get(&c, admin, "admin", long).await;
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "503 came after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(over.status, 503);
+    assert_eq!(over.header("retry-after"), Some("1"));
+    assert_eq!(over.body.lines().count(), 1, "{:?}", over.body);
+    assert!(
+        over.body.contains("admin_max_long_polls"),
+        "{:?}",
+        over.body
+    );
+    // A plain read of the counts is no long-poll: it is answered.
+    assert_eq!(get(&c, admin, "admin", "/api/local").await.status, 200);
+    for p in polls {
+        assert_eq!(p.await.unwrap().status, 200);
+    }
+    // Their slots are free again.
+    assert_eq!(get(&c, admin, "admin", short).await.status, 200);
+    stop(r).await;
+}
