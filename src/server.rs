@@ -198,6 +198,8 @@ pub async fn start_with(
         kube,
         config.timeouts,
     );
+    process_state(&config).await?;
+    services.keep_pid_files_in(config.state_dir.clone());
     services.apply(&config.services).await;
     let gates = services.load().gates();
     let crd_client = kube_client.filter(|_| config.crd.is_some());
@@ -376,6 +378,34 @@ pub async fn start_with(
         shutdown,
         task,
     })
+}
+
+/// Before any process backend starts: `state_dir` must be usable when a process service
+/// exists, and backends a previous Reveille left running (it was killed) are terminated, so
+/// their addresses are free again.
+async fn process_state(config: &Config) -> io::Result<()> {
+    let grace_of = |name: &str| {
+        config
+            .services
+            .iter()
+            .find_map(|s| match &s.backend {
+                Backend::Process(p) if s.name == name => Some(p.stop_grace),
+                _ => None,
+            })
+            .unwrap_or(crate::config::DEFAULT_STOP_GRACE)
+    };
+    let any_process = config
+        .services
+        .iter()
+        .any(|s| matches!(s.backend, Backend::Process(_)));
+    if any_process {
+        scaler::pidfile::prepare(&config.state_dir)?;
+    }
+    let reaped = scaler::pidfile::reap_leftovers(&config.state_dir, &grace_of).await;
+    if reaped > 0 {
+        info!(reaped, state_dir = %config.state_dir.display(), "terminated backends left running by a previous Reveille");
+    }
+    Ok(())
 }
 
 /// Binds a client-facing listener (plain or TLS) with `backlog`: the connections the kernel

@@ -158,3 +158,186 @@ async fn reveille_exe_is_stable_across_a_binary_upgrade_and_a_reload() {
     assert!(r.terminate().await.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Whether `pid` runs (a zombie does not: it waits for its parent to read its status).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let state = s[s.rfind(')')? + 1..]
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state != "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// Issue 12, item 11: a backend does not outlive a Reveille killed with SIGKILL, and the next
+/// Reveille starts its own backend on the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_dies_with_a_killed_reveille() {
+    let dir = scratch("kill9");
+    let (proxy, admin, backend) = (free_port(), free_port(), free_port());
+    let config = one_service(proxy, admin, &demo_command(backend, "0s"), backend, "");
+    let mut r = Reveille::start(Path::new(BIN), &dir, &config, proxy, admin).await;
+    let c = client();
+    let resp = get(&c, r.proxy, "hello.test", "/").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let pid = demo_pid(&resp);
+    let pid_file = std::fs::read_to_string(dir.join(".reveille-state/hello.pid"))
+        .expect("a pid file in the default state_dir");
+    assert!(
+        pid_file.starts_with(&format!("pid {pid}\n")),
+        "{pid_file:?}"
+    );
+
+    kill(r.pid(), Signal::SIGKILL).unwrap();
+    r.child.wait().await.unwrap();
+    wait_until("the backend is gone", Duration::from_secs(5), || async {
+        !running(pid)
+    })
+    .await;
+
+    // The pid file is left behind; the next Reveille finds its backend gone and starts its own.
+    let r = Reveille::start(Path::new(BIN), &dir, &config, proxy, admin).await;
+    let resp = get(&c, r.proxy, "hello.test", "/").await;
+    assert_eq!(resp.status, 200, "{resp:?}\n{}", r.log());
+    assert_ne!(demo_pid(&resp), pid);
+    assert!(r.terminate().await.success());
+    assert!(
+        !dir.join(".reveille-state/hello.pid").exists(),
+        "the pid file is removed at a clean stop"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A pid file whose writer is gone, naming a backend that still runs (as after a `kill -9` of
+/// a Reveille started without the launcher): that backend is terminated at start, before the
+/// service starts its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leftover_backend_named_by_a_pid_file_is_terminated_at_start() {
+    let dir = scratch("leftover");
+    let (proxy, admin, backend) = (free_port(), free_port(), free_port());
+    // The orphan: a demo backend on the service's address, in its own process group.
+    let mut orphan = tokio::process::Command::new(BIN)
+        .args(["demo-backend", "--listen", &format!("127.0.0.1:{backend}")])
+        .process_group(0)
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let orphan_pid = orphan.id().unwrap();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], backend).into();
+    wait_until(
+        "the orphan listens",
+        Duration::from_secs(10),
+        || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
+    )
+    .await;
+    // Its writer: a process that has exited.
+    let owner = std::process::Command::new("true").spawn().unwrap();
+    let owner_pid = owner.id();
+    let mut owner = owner;
+    owner.wait().unwrap();
+    let start = |pid: u32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        s[s.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .nth(19)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    std::fs::write(
+        dir.join("state/hello.pid"),
+        format!(
+            "pid {orphan_pid}\nstart {}\nowner {owner_pid}\nowner_start 1\n",
+            start(orphan_pid)
+        ),
+    )
+    .unwrap();
+
+    let config = one_service(
+        proxy,
+        admin,
+        &demo_command(backend, "0s"),
+        backend,
+        "state_dir: state\n",
+    );
+    let r = Reveille::start(Path::new(BIN), &dir, &config, proxy, admin).await;
+    let status = tokio::time::timeout(Duration::from_secs(5), orphan.wait())
+        .await
+        .expect("the orphan is terminated at start")
+        .unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(Signal::SIGTERM as i32),
+        "{status}"
+    );
+    // The service starts its own backend on the address.
+    let c = client();
+    let resp = get(&c, r.proxy, "hello.test", "/").await;
+    assert_eq!(resp.status, 200, "{resp:?}\n{}", r.log());
+    assert_ne!(demo_pid(&resp), orphan_pid);
+    assert!(r.log().contains("left running by a previous Reveille"));
+    assert!(r.terminate().await.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An address something else already accepts on is not a ready backend: the activation fails
+/// and says which address, and no request reaches the stranger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_taken_by_a_foreign_listener_fails_the_activation() {
+    let dir = scratch("foreign");
+    let (proxy, admin) = (free_port(), free_port());
+    let foreign = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = foreign.local_addr().unwrap().port();
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = received.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = foreign.accept().await.unwrap();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await {
+                    seen.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    let config = one_service(
+        proxy,
+        admin,
+        &demo_command(backend, "0s"),
+        backend,
+        "state_dir: state\n",
+    );
+    let r = Reveille::start(Path::new(BIN), &dir, &config, proxy, admin).await;
+    let c = client();
+    let resp = tokio::time::timeout(Duration::from_secs(5), get(&c, r.proxy, "hello.test", "/"))
+        .await
+        .expect("answered at once, not forwarded to a listener that never answers");
+    assert_eq!(resp.status, 502, "{resp:?}");
+    assert!(resp.body.contains("failed to start"), "{resp:?}");
+    let log = r.log();
+    assert!(
+        log.contains(&format!(
+            "127.0.0.1:{backend} already accepts connections from a process Reveille did not start"
+        )),
+        "{log}"
+    );
+    assert!(
+        pids_with_arg(&format!("127.0.0.1:{backend}")).is_empty(),
+        "no backend was started"
+    );
+    assert_eq!(
+        received.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "bytes reached the foreign listener"
+    );
+    assert!(r.terminate().await.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
