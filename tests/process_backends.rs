@@ -341,3 +341,36 @@ async fn an_address_taken_by_a_foreign_listener_fails_the_activation() {
     assert!(r.terminate().await.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `state_dir` must be usable when a process service exists; `serve` says so, naming it,
+/// before it binds anything. Without process services it is not needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_names_an_unusable_state_dir_only_when_a_process_service_needs_it() {
+    let dir = scratch("state-dir");
+    std::fs::write(dir.join("file"), "").unwrap();
+    let bad = dir.join("file/state");
+    let (proxy, admin, backend) = (free_port(), free_port(), free_port());
+    let extra = format!("state_dir: {}\n", bad.display());
+    let config = one_service(proxy, admin, &demo_command(backend, "0s"), backend, &extra);
+    let path = dir.join("process.yaml");
+    std::fs::write(&path, &config).unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("state_dir {}: cannot create it", bad.display())),
+        "{err}"
+    );
+    std::net::TcpListener::bind(("127.0.0.1", proxy)).expect("nothing was bound");
+
+    let config = format!(
+        "listen: 127.0.0.1:{proxy}\nadmin: 127.0.0.1:{admin}\n{extra}services:\n  - name: s\n    hosts: [s.test]\n    backend: {{ static: {{ addresses: [\"127.0.0.1:1\"] }} }}\n"
+    );
+    let r = Reveille::start(Path::new(BIN), &dir, &config, proxy, admin).await;
+    assert!(r.terminate().await.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
