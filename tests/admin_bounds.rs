@@ -200,5 +200,90 @@ async fn long_polls_over_the_cap_get_503_at_once_and_slots_come_back() {
     }
     // Their slots are free again.
     assert_eq!(get(&c, admin, "admin", short).await.status, 200);
+
+    // A client that goes away frees its slot at once, not when its poll would have ended.
+    let mut gone = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(admin).await.unwrap();
+        let req = "GET /api/local?wait=hello&since=0&timeout_ms=30000 HTTP/1.1\r\nHost: a\r\n\r\n";
+        s.write_all(req.as_bytes()).await.unwrap();
+        gone.push(s);
+    }
+    wait_until("both slots taken again", Duration::from_secs(5), || {
+        let c = c.clone();
+        async move { get(&c, admin, "admin", short).await.status == 503 }
+    })
+    .await;
+    drop(gone);
+    let t = Instant::now();
+    wait_until(
+        "slots freed by the clients leaving",
+        Duration::from_secs(5),
+        || {
+            let c = c.clone();
+            async move { get(&c, admin, "admin", short).await.status == 200 }
+        },
+    )
+    .await;
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    stop(r).await;
+}
+
+/// Reads one response head and what follows of it (the admin answers are small).
+async fn answer(s: &mut TcpStream) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// How long until the server closes `s` (it sends nothing more).
+async fn closed_after(s: &mut TcpStream) -> Duration {
+    let t = Instant::now();
+    let mut b = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+        .await
+        .expect("closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "no bytes expected");
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_connection_is_closed_after_client_idle_and_a_begun_head_after_client_header() {
+    let get_healthz = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n";
+    // Idle after an answer: `client_idle` (short), not `client_header` (long).
+    let r = start(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ntimeouts: { client_header: 10s, client_idle: 400ms }\nservices:\n  - name: hello\n    hosts: [hello.test]\n    backend: { static: { addresses: [\"127.0.0.1:1\"] } }\n",
+    )
+    .await;
+    let mut s = TcpStream::connect(r.admin_addr).await.unwrap();
+    s.write_all(get_healthz).await.unwrap();
+    assert!(answer(&mut s).await.starts_with("HTTP/1.1 200"));
+    let idle = closed_after(&mut s).await;
+    assert!(
+        idle >= Duration::from_millis(300) && idle < Duration::from_secs(3),
+        "idle connection closed after {idle:?}"
+    );
+    stop(r).await;
+
+    // A head begun after an answer: `client_header` (short), not `client_idle` (long).
+    let r = start(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ntimeouts: { client_header: 400ms, client_idle: 10s }\nservices:\n  - name: hello\n    hosts: [hello.test]\n    backend: { static: { addresses: [\"127.0.0.1:1\"] } }\n",
+    )
+    .await;
+    let mut s = TcpStream::connect(r.admin_addr).await.unwrap();
+    s.write_all(get_healthz).await.unwrap();
+    assert!(answer(&mut s).await.starts_with("HTTP/1.1 200"));
+    // Idle longer than client_header: still open.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    s.write_all(b"GET /healthz HTT").await.unwrap();
+    let head = closed_after(&mut s).await;
+    assert!(
+        head >= Duration::from_millis(300) && head < Duration::from_secs(3),
+        "a begun head closed after {head:?}"
+    );
     stop(r).await;
 }
