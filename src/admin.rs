@@ -149,6 +149,7 @@ async fn local(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 return r;
             };
+            let _polling = Polling::start(&state.metrics);
             let wait = param("timeout_ms")
                 .and_then(|v| v.parse().ok())
                 .map_or(MAX_LONG_POLL, Duration::from_millis)
@@ -166,6 +167,22 @@ async fn local(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
         }
     }
     json_response(&json!(local.all()))
+}
+
+/// One long-poll counted in `reveille_admin_long_polls` while it waits.
+struct Polling(prometheus::IntGauge);
+
+impl Polling {
+    fn start(metrics: &Metrics) -> Self {
+        metrics.admin_long_polls.inc();
+        Polling(metrics.admin_long_polls.clone())
+    }
+}
+
+impl Drop for Polling {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Every service's live state (JSON text, written service by service).

@@ -84,6 +84,8 @@ pub struct Families {
     wakeup: HistogramVec,
     /// KEDA `StreamIsActive` streams open now.
     pub keda_streams: IntGauge,
+    /// Admin `/api/local` long-polls waiting now.
+    pub admin_long_polls: IntGauge,
     keda_pushes: IntCounterVec,
     peer_fetches: IntCounterVec,
     kube_api_errors: IntCounterVec,
@@ -148,6 +150,11 @@ impl Metrics {
             "KEDA StreamIsActive streams open on this replica.",
         ));
         must(registry.register(Box::new(keda_streams.clone())));
+        let admin_long_polls = must(IntGauge::new(
+            "reveille_admin_long_polls",
+            "Admin /api/local long-polls waiting now (at most limits.admin_max_long_polls).",
+        ));
+        must(registry.register(Box::new(admin_long_polls.clone())));
         let families = Families {
             services: Mutex::new(BTreeMap::new()),
             requests: counter(
@@ -182,6 +189,7 @@ impl Metrics {
             ),
             wakeup,
             keda_streams,
+            admin_long_polls,
             keda_pushes: counter(
                 "reveille_keda_pushes_total",
                 "Messages sent on KEDA StreamIsActive streams, by cause (event, interval) and value.",

@@ -13,14 +13,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// `reveille serve` with `config`, under `ulimit -n fds`.
-fn serve_with_fd_limit(name: &str, config: &str, fds: u32) -> tokio::process::Child {
+/// `reveille serve` with `config`, under `ulimit -n fds`, in a directory of its own (removed
+/// when the test passes).
+fn serve_with_fd_limit(name: &str, config: &str, fds: u32) -> (tokio::process::Child, TempDir) {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("admin-bounds-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("reveille.yaml");
     std::fs::write(&path, config).unwrap();
-    tokio::process::Command::new("sh")
+    let child = tokio::process::Command::new("sh")
         .args([
             "-c",
             &format!("ulimit -n {fds} && exec \"$0\" \"$@\""),
@@ -34,7 +35,17 @@ fn serve_with_fd_limit(name: &str, config: &str, fds: u32) -> tokio::process::Ch
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .unwrap()
+        .unwrap();
+    (child, TempDir(dir))
+}
+
+/// A directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Opens `n` connections that send nothing (as fast as the listener's queue takes them).
@@ -66,7 +77,7 @@ async fn idle_admin_connections_cannot_starve_the_proxy_and_time_out() {
         "listen: 127.0.0.1:{proxy}\nadmin: 127.0.0.1:{admin}\nlimits: {{ admin_max_connections: 16 }}\ntimeouts: {{ client_header: 3s, client_idle: 3s }}\nstate_dir: state\nservices:\n  - name: hello\n    hosts: [hello.test]\n    backend:\n      process:\n        command: {}\n        address: 127.0.0.1:{backend}\n",
         demo_command(backend, "0s")
     );
-    let _reveille = serve_with_fd_limit("starve", &config, 128);
+    let (_reveille, _dir) = serve_with_fd_limit("starve", &config, 128);
     let (proxy, admin): (SocketAddr, SocketAddr) = (
         ([127, 0, 0, 1], proxy).into(),
         ([127, 0, 0, 1], admin).into(),
@@ -124,7 +135,7 @@ async fn failing_accepts_back_off_instead_of_spinning() {
     let config = format!(
         "listen: 127.0.0.1:{proxy}\nadmin: 127.0.0.1:{admin}\nlimits: {{ admin_max_connections: 1000 }}\ntimeouts: {{ client_header: 60s }}\nservices:\n  - name: hello\n    hosts: [hello.test]\n    backend: {{ static: {{ addresses: [\"127.0.0.1:1\"] }} }}\n"
     );
-    let _reveille = serve_with_fd_limit("backoff", &config, 64);
+    let (_reveille, _dir) = serve_with_fd_limit("backoff", &config, 64);
     let admin: SocketAddr = ([127, 0, 0, 1], admin).into();
     wait_until("admin answers", Duration::from_secs(20), || async {
         healthz(admin).await == Some(200)
@@ -171,13 +182,16 @@ async fn long_polls_over_the_cap_get_503_at_once_and_slots_come_back() {
             tokio::spawn(async move { get(&c, admin, "admin", long).await })
         })
         .collect();
-    // A short poll gets a slot (and answers after 1 ms) until both long ones hold theirs.
     let short = "/api/local?wait=hello&since=0&timeout_ms=1";
-    wait_until("both slots taken", Duration::from_secs(5), || {
+    // Looked at through the gauge: a probing poll would take a slot itself.
+    let polling = |n: f64| {
         let c = c.clone();
-        async move { get(&c, admin, "admin", short).await.status == 503 }
-    })
-    .await;
+        async move {
+            let text = get(&c, admin, "admin", "/metrics").await.body;
+            metric(&text, "reveille_admin_long_polls") == Some(n)
+        }
+    };
+    wait_until("both slots taken", Duration::from_secs(5), || polling(2.0)).await;
     let t = Instant::now();
     let over = get(&c, admin, "admin", long).await;
     assert!(
@@ -199,6 +213,7 @@ async fn long_polls_over_the_cap_get_503_at_once_and_slots_come_back() {
         assert_eq!(p.await.unwrap().status, 200);
     }
     // Their slots are free again.
+    wait_until("slots free", Duration::from_secs(5), || polling(0.0)).await;
     assert_eq!(get(&c, admin, "admin", short).await.status, 200);
 
     // A client that goes away frees its slot at once, not when its poll would have ended.
@@ -210,21 +225,19 @@ async fn long_polls_over_the_cap_get_503_at_once_and_slots_come_back() {
         gone.push(s);
     }
     wait_until("both slots taken again", Duration::from_secs(5), || {
-        let c = c.clone();
-        async move { get(&c, admin, "admin", short).await.status == 503 }
+        polling(2.0)
     })
     .await;
+    assert_eq!(get(&c, admin, "admin", short).await.status, 503);
     drop(gone);
     let t = Instant::now();
     wait_until(
-        "slots freed by the clients leaving",
+        "freed by the clients leaving",
         Duration::from_secs(5),
-        || {
-            let c = c.clone();
-            async move { get(&c, admin, "admin", short).await.status == 200 }
-        },
+        || polling(0.0),
     )
     .await;
+    assert_eq!(get(&c, admin, "admin", short).await.status, 200);
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     stop(r).await;
 }
