@@ -14,10 +14,15 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
+use tokio::sync::Semaphore;
 
 use crate::keda::Cluster;
 use crate::metrics::Metrics;
 use crate::services::Services;
+
+mod listener;
+
+pub use listener::{serve, AdminBounds};
 
 /// Upper bound on one `/api/local?wait=` long-poll.
 pub const MAX_LONG_POLL: Duration = Duration::from_secs(60);
@@ -32,6 +37,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// This replica's counts and its peers'.
     pub cluster: Arc<Cluster>,
+    /// One permit per `/api/local` long-poll that may wait now (`limits.admin_max_long_polls`).
+    pub long_polls: Arc<Semaphore>,
 }
 
 /// Answers one admin request.
@@ -130,6 +137,19 @@ async fn local(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
             return text(StatusCode::NOT_FOUND, "unknown service\n");
         };
         if let Some(since) = param("since").and_then(|v| v.parse::<u64>().ok()) {
+            // Each waiting poll holds a connection and its buffers: bounded, and the permit
+            // goes back when the poll ends (or its client goes away).
+            let Ok(_permit) = state.long_polls.clone().try_acquire_owned() else {
+                state.metrics.reject_connection("admin_max_long_polls");
+                let mut r = text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many concurrent long-polls (limits.admin_max_long_polls); retry\n",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return r;
+            };
+            let _polling = Polling::start(&state.metrics);
             let wait = param("timeout_ms")
                 .and_then(|v| v.parse().ok())
                 .map_or(MAX_LONG_POLL, Duration::from_millis)
@@ -147,6 +167,22 @@ async fn local(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
         }
     }
     json_response(&json!(local.all()))
+}
+
+/// One long-poll counted in `reveille_admin_long_polls` while it waits.
+struct Polling(prometheus::IntGauge);
+
+impl Polling {
+    fn start(metrics: &Metrics) -> Self {
+        metrics.admin_long_polls.inc();
+        Polling(metrics.admin_long_polls.clone())
+    }
+}
+
+impl Drop for Polling {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Every service's live state (JSON text, written service by service).

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -535,8 +535,8 @@ impl Config {
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse_with_env(text, &|k| {
             if k == "REVEILLE_EXE" {
-                if let Ok(exe) = std::env::current_exe() {
-                    return Some(exe.to_string_lossy().into_owned());
+                if let Some(exe) = reveille_exe() {
+                    return Some(exe.to_string());
                 }
             }
             std::env::var(k).ok()
@@ -563,6 +563,21 @@ impl Config {
         })?;
         validate(raw, env)
     }
+}
+
+/// What `${REVEILLE_EXE}` stands for: the running binary's path, resolved once, the first time
+/// it is asked for (`main` asks before anything else). Once the binary is replaced on disk (an
+/// upgrade), the kernel names it `…/reveille (deleted)`; resolved again at a reload, every
+/// process service using it would look changed and fail to start. Resolved once, an unchanged
+/// config stays unchanged, and the path names the binary now installed there.
+pub fn reveille_exe() -> Option<&'static str> {
+    static EXE: OnceLock<Option<String>> = OnceLock::new();
+    EXE.get_or_init(|| {
+        let exe = std::env::current_exe().ok()?;
+        let exe = exe.to_string_lossy();
+        Some(exe.strip_suffix(" (deleted)").unwrap_or(&exe).to_string())
+    })
+    .as_deref()
 }
 
 pub(crate) struct Problems(Vec<Problem>);

@@ -9,6 +9,7 @@
 //! [`keda`] answers KEDA's external scaler calls, [`wake`] times cold starts, and [`demo`] is a
 //! small backend for trying it out.
 
+pub(crate) mod accept;
 pub mod admin;
 pub mod config;
 pub mod crd;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use reveille::config::{Config, ConfigError};
+use reveille::scaler::{launch, process};
 use tracing::{error, info, warn};
 
 #[derive(Parser)]
@@ -87,6 +88,14 @@ fn report(path: &std::path::Path, e: &ConfigError) {
 }
 
 fn main() -> ExitCode {
+    // A process backend being started (see `reveille::scaler::launch`): nothing else to do.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == launch::SUBCOMMAND) {
+        return launch::run(&args[2..]);
+    }
+    // Before anything else: `${REVEILLE_EXE}` must name the binary as it was at start, even
+    // after an upgrade replaces the file (see `reveille_exe`).
+    let _ = reveille::config::reveille_exe();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.cmd {
@@ -134,6 +143,9 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // Backends are started through this binary's launcher, so they die with it. As
+            // `/proc/self/exe`: the image running now, even after an upgrade replaced the file.
+            process::use_launcher("/proc/self/exe".into());
             rt.block_on(serve(cfg, config))
         }
         Cmd::DemoBackend {

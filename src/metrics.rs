@@ -84,6 +84,8 @@ pub struct Families {
     wakeup: HistogramVec,
     /// KEDA `StreamIsActive` streams open now.
     pub keda_streams: IntGauge,
+    /// Admin `/api/local` long-polls waiting now.
+    pub admin_long_polls: IntGauge,
     keda_pushes: IntCounterVec,
     peer_fetches: IntCounterVec,
     kube_api_errors: IntCounterVec,
@@ -92,6 +94,7 @@ pub struct Families {
     rollout_validations: IntCounterVec,
     rollout_switches: IntCounterVec,
     rollout_rollbacks: IntCounterVec,
+    accept_errors: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -147,6 +150,11 @@ impl Metrics {
             "KEDA StreamIsActive streams open on this replica.",
         ));
         must(registry.register(Box::new(keda_streams.clone())));
+        let admin_long_polls = must(IntGauge::new(
+            "reveille_admin_long_polls",
+            "Admin /api/local long-polls waiting now (at most limits.admin_max_long_polls).",
+        ));
+        must(registry.register(Box::new(admin_long_polls.clone())));
         let families = Families {
             services: Mutex::new(BTreeMap::new()),
             requests: counter(
@@ -181,6 +189,7 @@ impl Metrics {
             ),
             wakeup,
             keda_streams,
+            admin_long_polls,
             keda_pushes: counter(
                 "reveille_keda_pushes_total",
                 "Messages sent on KEDA StreamIsActive streams, by cause (event, interval) and value.",
@@ -220,6 +229,11 @@ impl Metrics {
                 "reveille_rollout_rollbacks_total",
                 "Deployments patched back to the previous revision after a failed validation.",
                 &["service"],
+            ),
+            accept_errors: counter(
+                "reveille_accept_errors_total",
+                "Failed accepts (EMFILE, ENFILE, ENOBUFS, ...) by listener (proxy, tls, admin, keda); each is followed by a pause.",
+                &["listener"],
             ),
             registry,
         };
@@ -274,6 +288,11 @@ impl Metrics {
     /// Counts a connection closed at once by Reveille (e.g. over `limits.max_connections`).
     pub fn reject_connection(&self, reason: &str) {
         self.rejected.with_label_values(&["", reason]).inc();
+    }
+
+    /// Counts a failed `accept` on `listener` (`proxy`, `tls`, `admin`, `keda`).
+    pub fn accept_error(&self, listener: &'static str) {
+        self.accept_errors.with_label_values(&[listener]).inc();
     }
 
     /// Counts a message sent on a KEDA stream.

@@ -13,13 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::accept::AcceptBackoff;
 use crate::admin::{self, AdminState};
 use crate::config::{Backend, Config};
 use crate::error::ProxyError;
@@ -199,6 +198,8 @@ pub async fn start_with(
         kube,
         config.timeouts,
     );
+    process_state(&config).await?;
+    services.keep_pid_files_in(config.state_dir.clone());
     services.apply(&config.services).await;
     let gates = services.load().gates();
     let crd_client = kube_client.filter(|_| config.crd.is_some());
@@ -221,6 +222,9 @@ pub async fn start_with(
         metrics,
         ready: true.into(),
         cluster,
+        long_polls: Arc::new(tokio::sync::Semaphore::new(
+            config.limits.admin_max_long_polls,
+        )),
     });
 
     let proxy_listener =
@@ -293,11 +297,23 @@ pub async fn start_with(
             stop_kube_rx.clone(),
         )));
     }
-    let keda_task = keda_listener
-        .map(|l| tokio::spawn(keda::serve(l, keda_scaler.clone(), admin_stop_rx.clone())));
-    let admin_task = tokio::spawn(accept_admin(
+    let keda_task = keda_listener.map(|l| {
+        tokio::spawn(keda::serve(
+            l,
+            keda_scaler.clone(),
+            admin_state.metrics.clone(),
+            admin_stop_rx.clone(),
+        ))
+    });
+    let admin_bounds = admin::AdminBounds {
+        max_connections: config.limits.admin_max_connections,
+        header: config.timeouts.client_header,
+        idle: config.timeouts.client_idle,
+    };
+    let admin_task = tokio::spawn(admin::serve(
         admin_listener,
         admin_state.clone(),
+        admin_bounds,
         admin_stop_rx,
     ));
 
@@ -362,6 +378,34 @@ pub async fn start_with(
     })
 }
 
+/// Before any process backend starts: `state_dir` must be usable when a process service
+/// exists, and backends a previous Reveille left running (it was killed) are terminated, so
+/// their addresses are free again.
+async fn process_state(config: &Config) -> io::Result<()> {
+    let grace_of = |name: &str| {
+        config
+            .services
+            .iter()
+            .find_map(|s| match &s.backend {
+                Backend::Process(p) if s.name == name => Some(p.stop_grace),
+                _ => None,
+            })
+            .unwrap_or(crate::config::DEFAULT_STOP_GRACE)
+    };
+    let any_process = config
+        .services
+        .iter()
+        .any(|s| matches!(s.backend, Backend::Process(_)));
+    if any_process {
+        scaler::pidfile::prepare(&config.state_dir)?;
+    }
+    let reaped = scaler::pidfile::reap_leftovers(&config.state_dir, &grace_of).await;
+    if reaped > 0 {
+        info!(reaped, state_dir = %config.state_dir.display(), "terminated backends left running by a previous Reveille");
+    }
+    Ok(())
+}
+
 /// Binds a client-facing listener (plain or TLS) with `backlog`: the connections the kernel
 /// completes and keeps until they are accepted; it caps the value at `net.core.somaxconn`.
 ///
@@ -391,6 +435,7 @@ async fn accept_proxy(
 ) {
     let conn_close = close.clone();
     let mut close = close;
+    let mut backoff = AcceptBackoff::new("proxy", shared.metrics.clone());
     let serve = |stream: tokio::net::TcpStream, remote: SocketAddr| {
         let Some(guard) = conns.try_open() else {
             // Over the limit: close at once rather than let memory grow.
@@ -408,12 +453,12 @@ async fn accept_proxy(
     loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok((stream, remote)) => serve(stream, remote),
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok((stream, remote)) => {
+                    backoff.accepted();
+                    serve(stream, remote);
                 }
+                // EMFILE and friends: back off instead of spinning.
+                Err(e) => backoff.failed(&e).await,
             },
             _ = scaler::stopped(&mut close) => break,
         }
@@ -479,33 +524,5 @@ impl Drop for ConnectionGuard {
         if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.closed.notify_waiters();
         }
-    }
-}
-
-async fn accept_admin(
-    listener: TcpListener,
-    state: Arc<AdminState>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let builder = hyper::server::conn::http1::Builder::new();
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = scaler::stopped(&mut stop) => break,
-        };
-        let state = state.clone();
-        let conn = builder.serve_connection(
-            TokioIo::new(stream),
-            service_fn(move |req| admin::handle(state.clone(), req)),
-        );
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
     }
 }

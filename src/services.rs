@@ -115,6 +115,8 @@ pub struct Services {
     /// equal to a live service's is that service's (shared, not a copy).
     sources: tokio::sync::Mutex<Sources>,
     timeouts: Timeouts,
+    /// Where process backends' pid files go (see [`Services::keep_pid_files_in`]).
+    pid_dir: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 impl Services {
@@ -135,7 +137,14 @@ impl Services {
             kube: kube.map(Arc::new),
             sources: tokio::sync::Mutex::new((Vec::new(), Vec::new())),
             timeouts,
+            pid_dir: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Process backends started from now on get a pid file in `dir` (`state_dir`); without
+    /// this call, none do. Only the first call counts.
+    pub fn keep_pid_files_in(&self, dir: std::path::PathBuf) {
+        let _ = self.pid_dir.set(dir);
     }
 
     /// The current services and routing table.
@@ -276,7 +285,8 @@ impl Services {
             self.metrics.service(&spec.name),
         );
         // The old backend must be gone first: a process would clash on its port.
-        let driver = Driver::launch(&gate, spec.clone(), self.kube.clone(), after);
+        let pid_dir = self.pid_dir.get().cloned();
+        let driver = Driver::launch(&gate, spec.clone(), self.kube.clone(), after, pid_dir);
         Live {
             entry: Arc::new(ServiceEntry {
                 gate,

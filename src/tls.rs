@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::accept::AcceptBackoff;
 use crate::config::Tls;
 use crate::inbound::{drive, Inbound};
 use crate::proxy::{Proxy, Shared};
@@ -351,18 +352,19 @@ async fn accept_tls(
     mut close: watch::Receiver<bool>,
     conns: Arc<Connections>,
 ) {
+    let mut backoff = AcceptBackoff::new("tls", shared.metrics.clone());
     loop {
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    warn!(error = %e, "TLS accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
             _ = scaler::stopped(&mut close) => break,
         };
+        backoff.accepted();
         // Taken before the handshake, so a shutdown waits for connections still shaking hands.
         let Some(guard) = conns.try_open() else {
             shared.metrics.reject_connection("max_connections");

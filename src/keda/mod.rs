@@ -31,7 +31,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::warn;
+
+use crate::accept::AcceptBackoff;
+use crate::metrics::Metrics;
 
 pub use cluster::{Cluster, Totals};
 pub use local::{Local, LocalCounts, ServiceCounts};
@@ -42,7 +44,13 @@ pub use scaler::Scaler;
 use proto::external_scaler_server::ExternalScalerServer;
 
 /// Serves the external scaler over HTTP/2 (cleartext, as KEDA dials it) until `stop`.
-pub async fn serve(listener: TcpListener, scaler: Scaler, mut stop: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    scaler: Scaler,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = AcceptBackoff::new("keda", metrics);
     let svc = ExternalScalerServer::new(scaler);
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
@@ -55,13 +63,13 @@ pub async fn serve(listener: TcpListener, scaler: Scaler, mut stop: watch::Recei
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    warn!(error = %e, "keda accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
             _ = crate::scaler::stopped(&mut stop) => return,
         };
+        backoff.accepted();
         let _ = stream.set_nodelay(true);
         let conn =
             builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc.clone()));

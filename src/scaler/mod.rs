@@ -16,9 +16,12 @@
 //! even while idle).
 
 pub mod kubernetes;
+pub mod launch;
+pub mod pidfile;
 pub mod process;
 pub mod r#static;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -32,6 +35,8 @@ use crate::gate::{Gate, OnDemand};
 pub struct Driver {
     service: Arc<Service>,
     kube: Option<Arc<kubernetes::KubeContext>>,
+    /// Where a process backend's pid file goes; `None`: nowhere.
+    pid_dir: Option<PathBuf>,
     state: Mutex<DriverState>,
     done: Notify,
 }
@@ -51,12 +56,13 @@ struct DriverState {
 impl Driver {
     /// The driver of `gate`'s service, started after `after` (the replaced service's driver)
     /// is done. A process backend's driver waits for the gate's first demand; the others
-    /// start now.
+    /// start now. A process backend's pid file goes in `pid_dir`.
     pub fn launch(
         gate: &Arc<Gate>,
         service: Arc<Service>,
         kube: Option<Arc<kubernetes::KubeContext>>,
         after: Option<Arc<Driver>>,
+        pid_dir: Option<PathBuf>,
     ) -> Arc<Driver> {
         let lazy = matches!(service.backend, Backend::Process(_));
         // A predecessor already gone need not be kept (nor waited for).
@@ -64,6 +70,7 @@ impl Driver {
         let driver = Arc::new(Driver {
             service,
             kube,
+            pid_dir,
             state: Mutex::new(DriverState {
                 running: None,
                 stopped: false,
@@ -107,7 +114,8 @@ impl Driver {
         loop {
             match &self.service.backend {
                 Backend::Process(p) => {
-                    process::run(&gate, p, self.service.idle_timeout, stop.clone()).await
+                    let pid_dir = self.pid_dir.as_deref();
+                    process::run(&gate, p, self.service.idle_timeout, pid_dir, stop.clone()).await
                 }
                 Backend::Static(s) => r#static::run(gate.clone(), &s.addresses, stop.clone()).await,
                 Backend::Kubernetes(k) => match &self.kube {
@@ -234,10 +242,10 @@ mod tests {
     #[tokio::test]
     async fn a_driver_that_never_started_is_done_only_after_the_one_it_replaced() {
         let (gate_a, static_spec) = spec("{ static: { addresses: [\"127.0.0.1:1\"] } }");
-        let a = Driver::launch(&gate_a, static_spec, None, None);
+        let a = Driver::launch(&gate_a, static_spec, None, None, None);
         let (gate_b, process_spec) =
             spec("{ process: { command: [\"/bin/true\"], address: \"127.0.0.1:2\" } }");
-        let b = Driver::launch(&gate_b, process_spec, None, Some(a.clone()));
+        let b = Driver::launch(&gate_b, process_spec, None, Some(a.clone()), None);
         assert!(!b.running(), "a process driver waits for a demand");
         b.stop();
         let early = tokio::time::timeout(Duration::from_millis(100), b.stopped()).await;

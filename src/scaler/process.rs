@@ -5,10 +5,17 @@
 //! The child runs in its own process group so that a wrapper (`sh -c ...`) and what it starts
 //! are stopped together. Its exit is watched all the time: a backend that dies by itself is
 //! removed from the gate at once, and held requests start it again.
+//!
+//! "Ready" means the process Reveille started accepts: before a start, the address must be
+//! free (else the activation fails, naming it: an orphaned backend or another program holds
+//! it), and a probe answered after the child exited does not count. Started by the `reveille`
+//! binary, a backend goes through [`super::launch`] and dies with Reveille; its pid file (in
+//! `state_dir`, see [`super::pidfile`]) lets the next Reveille clean up what survived.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
@@ -20,7 +27,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
 
-use super::stopped;
+use super::pidfile::PidFile;
+use super::{launch, stopped};
 use crate::config::ProcessBackend;
 use crate::error::ProxyError;
 use crate::gate::{Gate, State};
@@ -30,6 +38,17 @@ use crate::wake::Phase;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// First pause before restarting a process that exited while starting; doubles each attempt.
 const RESTART_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The program backends are started through ([`super::launch`]); see [`use_launcher`].
+static LAUNCHER: OnceLock<PathBuf> = OnceLock::new();
+
+/// Starts every process backend through `exe`'s launcher subcommand, so that it dies with
+/// this process. The `reveille` binary passes `/proc/self/exe`: its own image, even once the
+/// file was replaced. Not called (a program embedding the library), backends are started
+/// directly and may outlive it.
+pub fn use_launcher(exe: PathBuf) {
+    let _ = LAUNCHER.set(exe);
+}
 
 enum StartError {
     Failed(String),
@@ -44,6 +63,7 @@ pub async fn run(
     gate: &Arc<Gate>,
     cfg: &ProcessBackend,
     idle_timeout: Duration,
+    pid_dir: Option<&Path>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -59,11 +79,11 @@ pub async fn run(
         // One span per wake-up: its events are the milestones (spawned, ready, forwarded).
         let span = gate.wake().begin(gate.name(), gate.held());
         let started = Instant::now();
-        let result = start_until_ready(gate, cfg, &mut stop)
+        let result = start_until_ready(gate, cfg, pid_dir, &mut stop)
             .instrument(span.clone())
             .await;
-        let mut child = match result {
-            Ok(child) => child,
+        let mut backend = match result {
+            Ok(backend) => backend,
             Err(StartError::Stopped) => {
                 gate.wake().abort("shutdown");
                 gate.fail_held(ProxyError::ShuttingDown {
@@ -102,10 +122,11 @@ pub async fn run(
         span.in_scope(|| info!(took_ms = took.as_secs_f64() * 1e3, "backend ready"));
 
         let shutting_down = tokio::select! {
-            status = child.wait() => {
+            status = backend.child.wait() => {
                 // Died by itself: no request may go to its address any more. Held requests
                 // (and the next arrival) wake it again.
                 gate.set_endpoints(&[]);
+                backend.exited();
                 warn!(service = %gate.name(), status = %describe(status), "backend exited while ready");
                 continue;
             }
@@ -117,11 +138,11 @@ pub async fn run(
         // Requests that took a slot just before the endpoints were withdrawn finish first.
         tokio::select! {
             _ = gate.wait_drained() => {}
-            _ = child.wait() => {}
+            _ = backend.child.wait() => {}
             _ = tokio::time::sleep(cfg.stop_grace) => {}
         }
         info!(service = %gate.name(), reason = if shutting_down { "shutdown" } else { "idle" }, "stopping backend");
-        terminate(&mut child, cfg.stop_grace).await;
+        backend.terminate(cfg.stop_grace).await;
         if shutting_down {
             gate.set_state(State::Idle);
             return;
@@ -132,23 +153,37 @@ pub async fn run(
 async fn start_until_ready(
     gate: &Gate,
     cfg: &ProcessBackend,
+    pid_dir: Option<&Path>,
     stop: &mut watch::Receiver<bool>,
-) -> Result<Child, StartError> {
+) -> Result<Backend, StartError> {
     let deadline = Instant::now() + cfg.start_timeout;
     let mut last_exit = String::new();
     for attempt in 1..=cfg.start_attempts {
-        let mut child = spawn(cfg)
+        // Whatever accepts there now is not ours: it would pass every probe.
+        if matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, probe(cfg.address, None)).await,
+            Ok(true)
+        ) {
+            return Err(StartError::Failed(format!(
+                "{} already accepts connections from a process Reveille did not start (an orphaned backend or another program); not starting {:?}",
+                cfg.address, cfg.command[0]
+            )));
+        }
+        let mut backend = Backend::spawn(cfg, gate.name(), pid_dir)
             .map_err(|e| StartError::Failed(format!("cannot run {:?}: {e}", cfg.command[0])))?;
-        info!(attempt, pid = child.id(), "backend started");
+        info!(attempt, pid = backend.pid, "backend started");
         gate.wake().mark(Phase::ScaleAccepted, gate.metrics());
         tokio::select! {
-            () = probe_until_ready(cfg) => return Ok(child),
-            status = child.wait() => {
-                last_exit = format!("exited with {} before it was ready", describe(status));
-                warn!(attempt, service = %gate.name(), "backend {last_exit}");
-            }
+            r = backend.ready(cfg) => match r {
+                Ok(()) => return Ok(backend),
+                Err(exit) => {
+                    backend.exited();
+                    last_exit = format!("exited with {exit} before it was ready");
+                    warn!(attempt, service = %gate.name(), "backend {last_exit}");
+                }
+            },
             _ = tokio::time::sleep_until(deadline) => {
-                terminate(&mut child, cfg.stop_grace).await;
+                backend.terminate(cfg.stop_grace).await;
                 return Err(StartError::NotReady(format!(
                     "not accepting connections on {} within {}",
                     cfg.address,
@@ -156,7 +191,7 @@ async fn start_until_ready(
                 )));
             }
             _ = stopped(stop) => {
-                terminate(&mut child, cfg.stop_grace).await;
+                backend.terminate(cfg.stop_grace).await;
                 return Err(StartError::Stopped);
             }
         }
@@ -171,33 +206,120 @@ async fn start_until_ready(
     Err(StartError::Failed(last_exit))
 }
 
-fn spawn(cfg: &ProcessBackend) -> std::io::Result<Child> {
-    let mut cmd = Command::new(&cfg.command[0]);
-    cmd.args(&cfg.command[1..])
-        .envs(&cfg.env)
-        .stdin(Stdio::null())
-        .process_group(0)
-        .kill_on_drop(true);
-    if let Some(dir) = &cfg.cwd {
-        cmd.current_dir(dir);
-    }
-    cmd.spawn()
+/// A started backend: its process (the leader of its process group) and its pid file.
+struct Backend {
+    child: Child,
+    pid: Option<u32>,
+    pid_file: Option<PidFile>,
 }
 
-/// Probes until the backend is ready. Probes are cheap (a refused loopback connect costs
-/// microseconds), so the interval is short: readiness is seen within one interval.
-async fn probe_until_ready(cfg: &ProcessBackend) {
-    let mut tick = tokio::time::interval(cfg.probe_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let ok = tokio::time::timeout(
-            PROBE_TIMEOUT,
-            probe(cfg.address, cfg.readiness_path.as_deref()),
-        )
-        .await;
-        if let Ok(true) = ok {
-            return;
+impl Backend {
+    /// Starts the command, through the launcher when there is one ([`use_launcher`]), and
+    /// writes its pid file in `pid_dir`.
+    ///
+    /// The launcher's parent-death signal fires when the *thread* that forked it exits, not
+    /// the process. This runs in a driver task on a runtime worker thread, which lives as long
+    /// as the runtime (Reveille calls no `block_in_place`, which would retire one); it must not
+    /// move to a blocking-pool thread, which exits after 10 s idle and would take the backend
+    /// with it.
+    fn spawn(
+        cfg: &ProcessBackend,
+        service: &str,
+        pid_dir: Option<&Path>,
+    ) -> std::io::Result<Backend> {
+        let mut cmd = match LAUNCHER.get() {
+            Some(exe) => {
+                let mut c = Command::new(exe);
+                c.args(launch::args(std::process::id(), &cfg.command));
+                c
+            }
+            None => {
+                let mut c = Command::new(&cfg.command[0]);
+                c.args(&cfg.command[1..]);
+                c
+            }
+        };
+        cmd.envs(&cfg.env)
+            .stdin(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(dir) = &cfg.cwd {
+            cmd.current_dir(dir);
+        }
+        let child = cmd.spawn()?;
+        let pid = child.id();
+        let pid_file = match (pid_dir, pid) {
+            (Some(dir), Some(pid)) => PidFile::write(dir, service, pid)
+                .inspect_err(|e| {
+                    warn!(service, dir = %dir.display(), error = %e, "cannot write the backend's pid file");
+                })
+                .ok(),
+            _ => None,
+        };
+        Ok(Backend {
+            child,
+            pid,
+            pid_file,
+        })
+    }
+
+    /// Probes until the backend is ready; or says how it exited first. Probes are cheap (a
+    /// refused loopback connect costs microseconds), so the interval is short: readiness is
+    /// seen within one interval.
+    async fn ready(&mut self, cfg: &ProcessBackend) -> Result<(), String> {
+        let mut tick = tokio::time::interval(cfg.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                status = self.child.wait() => return Err(describe(status)),
+                _ = tick.tick() => {}
+            }
+            let ok = tokio::time::timeout(
+                PROBE_TIMEOUT,
+                probe(cfg.address, cfg.readiness_path.as_deref()),
+            )
+            .await;
+            if let Ok(true) = ok {
+                // What answered is ours only if our child still runs.
+                return match self.child.try_wait() {
+                    Ok(None) => Ok(()),
+                    Ok(Some(status)) => Err(status.to_string()),
+                    Err(e) => Err(format!("unknown status ({e})")),
+                };
+            }
+        }
+    }
+
+    /// It exited by itself: what it left in its group is killed, its pid file removed.
+    fn exited(&mut self) {
+        if let Some(pid) = self.pid {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        if let Some(f) = self.pid_file.take() {
+            f.remove();
+        }
+    }
+
+    /// SIGTERM to the process group, SIGKILL after `grace`, reap; the pid file is removed.
+    async fn terminate(&mut self, grace: Duration) {
+        // `None` once reaped.
+        if let Some(pid) = self.child.id() {
+            let pgid = Pid::from_raw(pid as i32);
+            let _ = killpg(pgid, Signal::SIGTERM);
+            if tokio::time::timeout(grace, self.child.wait())
+                .await
+                .is_err()
+            {
+                warn!(pid, "backend ignored SIGTERM; killing it");
+                let _ = killpg(pgid, Signal::SIGKILL);
+                let _ = self.child.wait().await;
+            } else {
+                // Children of a wrapper that outlived it.
+                let _ = killpg(pgid, Signal::SIGKILL);
+            }
+        }
+        if let Some(f) = self.pid_file.take() {
+            f.remove();
         }
     }
 }
@@ -222,23 +344,6 @@ pub async fn probe(addr: SocketAddr, path: Option<&str>) -> bool {
     }
     // "HTTP/1.1 200 "
     buf.starts_with(b"HTTP/1.") && buf[9] == b'2'
-}
-
-/// SIGTERM to the process group, SIGKILL after `grace`, and reap.
-async fn terminate(child: &mut Child, grace: Duration) {
-    let Some(pid) = child.id() else {
-        return; // already reaped
-    };
-    let pgid = Pid::from_raw(pid as i32);
-    let _ = killpg(pgid, Signal::SIGTERM);
-    if tokio::time::timeout(grace, child.wait()).await.is_err() {
-        warn!(pid, "backend ignored SIGTERM; killing it");
-        let _ = killpg(pgid, Signal::SIGKILL);
-        let _ = child.wait().await;
-    } else {
-        // Children of a wrapper that outlived it.
-        let _ = killpg(pgid, Signal::SIGKILL);
-    }
 }
 
 fn describe(status: std::io::Result<ExitStatus>) -> String {
