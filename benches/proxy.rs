@@ -49,7 +49,7 @@ async fn origin() -> SocketAddr {
 async fn setup() -> (SocketAddr, SocketAddr, reveille::Running) {
     let origin = origin().await;
     let yaml = format!(
-        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: bench\n    hosts: [bench.local]\n    backend:\n      static:\n        addresses: [\"{origin}\"]\n"
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: bench\n    hosts: [bench.local, \"127.0.0.1\"]\n    backend:\n      static:\n        addresses: [\"{origin}\"]\n"
     );
     let config = Config::parse(&yaml).expect("bench config");
     let running = reveille::start(config).await.expect("reveille starts");
@@ -61,8 +61,9 @@ async fn setup() -> (SocketAddr, SocketAddr, reveille::Running) {
 }
 
 async fn round_trip(client: &HttpClient, addr: SocketAddr) {
+    // Routed by the target's authority (`127.0.0.1`): over HTTP/2 it is `:authority`, and a
+    // `Host` naming another host beside it would be refused as ambiguous.
     let req = Request::get(format!("http://{addr}/hello"))
-        .header("host", "bench.local")
         .body(Empty::new())
         .expect("request");
     let resp = client.request(req).await.expect("response");
