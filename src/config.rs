@@ -17,15 +17,18 @@ use serde::{Deserialize, Deserializer};
 
 mod keda;
 pub use keda::*;
+mod json_path;
 mod kubernetes;
 mod rollout;
 
+pub use json_path::JsonPath;
 pub use kubernetes::{
     Coordination, CrdWatch, KubernetesBackend, PortRef, Scaling, Workload, WorkloadKind,
     DEFAULT_LEASE_DURATION, DEFAULT_LEASE_NAME, DEFAULT_PEER_TIMEOUT, DEFAULT_REPLICAS,
 };
 pub use rollout::{
-    AtZero, OnFailure, Rollout, ValidationStep, DEFAULT_QUIESCE, DEFAULT_STEP_TIMEOUT,
+    AtZero, BodyRegex, ExpectJson, OnFailure, Rollout, ValidationStep, DEFAULT_QUIESCE,
+    DEFAULT_STEP_TIMEOUT,
 };
 
 /// Default proxy listener.
@@ -830,6 +833,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             upgrades,
         });
     }
+    rollout::check_references(&mut p, &services);
     let tls = raw.tls.map(|t| validate_tls(&mut p, t, listen, admin));
     if p.0.is_empty() {
         Ok(Config {

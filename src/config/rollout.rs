@@ -2,11 +2,16 @@
 //! against each new version's pods before they get traffic, how long the old version's
 //! in-flight requests may finish at the switch, and what a failed validation does.
 //! Raw YAML shape here, checked into [`Rollout`] with every problem's field path.
+//!
+//! A step may check data flow, not just a status: the body (`expect_body`, `expect_json`),
+//! another service's answer (`via`), repeated until it passes within its `timeout`
+//! (`retry_every`), carrying the candidate's version in a header (`version_header`).
 
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::json_path::JsonPath;
 use super::{HumanDuration, Problems};
 
 /// Default bound on one validation step (connect, send, response headers).
@@ -17,6 +22,10 @@ pub const DEFAULT_QUIESCE: Duration = Duration::from_secs(5);
 pub const MAX_STEPS: usize = 32;
 /// Largest request body a step may send, in bytes.
 pub const MAX_STEP_BODY: usize = 64 * 1024;
+/// Shortest `retry_every` (a step must not hammer what it polls).
+pub const MIN_RETRY_EVERY: Duration = Duration::from_millis(100);
+/// Largest compiled `expect_body` regex, in bytes (bounds memory and matching time).
+const MAX_REGEX_SIZE: usize = 256 * 1024;
 
 /// Controlled rollouts of a Deployment: new versions are validated, then switched to at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,8 +61,40 @@ pub struct ValidationStep {
     pub body: Option<String>,
     /// The status the response must have (default 200).
     pub expect_status: u16,
-    /// Bound on the step, from connect to the response's end (default 10s).
+    /// Bound on the step, from connect to the response's end (default 10s); with
+    /// `retry_every`, on all its attempts together.
     pub timeout: Duration,
+    /// The response body must match this regex (somewhere; anchor it with `^…$` for all).
+    pub expect_body: Option<BodyRegex>,
+    /// The response body must be JSON with this value at this path.
+    pub expect_json: Option<ExpectJson>,
+    /// Send the step to this configured service (a ready endpoint of it, woken if need be)
+    /// instead of the new pod: "did the record the new version wrote arrive?".
+    pub via: Option<String>,
+    /// Repeat a failing attempt this often until one passes or `timeout` runs out.
+    pub retry_every: Option<Duration>,
+    /// Send the candidate's version (its `pod-template-hash`) in this request header.
+    pub version_header: Option<http::HeaderName>,
+}
+
+/// `expect_body`: a compiled regex, compared by its source (configs are compared on reload).
+#[derive(Debug, Clone)]
+pub struct BodyRegex(pub regex::Regex);
+
+impl PartialEq for BodyRegex {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+impl Eq for BodyRegex {}
+
+/// `expect_json`: the value at `path` must equal `equals`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectJson {
+    /// Where to look (see [`JsonPath`] for the subset of JSONPath supported).
+    pub path: JsonPath,
+    /// The value wanted there (any JSON value; `"ok"`, `3`, `true`, `{...}`).
+    pub equals: serde_json::Value,
 }
 
 /// What a failed validation does.
@@ -94,6 +135,18 @@ struct RawStep {
     body: Option<String>,
     expect_status: Option<i64>,
     timeout: Option<HumanDuration>,
+    expect_body: Option<String>,
+    expect_json: Option<RawExpectJson>,
+    via: Option<String>,
+    retry_every: Option<HumanDuration>,
+    version_header: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExpectJson {
+    path: String,
+    equals: serde_json::Value,
 }
 
 pub(crate) fn validate(p: &mut Problems, at: &str, raw: RawRollout) -> Rollout {
@@ -143,7 +196,7 @@ pub(crate) fn validate(p: &mut Problems, at: &str, raw: RawRollout) -> Rollout {
     }
 }
 
-fn step(p: &mut Problems, at: &str, s: RawStep) -> ValidationStep {
+fn step(p: &mut Problems, at: &str, mut s: RawStep) -> ValidationStep {
     let method = match s.method.as_deref() {
         None => http::Method::GET,
         Some(m) => match http::Method::from_bytes(m.as_bytes()) {
@@ -157,7 +210,7 @@ fn step(p: &mut Problems, at: &str, s: RawStep) -> ValidationStep {
             }
         },
     };
-    let path = s.path.unwrap_or_default();
+    let path = s.path.take().unwrap_or_default();
     if !path.starts_with('/') {
         p.add(format!("{at}.path"), "is required and must start with `/`");
     } else if path.parse::<http::uri::PathAndQuery>().is_err() {
@@ -187,13 +240,96 @@ fn step(p: &mut Problems, at: &str, s: RawStep) -> ValidationStep {
     if timeout.is_zero() {
         p.add(format!("{at}.timeout"), "must be greater than 0");
     }
+    let data = data_flow(p, at, &s, timeout);
     ValidationStep {
         method,
         path,
-        body: s.body,
+        body: s.body.take(),
         expect_status,
         timeout,
+        expect_body: data.0,
+        expect_json: data.1,
+        via: s.via.take(),
+        retry_every: data.2,
+        version_header: data.3,
     }
+}
+
+/// What can only be checked with every service known: a step's `via` names another service
+/// that speaks plain HTTP/1.1 (the step client's protocol).
+pub(crate) fn check_references(p: &mut Problems, services: &[super::Service]) {
+    for (i, s) in services.iter().enumerate() {
+        let super::Backend::Kubernetes(k) = &s.backend else {
+            continue;
+        };
+        let Some(r) = &k.rollout else { continue };
+        for (j, step) in r.validation.iter().enumerate() {
+            let Some(via) = &step.via else { continue };
+            let at = format!("services[{i}].rollout.validation[{j}].via");
+            match services.iter().find(|o| &o.name == via) {
+                None => p.add(at, format!("{via:?}: no such service")),
+                Some(o) if o.name == s.name => p.add(
+                    at,
+                    "names this service (leave `via` out to check the new pod)",
+                ),
+                Some(o) if o.protocol != super::Protocol::Http1 => p.add(
+                    at,
+                    format!("{via:?} must speak plain HTTP/1.1 (`protocol: http1`, the default)"),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+type DataFlow = (
+    Option<BodyRegex>,
+    Option<ExpectJson>,
+    Option<Duration>,
+    Option<http::HeaderName>,
+);
+
+/// The data-flow fields of a step (`via` is checked against the other services later).
+fn data_flow(p: &mut Problems, at: &str, s: &RawStep, timeout: Duration) -> DataFlow {
+    let expect_body = s.expect_body.as_ref().and_then(|re| {
+        regex::RegexBuilder::new(re)
+            .size_limit(MAX_REGEX_SIZE)
+            .build()
+            .map_err(|e| p.add(format!("{at}.expect_body"), format!("not a regex: {e}")))
+            .ok()
+            .map(BodyRegex)
+    });
+    let expect_json = s.expect_json.as_ref().and_then(|j| {
+        JsonPath::parse(&j.path)
+            .map_err(|e| p.add(format!("{at}.expect_json.path"), e))
+            .ok()
+            .map(|path| ExpectJson {
+                path,
+                equals: j.equals.clone(),
+            })
+    });
+    let retry_every = s.retry_every.as_ref().map(|d| d.0);
+    if let Some(every) = retry_every {
+        if every < MIN_RETRY_EVERY {
+            p.add(format!("{at}.retry_every"), "must be at least 100ms");
+        } else if every >= timeout {
+            p.add(
+                format!("{at}.retry_every"),
+                "must be shorter than the step's timeout (the attempts share it)",
+            );
+        }
+    }
+    let version_header = s.version_header.as_ref().and_then(|h| {
+        http::HeaderName::from_bytes(h.as_bytes())
+            .map_err(|_| {
+                p.add(
+                    format!("{at}.version_header"),
+                    format!("{h:?} is not a header name"),
+                )
+            })
+            .ok()
+    });
+    (expect_body, expect_json, retry_every, version_header)
 }
 
 #[cfg(test)]
@@ -284,6 +420,45 @@ mod tests {
             parse(DEPLOY, "null").unwrap(),
             None,
             "no rollout unless asked"
+        );
+    }
+
+    #[test]
+    fn data_flow_steps_parse_and_every_problem_is_named() {
+        let r = parse(
+            DEPLOY,
+            "{ validation: [ { path: /r, expect_body: '^ok', expect_json: { path: '$.a[0]', equals: { b: 1 } }, retry_every: 2s, version_header: X-Candidate-Version } ] }",
+        )
+        .unwrap()
+        .unwrap();
+        let s = &r.validation[0];
+        assert_eq!(s.expect_body.as_ref().unwrap().0.as_str(), "^ok");
+        let j = s.expect_json.as_ref().unwrap();
+        assert_eq!(j.path.as_str(), "$.a[0]");
+        assert_eq!(j.equals, serde_json::json!({"b": 1}));
+        assert_eq!(s.retry_every, Some(Duration::from_secs(2)));
+        assert_eq!(s.version_header.as_ref().unwrap(), "x-candidate-version");
+        assert_eq!(s.via, None);
+        let errs = parse(
+            DEPLOY,
+            "{ validation: [ { path: /r, expect_body: '(', expect_json: { path: status, equals: ok }, retry_every: 10s, timeout: 5s, version_header: 'a b', via: nowhere } ] }",
+        )
+        .unwrap_err();
+        for want in [
+            "services[0].rollout.validation[0].expect_body: not a regex",
+            "services[0].rollout.validation[0].expect_json.path",
+            "services[0].rollout.validation[0].retry_every: must be shorter",
+            "services[0].rollout.validation[0].version_header",
+            "services[0].rollout.validation[0].via: \"nowhere\": no such service",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(want)), "{want}: {errs:?}");
+        }
+        let errs = parse(DEPLOY, "{ validation: [ { path: /r, via: a } ] }").unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("services[0].rollout.validation[0].via")
+                    && e.contains("this service")),
+            "{errs:?}"
         );
     }
 }

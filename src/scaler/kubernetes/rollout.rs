@@ -21,6 +21,7 @@
 //!   unless `at_zero: wake`: then the controller wakes the workload itself (direct mode: raises
 //!   the scale; KEDA mode: reports active) and the idle scale-down follows once it is done.
 
+pub mod board;
 pub mod validate;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -40,6 +41,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, info_span, warn, Instrument, Span};
 
+use self::board::Board;
 use self::validate::{StepClient, API_TIMEOUT, CONDITION, REASON_FAILED};
 use super::endpoints::{Routing, SliceEndpoint};
 use super::scale::{Change, WorkloadApi};
@@ -78,6 +80,8 @@ struct Controller {
     events: Api<Event>,
     deployments: Api<Deployment>,
     client: StepClient,
+    /// What the controllers of all services share (`via` gates).
+    board: Arc<Board>,
     /// The version the gate routes to.
     active: Option<String>,
     /// Pods (uid) being validated now.
@@ -93,6 +97,10 @@ struct Controller {
     spans: HashMap<String, Span>,
     /// The step each validating pod is at (pod name → `step 2/3 (POST /validate)`).
     progress: Arc<Mutex<BTreeMap<String, String>>>,
+    /// Told by a validation task as each step starts, so the report shows it at once.
+    progressed: Arc<tokio::sync::Notify>,
+    /// The versions as the last reconcile saw them (for the report between reconciles).
+    versions: BTreeMap<String, Version>,
     /// The last finished validation, for the admin API.
     last_result: Option<serde_json::Value>,
     switching: bool,
@@ -116,6 +124,7 @@ pub async fn run(
     client: Client,
     cfg: KubernetesBackend,
     routing: Arc<Routing>,
+    board: Arc<Board>,
     mut slices: watch::Receiver<Vec<SliceEndpoint>>,
 ) {
     let Some(rollout) = cfg.rollout.clone() else {
@@ -136,12 +145,15 @@ pub async fn run(
         events: Api::namespaced(client.clone(), &ns),
         deployments: deployments.clone(),
         client: validate::step_client(),
+        board,
         active: None,
         validating: HashSet::new(),
         done: HashSet::new(),
         rolled_back: HashSet::new(),
         spans: HashMap::new(),
         progress: Arc::default(),
+        progressed: Arc::default(),
+        versions: BTreeMap::new(),
         last_result: None,
         switching: false,
         tasks: JoinSet::new(),
@@ -151,7 +163,7 @@ pub async fn run(
         woken: HashSet::new(),
         waking_for: None,
     };
-    c.report(None, None);
+    c.report(None);
     let selector = c.selector().await;
     info!(%selector, "rollout controller watching pods");
     let (pod_store, writer) = reflector::store();
@@ -189,6 +201,11 @@ pub async fn run(
                 None => return,
             },
             changed = slices.changed() => if changed.is_err() { return },
+            _ = c.progressed.notified() => {
+                // A validation step started: only the report changes.
+                c.report(None);
+                continue;
+            }
             Some(joined) = c.tasks.join_next(), if !c.tasks.is_empty() => {
                 if let Ok(outcome) = joined {
                     c.finish(outcome, &rs_store).await;
@@ -340,6 +357,8 @@ impl Controller {
         }
         let waking = self.waking_for.is_some();
         let pending = versions.values().any(|v| v.pending > 0) || waking;
+        let target_revision = target.as_ref().map_or(0, |(h, _)| versions[h].revision);
+        self.versions = versions;
         self.gate
             .set_rolling_out(pending || !self.validating.is_empty());
         match target {
@@ -353,12 +372,11 @@ impl Controller {
                 self.routing.publish(addrs);
             }
             Some((version, addrs)) => {
-                let revision = versions[&version].revision;
-                let span = self.span(&version, revision);
+                let span = self.span(&version, target_revision);
                 let from = self.active.clone().unwrap_or_default();
                 self.switching = true;
                 self.gate.set_rolling_out(true);
-                self.report(Some(&versions), Some("switching"));
+                self.report(Some("switching"));
                 let quiesce = self.cfg.quiesce;
                 let started = tokio::time::Instant::now();
                 let drained = self
@@ -378,12 +396,11 @@ impl Controller {
                     .set_rolling_out(pending || !self.validating.is_empty());
             }
         }
-        let live: HashSet<&String> = versions.keys().collect();
-        self.spans.retain(|v, _| live.contains(v));
+        self.spans.retain(|v, _| self.versions.contains_key(v));
         // Versions whose ReplicaSet is gone (past the revision history) cannot come back.
         self.rolled_back.retain(|v| revisions.contains_key(v));
         self.woken.retain(|v| revisions.contains_key(v));
-        self.report(Some(&versions), None);
+        self.report(None);
     }
 
     /// `at_zero: wake`: when the newest revision (newer than the routed one) has no replicas —
@@ -469,14 +486,21 @@ impl Controller {
         let span = self.span(&version, revision);
         let steps = self.steps.clone();
         let client = self.client.clone();
+        let board = self.board.clone();
         let progress = self.progress.clone();
+        let progressed = self.progressed.clone();
         let total = steps.len();
         self.tasks.spawn(
             async move {
                 info!(pod = %name, "validating");
                 let result = match addr {
-                    Ok(addr) => {
-                        validate::run_steps(&client, addr, &steps, |i| {
+                    Ok(pod) => {
+                        let target = validate::Target {
+                            pod,
+                            version: version.clone(),
+                            board,
+                        };
+                        validate::run_steps(&client, &target, &steps, |i| {
                             progress.lock().insert(
                                 name.clone(),
                                 format!(
@@ -486,12 +510,14 @@ impl Controller {
                                     steps[i].path
                                 ),
                             );
+                            progressed.notify_one();
                         })
                         .await
                     }
                     Err(why) => Err(why),
                 };
                 progress.lock().remove(&name);
+                progressed.notify_one();
                 Outcome {
                     pod,
                     version,
@@ -599,34 +625,36 @@ impl Controller {
     }
 
     /// Publishes the state for `/api/services`.
-    fn report(&self, versions: Option<&BTreeMap<String, Version>>, step: Option<&str>) {
+    fn report(&self, step: Option<&str>) {
+        let versions = &self.versions;
         let active_rev = self
             .active
             .as_ref()
-            .and_then(|a| versions.and_then(|v| v.get(a)))
+            .and_then(|a| versions.get(a))
             .map(|v| v.revision);
         // The candidate: the newest version that is not the active one and still has pods.
-        let candidate = versions.and_then(|vs| {
-            vs.iter()
-                .filter(|(h, _)| Some(h.as_str()) != self.active.as_deref())
-                .filter(|(_, v)| active_rev.is_none_or(|r| v.revision > r))
-                .max_by_key(|(h, v)| (v.revision, h.as_str()))
-                .map(|(h, v)| {
-                    json!({
-                        "version": h,
-                        "revision": v.revision,
-                        "validated": v.validated,
-                        "ready_endpoints": v.ready.len(),
-                        "pending_pods": v.pending,
-                        "failed_pods": v.failed,
-                    })
+        let candidate = versions
+            .iter()
+            .filter(|(h, _)| Some(h.as_str()) != self.active.as_deref())
+            .filter(|(_, v)| active_rev.is_none_or(|r| v.revision > r))
+            .max_by_key(|(h, v)| (v.revision, h.as_str()))
+            .map(|(h, v)| {
+                json!({
+                    "version": h,
+                    "revision": v.revision,
+                    "validated": v.validated,
+                    "ready_endpoints": v.ready.len(),
+                    "pending_pods": v.pending,
+                    "failed_pods": v.failed,
                 })
-        });
+            });
         let progress = self.progress.lock().clone();
         let step = match step {
             Some(s) => json!(s),
             None if self.switching => json!("switching"),
-            None if !progress.is_empty() => json!(progress),
+            // The first validating pod's step (`step 2/2 (POST /validate)`); every pod's is in
+            // `validating`.
+            None if !progress.is_empty() => json!(progress.values().next()),
             None if self.gate.rolling_out() => json!("waiting for pods"),
             None => serde_json::Value::Null,
         };
@@ -636,6 +664,7 @@ impl Controller {
             "candidate": candidate,
             "in_progress": self.gate.rolling_out(),
             "step": step,
+            "validating": progress,
             "result": self.last_result,
             "on_failure": self.cfg.on_failure.as_str(),
             "quiesce_seconds": self.cfg.quiesce.as_secs_f64(),
