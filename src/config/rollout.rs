@@ -38,6 +38,9 @@ pub struct Rollout {
     pub on_failure: OnFailure,
     /// A rollout that starts while the service is at zero (default `wait`).
     pub at_zero: AtZero,
+    /// Services (with `rollout:`) whose rollout must have completed before this service's
+    /// new pods are validated (default none).
+    pub after: Vec<String>,
 }
 
 /// What a rollout that starts while the service is scaled to zero does.
@@ -125,6 +128,8 @@ pub(crate) struct RawRollout {
     quiesce: Option<HumanDuration>,
     on_failure: Option<String>,
     at_zero: Option<String>,
+    #[serde(default)]
+    after: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -193,6 +198,7 @@ pub(crate) fn validate(p: &mut Problems, at: &str, raw: RawRollout) -> Rollout {
         quiesce,
         on_failure,
         at_zero,
+        after: raw.after,
     }
 }
 
@@ -255,14 +261,37 @@ fn step(p: &mut Problems, at: &str, mut s: RawStep) -> ValidationStep {
     }
 }
 
+/// The `rollout:` of a service, if it has one.
+fn rollout_of(s: &super::Service) -> Option<&Rollout> {
+    match &s.backend {
+        super::Backend::Kubernetes(k) => k.rollout.as_ref(),
+        _ => None,
+    }
+}
+
 /// What can only be checked with every service known: a step's `via` names another service
-/// that speaks plain HTTP/1.1 (the step client's protocol).
+/// that speaks plain HTTP/1.1 (the step client's protocol); `after` names other services with
+/// `rollout:`, and the order has no cycle.
 pub(crate) fn check_references(p: &mut Problems, services: &[super::Service]) {
     for (i, s) in services.iter().enumerate() {
-        let super::Backend::Kubernetes(k) = &s.backend else {
-            continue;
-        };
-        let Some(r) = &k.rollout else { continue };
+        let Some(r) = rollout_of(s) else { continue };
+        for (j, name) in r.after.iter().enumerate() {
+            let at = format!("services[{i}].rollout.after[{j}]");
+            match services.iter().find(|o| &o.name == name) {
+                None => p.add(at, format!("{name:?}: no such service")),
+                Some(o) if o.name == s.name => p.add(at, "names this service"),
+                Some(o) if rollout_of(o).is_none() => {
+                    p.add(at, format!("{name:?} has no `rollout:` to wait for"))
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(cycle) = cycle_from(services, &s.name) {
+            p.add(
+                format!("services[{i}].rollout.after"),
+                format!("a cycle: {}", cycle.join(" → ")),
+            );
+        }
         for (j, step) in r.validation.iter().enumerate() {
             let Some(via) = &step.via else { continue };
             let at = format!("services[{i}].rollout.validation[{j}].via");
@@ -280,6 +309,36 @@ pub(crate) fn check_references(p: &mut Problems, services: &[super::Service]) {
             }
         }
     }
+}
+
+/// A path of `after` edges from `start` back to `start`, if there is one.
+fn cycle_from(services: &[super::Service], start: &str) -> Option<Vec<String>> {
+    let after = |name: &str| -> Vec<String> {
+        services
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(rollout_of)
+            .map(|r| r.after.clone())
+            .unwrap_or_default()
+    };
+    // Depth-first, each service visited once (the graph is at most the services).
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![(start.to_string(), vec![start.to_string()])];
+    while let Some((name, path)) = stack.pop() {
+        for next in after(&name) {
+            if next == start && next != name {
+                let mut cycle = path.clone();
+                cycle.push(next);
+                return Some(cycle);
+            }
+            if next != name && seen.insert(next.clone()) {
+                let mut p = path.clone();
+                p.push(next.clone());
+                stack.push((next, p));
+            }
+        }
+    }
+    None
 }
 
 type DataFlow = (
@@ -460,5 +519,45 @@ mod tests {
                     && e.contains("this service")),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn after_names_other_rollouts_without_a_cycle() {
+        let doc = |api_after: &str, worker_after: &str| {
+            format!(
+                "services:\n  - name: api\n    hosts: [api.test]\n    backend:\n      {DEPLOY}\n    rollout: {{ after: {api_after} }}\n  - name: worker\n    hosts: [w.test]\n    backend:\n      kubernetes: {{ namespace: ns, deployment: w, service: w, port: http }}\n    rollout: {{ after: {worker_after} }}\n  - name: plain\n    hosts: [p.test]\n    backend:\n      static: {{ addresses: [127.0.0.1:1] }}\n"
+            )
+        };
+        let errs = |a: &str, w: &str| -> Vec<String> {
+            match Config::parse_with_env(&doc(a, w), &|_| None) {
+                Ok(_) => vec![],
+                Err(e) => e.problems.iter().map(|p| p.to_string()).collect(),
+            }
+        };
+        assert_eq!(errs("[]", "[api]"), Vec::<String>::new());
+        let c = Config::parse_with_env(&doc("[]", "[api]"), &|_| None).unwrap();
+        match &c.services[1].backend {
+            Backend::Kubernetes(k) => assert_eq!(k.rollout.as_ref().unwrap().after, ["api"]),
+            other => panic!("{other:?}"),
+        }
+        let e = errs("[worker]", "[api]");
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("services[0].rollout.after: a cycle: api → worker → api")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("services[1].rollout.after: a cycle")),
+            "{e:?}"
+        );
+        let e = errs("[nope]", "[plain, worker]");
+        for want in [
+            "services[0].rollout.after[0]: \"nope\": no such service",
+            "services[1].rollout.after[0]: \"plain\" has no `rollout:`",
+            "services[1].rollout.after[1]: names this service",
+        ] {
+            assert!(e.iter().any(|e| e.starts_with(want)), "{want}: {e:?}");
+        }
     }
 }

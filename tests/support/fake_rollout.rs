@@ -62,7 +62,11 @@ impl Rollout {
     /// A Deployment with no ReplicaSet yet, its EndpointSlice (port named `http`), and the
     /// kubelet/endpoints loop.
     pub async fn start(ns: &str, name: &str) -> Arc<Rollout> {
-        let api = FakeApi::start().await;
+        Rollout::start_on(FakeApi::start().await, ns, name).await
+    }
+
+    /// [`Rollout::start`] on an API server already running (several Deployments on one).
+    pub async fn start_on(api: Arc<FakeApi>, ns: &str, name: &str) -> Arc<Rollout> {
         let port = {
             let l = std::net::TcpListener::bind("127.0.2.250:0").unwrap();
             l.local_addr().unwrap().port()

@@ -17,11 +17,14 @@
 //!   everything goes to the new version.
 //! - **Activity**: while a pod awaits validation or a switch runs, the gate is marked rolling
 //!   out: no scale-down, and KEDA is told the service is active.
+//! - **Order**: with `after: [api]`, new pods are validated only once `api`'s rollout has
+//!   completed ([`order`]); meanwhile their condition says what they wait for.
 //! - **At zero**: a new revision whose ReplicaSet has no replicas waits for the next wake-up,
 //!   unless `at_zero: wake`: then the controller wakes the workload itself (direct mode: raises
 //!   the scale; KEDA mode: reports active) and the idle scale-down follows once it is done.
 
 pub mod board;
+mod order;
 pub mod validate;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -103,6 +106,8 @@ struct Controller {
     versions: BTreeMap<String, Version>,
     /// The last finished validation, for the admin API.
     last_result: Option<serde_json::Value>,
+    /// With `after:`: why new pods are not validated now (`None`: they may be).
+    waiting_for: Option<String>,
     switching: bool,
     /// The validations running now; dropped with the controller, which aborts them (a reload
     /// or a removed service does not leave requests going to pods).
@@ -155,6 +160,7 @@ pub async fn run(
         progressed: Arc::default(),
         versions: BTreeMap::new(),
         last_result: None,
+        waiting_for: None,
         switching: false,
         tasks: JoinSet::new(),
         workload: WorkloadApi::new(client.clone(), &ns, &cfg.workload),
@@ -177,6 +183,8 @@ pub async fn run(
     )
     .default_backoff()
     .reflect(writer);
+    let mut order = c.board.subscribe();
+    let follows = !c.cfg.after.is_empty();
     let mut pod_stream = std::pin::pin!(pod_stream);
     let mut rs_stream = std::pin::pin!(rs_stream);
     let (mut pods_listed, mut rs_listed) = (false, false);
@@ -201,6 +209,7 @@ pub async fn run(
                 None => return,
             },
             changed = slices.changed() => if changed.is_err() { return },
+            _ = order.changed(), if follows => {}
             _ = c.progressed.notified() => {
                 // A validation step started: only the report changes.
                 c.report(None);
@@ -216,6 +225,14 @@ pub async fn run(
             let eps = slices.borrow_and_update().clone();
             c.reconcile(&pod_store, &rs_store, &eps).await;
         }
+    }
+}
+
+impl Drop for Controller {
+    /// A stopped controller (service removed or replaced) says nothing about its rollout any
+    /// more: its followers wait until a new controller reports.
+    fn drop(&mut self) {
+        self.board.forget(self.gate.name());
     }
 }
 
@@ -296,6 +313,8 @@ impl Controller {
         let mut versions: BTreeMap<String, Version> = BTreeMap::new();
         let mut version_of: HashMap<String, String> = HashMap::new();
         let mut present = HashSet::new();
+        self.waiting_for = self.board.waiting_for(&self.cfg.after);
+        let mut held_back = Vec::new();
         let all_pods = pods.state();
         for pod in &all_pods {
             if pod.metadata.deletion_timestamp.is_some() {
@@ -331,8 +350,17 @@ impl Controller {
                     && !self.validating.contains(uid)
                     && !self.done.contains(uid)
                 {
-                    self.start_validation(pod.clone(), hash.clone(), v.revision, endpoints);
+                    if self.waiting_for.is_some() {
+                        held_back.push(pod.clone());
+                    } else {
+                        self.start_validation(pod.clone(), hash.clone(), v.revision, endpoints);
+                    }
                 }
+            }
+        }
+        if let Some(why) = &self.waiting_for {
+            if !order::hold(&self.pods, &held_back, why).await {
+                self.gate.metrics().kube_api_error("patch_pod_status");
             }
         }
         self.validating.retain(|u| present.contains(u));
@@ -400,6 +428,14 @@ impl Controller {
         // Versions whose ReplicaSet is gone (past the revision history) cannot come back.
         self.rolled_back.retain(|v| revisions.contains_key(v));
         self.woken.retain(|v| revisions.contains_key(v));
+        let busy = self.switching || !self.validating.is_empty();
+        let phase = order::phase(
+            &self.versions,
+            self.active.as_deref(),
+            busy,
+            self.last_result.as_ref(),
+        );
+        self.board.publish(self.gate.name(), phase);
         self.report(None);
     }
 
@@ -480,7 +516,7 @@ impl Controller {
         endpoints: &[SliceEndpoint],
     ) {
         let name = pod.metadata.name.clone().unwrap_or_default();
-        let addr = self.pod_addr(&pod, endpoints);
+        let addr = validate::pod_addr(&pod, endpoints, &self.port);
         self.validating
             .insert(pod.metadata.uid.clone().unwrap_or_default());
         let span = self.span(&version, revision);
@@ -526,27 +562,6 @@ impl Controller {
             }
             .instrument(span),
         );
-    }
-
-    /// Where a pod is validated: its address in the EndpointSlice (which names the port),
-    /// else its IP and the configured port.
-    fn pod_addr(&self, pod: &Pod, endpoints: &[SliceEndpoint]) -> Result<SocketAddr, String> {
-        let name = pod.metadata.name.as_deref();
-        if let Some(ep) = endpoints.iter().find(|e| e.pod.as_deref() == name) {
-            return Ok(ep.addr);
-        }
-        let ip = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ip.as_deref())
-            .and_then(|ip| ip.parse().ok())
-            .ok_or_else(|| "the pod has no IP".to_string())?;
-        let port = match &self.port {
-            PortRef::Number(n) => *n,
-            PortRef::Name(p) => validate::container_port(pod, p)
-                .ok_or_else(|| format!("no container port named {p:?}"))?,
-        };
-        Ok(SocketAddr::new(ip, port))
     }
 
     async fn finish(&mut self, o: Outcome, replicasets: &Store<ReplicaSet>) {
@@ -665,6 +680,7 @@ impl Controller {
             "in_progress": self.gate.rolling_out(),
             "step": step,
             "validating": progress,
+            "waiting_for": self.waiting_for,
             "result": self.last_result,
             "on_failure": self.cfg.on_failure.as_str(),
             "quiesce_seconds": self.cfg.quiesce.as_secs_f64(),

@@ -220,6 +220,32 @@ fn excerpt(text: &str) -> String {
     }
 }
 
+/// Where a pod is validated: its address in the EndpointSlice (which names the port), else
+/// its IP and the configured port.
+pub fn pod_addr(
+    pod: &Pod,
+    endpoints: &[super::super::endpoints::SliceEndpoint],
+    port: &crate::config::PortRef,
+) -> Result<SocketAddr, String> {
+    let name = pod.metadata.name.as_deref();
+    if let Some(ep) = endpoints.iter().find(|e| e.pod.as_deref() == name) {
+        return Ok(ep.addr);
+    }
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|ip| ip.parse().ok())
+        .ok_or_else(|| "the pod has no IP".to_string())?;
+    let port = match port {
+        crate::config::PortRef::Number(n) => *n,
+        crate::config::PortRef::Name(p) => {
+            container_port(pod, p).ok_or_else(|| format!("no container port named {p:?}"))?
+        }
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
 /// Now in RFC 3339, seconds precision (Kubernetes' `metav1.Time`).
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
