@@ -27,7 +27,7 @@ pub use kubernetes::{
     DEFAULT_LEASE_DURATION, DEFAULT_LEASE_NAME, DEFAULT_PEER_TIMEOUT, DEFAULT_REPLICAS,
 };
 pub use rollout::{
-    AtZero, BodyRegex, ExpectJson, OnFailure, Rollout, ValidationStep, DEFAULT_QUIESCE,
+    AtZero, BodyRegex, ExpectJson, OnFailure, Overlap, Rollout, ValidationStep, DEFAULT_QUIESCE,
     DEFAULT_STEP_TIMEOUT,
 };
 

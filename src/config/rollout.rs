@@ -41,6 +41,29 @@ pub struct Rollout {
     /// Services (with `rollout:`) whose rollout must have completed before this service's
     /// new pods are validated (default none).
     pub after: Vec<String>,
+    /// Whether two versions may run at once (default `allowed`); `none` expects the
+    /// Deployment's `strategy: Recreate` and says so when it sees another strategy.
+    pub overlap: Overlap,
+}
+
+/// `overlap:`: whether the Deployment may run two versions at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overlap {
+    /// A rolling update: old and new pods run side by side (traffic still goes to one).
+    Allowed,
+    /// Never two versions at once (`strategy: Recreate`): the old pods are gone before the new
+    /// ones start; requests are held in between.
+    None,
+}
+
+impl Overlap {
+    /// The name in the config and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overlap::Allowed => "allowed",
+            Overlap::None => "none",
+        }
+    }
 }
 
 /// What a rollout that starts while the service is scaled to zero does.
@@ -130,6 +153,7 @@ pub(crate) struct RawRollout {
     at_zero: Option<String>,
     #[serde(default)]
     after: Vec<String>,
+    overlap: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -193,12 +217,24 @@ pub(crate) fn validate(p: &mut Problems, at: &str, raw: RawRollout) -> Rollout {
             AtZero::Wait
         }
     };
+    let overlap = match raw.overlap.as_deref() {
+        None | Some("allowed") => Overlap::Allowed,
+        Some("none") => Overlap::None,
+        Some(other) => {
+            p.add(
+                format!("{at}.overlap"),
+                format!("{other:?}: must be `allowed` or `none`"),
+            );
+            Overlap::Allowed
+        }
+    };
     Rollout {
         validation,
         quiesce,
         on_failure,
         at_zero,
         after: raw.after,
+        overlap,
     }
 }
 
@@ -431,17 +467,20 @@ mod tests {
         assert_eq!(r.quiesce, Duration::from_secs(1));
         assert_eq!(r.on_failure, OnFailure::Rollback);
         assert_eq!(r.at_zero, AtZero::Wake);
+        let none = parse(DEPLOY, "{ overlap: none }").unwrap().unwrap();
+        assert_eq!(none.overlap, Overlap::None);
         let r = parse(DEPLOY, "{}").unwrap().unwrap();
         assert_eq!(r.quiesce, DEFAULT_QUIESCE);
         assert_eq!(r.on_failure, OnFailure::Hold);
         assert_eq!(r.at_zero, AtZero::Wait);
+        assert_eq!(r.overlap, Overlap::Allowed);
     }
 
     #[test]
     fn every_problem_is_named() {
         let errs = parse(
             DEPLOY,
-            "{ validation: [ { method: get, path: healthz, expect_status: 99, timeout: 0s } ], on_failure: retry, at_zero: now }",
+            "{ validation: [ { method: get, path: healthz, expect_status: 99, timeout: 0s } ], on_failure: retry, at_zero: now, overlap: never }",
         )
         .unwrap_err();
         for want in [
@@ -451,6 +490,7 @@ mod tests {
             "services[0].rollout.validation[0].timeout",
             "services[0].rollout.on_failure",
             "services[0].rollout.at_zero",
+            "services[0].rollout.overlap",
         ] {
             assert!(errs.iter().any(|e| e.starts_with(want)), "{want}: {errs:?}");
         }

@@ -260,6 +260,29 @@ impl Rollout {
         }
     }
 
+    /// Sets the Deployment's `spec.strategy.type` (`Recreate` or `RollingUpdate`).
+    pub fn set_strategy(&self, strategy: &str) {
+        let mut d = self.api.get("deployments", &self.ns, &self.name).unwrap();
+        d["spec"]["strategy"] = json!({"type": strategy});
+        self.api.put("deployments", "Deployment", d);
+    }
+
+    /// Starts terminating `version`'s pods, as a deletion does: `deletionTimestamp` set, not
+    /// ready any more (their endpoints turn not-ready), while their servers keep answering
+    /// what they were sent (a graceful shutdown). [`Rollout::remove_version`] ends them.
+    pub fn terminate_version(&self, version: &str) {
+        for mut pod in self.pod_objects(version) {
+            pod["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            for c in pod["status"]["conditions"].as_array_mut().unwrap() {
+                if c["type"] == "ContainersReady" {
+                    c["status"] = json!("False");
+                }
+            }
+            self.api.put("pods", "Pod", pod);
+        }
+        self.kubelet();
+    }
+
     /// Removes `version`'s pods (the Deployment controller scaled its ReplicaSet to zero).
     pub fn remove_version(&self, version: &str) {
         let names: Vec<String> = {

@@ -108,6 +108,8 @@ struct Controller {
     last_result: Option<serde_json::Value>,
     /// With `after:`: why new pods are not validated now (`None`: they may be).
     waiting_for: Option<String>,
+    /// `overlap: none` on a Deployment whose strategy allows overlap.
+    warning: Option<String>,
     switching: bool,
     /// The validations running now; dropped with the controller, which aborts them (a reload
     /// or a removed service does not leave requests going to pods).
@@ -161,6 +163,7 @@ pub async fn run(
         versions: BTreeMap::new(),
         last_result: None,
         waiting_for: None,
+        warning: None,
         switching: false,
         tasks: JoinSet::new(),
         workload: WorkloadApi::new(client.clone(), &ns, &cfg.workload),
@@ -255,11 +258,15 @@ struct Version {
 
 impl Controller {
     /// The Deployment's pod selector (`a=b,c=d`), read until it can be.
-    async fn selector(&self) -> String {
+    async fn selector(&mut self) -> String {
         let mut pause = BACKOFF_MIN;
         loop {
             match tokio::time::timeout(API_TIMEOUT, self.deployments.get(&self.deployment)).await {
                 Ok(Ok(d)) => {
+                    self.warning = validate::overlap_warning(self.cfg.overlap, &d);
+                    if let Some(w) = &self.warning {
+                        warn!("{w}");
+                    }
                     let labels = d
                         .spec
                         .and_then(|s| s.selector.match_labels)
@@ -681,6 +688,8 @@ impl Controller {
             "step": step,
             "validating": progress,
             "waiting_for": self.waiting_for,
+            "overlap": self.cfg.overlap.as_str(),
+            "warning": self.warning,
             "result": self.last_result,
             "on_failure": self.cfg.on_failure.as_str(),
             "quiesce_seconds": self.cfg.quiesce.as_secs_f64(),

@@ -246,6 +246,26 @@ pub fn pod_addr(
     Ok(SocketAddr::new(ip, port))
 }
 
+/// With `overlap: none`, what is wrong with the Deployment's strategy, if anything: only
+/// `Recreate` removes the old pods before starting new ones (absent means `RollingUpdate`).
+pub fn overlap_warning(overlap: crate::config::Overlap, d: &Deployment) -> Option<String> {
+    if overlap != crate::config::Overlap::None {
+        return None;
+    }
+    let strategy = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.strategy.as_ref())
+        .and_then(|s| s.type_.as_deref())
+        .unwrap_or("RollingUpdate");
+    (strategy != "Recreate").then(|| {
+        format!(
+            "overlap: none, but the Deployment's strategy is {strategy}: old and new pods run \
+             together; set `strategy: {{ type: Recreate }}`"
+        )
+    })
+}
+
 /// Now in RFC 3339, seconds precision (Kubernetes' `metav1.Time`).
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
@@ -588,5 +608,22 @@ mod tests {
         let long = "x".repeat(200);
         let e = checked(re, &long).unwrap_err();
         assert!(e.len() < 150 && e.contains('…'), "{e}");
+    }
+
+    #[test]
+    fn overlap_none_warns_unless_the_strategy_is_recreate() {
+        use crate::config::Overlap;
+        let d = |strategy: Option<&str>| -> Deployment {
+            let spec = match strategy {
+                Some(t) => json!({"selector": {}, "strategy": {"type": t}}),
+                None => json!({"selector": {}}),
+            };
+            serde_json::from_value(json!({"metadata": {"name": "web"}, "spec": spec})).unwrap()
+        };
+        assert_eq!(overlap_warning(Overlap::None, &d(Some("Recreate"))), None);
+        let w = overlap_warning(Overlap::None, &d(None)).unwrap();
+        assert!(w.contains("strategy is RollingUpdate"), "{w}");
+        assert!(overlap_warning(Overlap::None, &d(Some("RollingUpdate"))).is_some());
+        assert_eq!(overlap_warning(Overlap::Allowed, &d(None)), None);
     }
 }
