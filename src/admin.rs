@@ -15,6 +15,8 @@ use http_body_util::Full;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+pub mod control;
+
 use crate::keda::Cluster;
 use crate::metrics::Metrics;
 use crate::services::Services;
@@ -32,6 +34,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// This replica's counts and its peers'.
     pub cluster: Arc<Cluster>,
+    /// The commands that change something (rollout promote/abort) and their token.
+    pub control: control::Control,
 }
 
 /// Answers one admin request.
@@ -39,6 +43,9 @@ pub async fn handle<B>(
     state: Arc<AdminState>,
     req: Request<B>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path().starts_with("/api/rollouts/") {
+        return Ok(control::handle(&state.control, &state.services, req).await);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
     }

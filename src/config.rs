@@ -27,8 +27,8 @@ pub use kubernetes::{
     DEFAULT_LEASE_DURATION, DEFAULT_LEASE_NAME, DEFAULT_PEER_TIMEOUT, DEFAULT_REPLICAS,
 };
 pub use rollout::{
-    AtZero, BodyRegex, ExpectJson, OnFailure, Overlap, Rollout, ValidationStep, DEFAULT_QUIESCE,
-    DEFAULT_STEP_TIMEOUT,
+    AtZero, BodyRegex, ExpectJson, OnFailure, Overlap, Promotion, Rollout, ValidationStep,
+    DEFAULT_QUIESCE, DEFAULT_STEP_TIMEOUT,
 };
 
 /// Default proxy listener.
@@ -92,6 +92,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin listener address (health, metrics, state).
     pub admin: SocketAddr,
+    /// File holding the bearer token the admin commands (`POST /api/rollouts/...`) require;
+    /// re-read when it changes. `None` (default): those commands answer 403.
+    pub admin_token_file: Option<PathBuf>,
     /// Shutdown behaviour.
     pub shutdown: Shutdown,
     /// Timeouts of the proxy's phases.
@@ -378,11 +381,22 @@ impl<'de> Deserialize<'de> for HumanDuration {
 // ---------------------------------------------------------------------------------------------
 // Raw shapes, as written in YAML.
 
+/// `admin:` as an address, or `{ listen: ADDR, token_file: FILE }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawAdmin {
+    Addr(SocketAddr),
+    Full {
+        listen: Option<SocketAddr>,
+        token_file: Option<PathBuf>,
+    },
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<SocketAddr>,
-    admin: Option<SocketAddr>,
+    admin: Option<RawAdmin>,
     #[serde(default)]
     shutdown: RawShutdown,
     #[serde(default)]
@@ -594,9 +608,18 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let listen = raw
         .listen
         .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("constant"));
-    let admin = raw
-        .admin
-        .unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("constant"));
+    let (admin, admin_token_file) = match raw.admin {
+        None => (None, None),
+        Some(RawAdmin::Addr(a)) => (Some(a), None),
+        Some(RawAdmin::Full { listen, token_file }) => (listen, token_file),
+    };
+    let admin = admin.unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("constant"));
+    if admin_token_file
+        .as_ref()
+        .is_some_and(|f| f.as_os_str().is_empty())
+    {
+        p.add("admin.token_file", "must not be empty");
+    }
     if listen == admin && listen.port() != 0 {
         p.add("admin", format!("must differ from listen ({listen})"));
     }
@@ -839,6 +862,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         Ok(Config {
             listen,
             admin,
+            admin_token_file,
             shutdown,
             timeouts,
             limits,

@@ -226,6 +226,7 @@ pub async fn start_with(
         metrics,
         ready: true.into(),
         cluster,
+        control: crate::admin::control::Control::new(config.admin_token_file.clone()),
     });
 
     let proxy_listener =

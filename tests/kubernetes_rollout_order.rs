@@ -66,6 +66,12 @@ async fn a_follower_waits_for_its_leader_and_names_it() {
     let api_v2 = api.roll_to("v2", 2, 1, false, false).await;
     api_v2.validate_status.store(500, Ordering::SeqCst);
     api_v2.validate_delay_ms.store(500, Ordering::SeqCst);
+    // The order is between versions Reveille has seen: api's new pods first (in a cluster,
+    // worker's pods take longer to start than api's appear).
+    wait_until("api's candidate seen", LONG, || async {
+        client_admin(&r).await["services"][0]["rollout"]["candidate"]["version"] == "v2"
+    })
+    .await;
     let worker_v2 = worker.roll_to("v2", 2, 1, false, true).await;
     wait_until("worker's pod waits for api", LONG, || async {
         waiting_message(&worker, "v2").as_deref()
@@ -85,9 +91,13 @@ async fn a_follower_waits_for_its_leader_and_names_it() {
         "worker's new pod never validated while api is not done"
     );
     assert_eq!(routed_to(&r, 1), worker_v1, "worker stays on v1");
+    // The report follows the pods' conditions at the end of the same reconcile.
+    wait_until("worker's report names api's failure", LONG, || async {
+        client_admin(&r).await["services"][1]["rollout"]["waiting_for"] == want
+    })
+    .await;
     let c = client_admin(&r).await;
     let worker_state = &c["services"][1]["rollout"];
-    assert_eq!(worker_state["waiting_for"], want, "{worker_state}");
     assert_eq!(worker_state["in_progress"], true, "{worker_state}");
 
     // A good api version completes: worker proceeds, is validated and switched.
@@ -104,8 +114,10 @@ async fn a_follower_waits_for_its_leader_and_names_it() {
         2,
         "both steps, once"
     );
-    let c = client_admin(&r).await;
-    assert!(c["services"][1]["rollout"]["waiting_for"].is_null());
+    wait_until("worker no longer waits", LONG, || async {
+        client_admin(&r).await["services"][1]["rollout"]["waiting_for"].is_null()
+    })
+    .await;
     stop(r).await;
 }
 

@@ -44,6 +44,18 @@ pub struct Rollout {
     /// Whether two versions may run at once (default `allowed`); `none` expects the
     /// Deployment's `strategy: Recreate` and says so when it sees another strategy.
     pub overlap: Overlap,
+    /// After the steps pass: switch at once (`auto`, default) or wait for
+    /// `reveille rollout promote|abort` (`manual`).
+    pub promotion: Promotion,
+}
+
+/// `promotion:`: who decides the switch once the steps passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Promotion {
+    /// Reveille, at once.
+    Auto,
+    /// Someone, through the admin API (`reveille rollout promote|abort SERVICE`).
+    Manual,
 }
 
 /// `overlap:`: whether the Deployment may run two versions at once.
@@ -154,6 +166,7 @@ pub(crate) struct RawRollout {
     #[serde(default)]
     after: Vec<String>,
     overlap: Option<String>,
+    promotion: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -228,6 +241,17 @@ pub(crate) fn validate(p: &mut Problems, at: &str, raw: RawRollout) -> Rollout {
             Overlap::Allowed
         }
     };
+    let promotion = match raw.promotion.as_deref() {
+        None | Some("auto") => Promotion::Auto,
+        Some("manual") => Promotion::Manual,
+        Some(other) => {
+            p.add(
+                format!("{at}.promotion"),
+                format!("{other:?}: must be `auto` or `manual`"),
+            );
+            Promotion::Auto
+        }
+    };
     Rollout {
         validation,
         quiesce,
@@ -235,6 +259,7 @@ pub(crate) fn validate(p: &mut Problems, at: &str, raw: RawRollout) -> Rollout {
         at_zero,
         after: raw.after,
         overlap,
+        promotion,
     }
 }
 
@@ -480,7 +505,7 @@ mod tests {
     fn every_problem_is_named() {
         let errs = parse(
             DEPLOY,
-            "{ validation: [ { method: get, path: healthz, expect_status: 99, timeout: 0s } ], on_failure: retry, at_zero: now, overlap: never }",
+            "{ validation: [ { method: get, path: healthz, expect_status: 99, timeout: 0s } ], on_failure: retry, at_zero: now, overlap: never, promotion: later }",
         )
         .unwrap_err();
         for want in [
@@ -491,6 +516,7 @@ mod tests {
             "services[0].rollout.on_failure",
             "services[0].rollout.at_zero",
             "services[0].rollout.overlap",
+            "services[0].rollout.promotion",
         ] {
             assert!(errs.iter().any(|e| e.starts_with(want)), "{want}: {errs:?}");
         }

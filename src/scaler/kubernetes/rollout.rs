@@ -25,6 +25,8 @@
 
 pub mod board;
 mod order;
+mod promote;
+mod report;
 pub mod validate;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -49,7 +51,7 @@ use self::validate::{StepClient, API_TIMEOUT, CONDITION, REASON_FAILED};
 use super::endpoints::{Routing, SliceEndpoint};
 use super::scale::{Change, WorkloadApi};
 use crate::config::{
-    AtZero, KubernetesBackend, OnFailure, PortRef, Rollout, Scaling, ValidationStep,
+    AtZero, KubernetesBackend, OnFailure, PortRef, Promotion, Rollout, Scaling, ValidationStep,
 };
 use crate::gate::Gate;
 
@@ -187,6 +189,7 @@ pub async fn run(
     .default_backoff()
     .reflect(writer);
     let mut order = c.board.subscribe();
+    let mut commands = c.board.listen(gate.name());
     let follows = !c.cfg.after.is_empty();
     let mut pod_stream = std::pin::pin!(pod_stream);
     let mut rs_stream = std::pin::pin!(rs_stream);
@@ -213,6 +216,9 @@ pub async fn run(
             },
             changed = slices.changed() => if changed.is_err() { return },
             _ = order.changed(), if follows => {}
+            Some((cmd, reply)) = commands.recv() => {
+                let _ = reply.send(c.command(cmd, &pod_store, &rs_store).await);
+            }
             _ = c.progressed.notified() => {
                 // A validation step started: only the report changes.
                 c.report(None);
@@ -254,6 +260,8 @@ struct Version {
     pending: usize,
     /// Pods of this version whose validation failed.
     failed: usize,
+    /// Pods of this version validated and awaiting promotion (`promotion: manual`).
+    awaiting: usize,
 }
 
 impl Controller {
@@ -341,9 +349,13 @@ impl Controller {
             let cond = validate::condition(pod, CONDITION);
             let passed = !gated || cond.is_some_and(|(s, _)| s == "True");
             let failed = gated && cond == Some(("False", Some(REASON_FAILED)));
+            let awaiting = gated && cond == Some(("False", Some(promote::REASON_AWAITING)));
             v.validated |= passed;
             if failed {
                 v.failed += 1;
+            } else if awaiting {
+                v.awaiting += 1;
+                v.pending += 1; // a candidate awaiting promotion keeps the rollout in progress
             } else if !passed {
                 let containers_ready =
                     validate::condition(pod, "ContainersReady").is_some_and(|(s, _)| s == "True");
@@ -595,11 +607,14 @@ impl Controller {
             "passed": passed,
             "message": message,
         }));
-        let patched = tokio::time::timeout(
-            API_TIMEOUT,
-            validate::set_condition(&self.pods, &name, passed, &message),
-        )
-        .await;
+        let manual = passed && self.cfg.promotion == Promotion::Manual;
+        let patched = if manual {
+            let call = promote::await_promotion(&self.pods, &name, self.gate.name());
+            tokio::time::timeout(API_TIMEOUT, call).await
+        } else {
+            let call = validate::set_condition(&self.pods, &name, passed, &message);
+            tokio::time::timeout(API_TIMEOUT, call).await
+        };
         if !matches!(patched, Ok(Ok(()))) {
             self.gate.metrics().kube_api_error("patch_pod_status");
             let _g = span.enter();
@@ -644,55 +659,5 @@ impl Controller {
                 }
             }
         }
-    }
-
-    /// Publishes the state for `/api/services`.
-    fn report(&self, step: Option<&str>) {
-        let versions = &self.versions;
-        let active_rev = self
-            .active
-            .as_ref()
-            .and_then(|a| versions.get(a))
-            .map(|v| v.revision);
-        // The candidate: the newest version that is not the active one and still has pods.
-        let candidate = versions
-            .iter()
-            .filter(|(h, _)| Some(h.as_str()) != self.active.as_deref())
-            .filter(|(_, v)| active_rev.is_none_or(|r| v.revision > r))
-            .max_by_key(|(h, v)| (v.revision, h.as_str()))
-            .map(|(h, v)| {
-                json!({
-                    "version": h,
-                    "revision": v.revision,
-                    "validated": v.validated,
-                    "ready_endpoints": v.ready.len(),
-                    "pending_pods": v.pending,
-                    "failed_pods": v.failed,
-                })
-            });
-        let progress = self.progress.lock().clone();
-        let step = match step {
-            Some(s) => json!(s),
-            None if self.switching => json!("switching"),
-            // The first validating pod's step (`step 2/2 (POST /validate)`); every pod's is in
-            // `validating`.
-            None if !progress.is_empty() => json!(progress.values().next()),
-            None if self.gate.rolling_out() => json!("waiting for pods"),
-            None => serde_json::Value::Null,
-        };
-        self.gate.set_rollout_report(json!({
-            "current_version": self.active,
-            "current_revision": active_rev,
-            "candidate": candidate,
-            "in_progress": self.gate.rolling_out(),
-            "step": step,
-            "validating": progress,
-            "waiting_for": self.waiting_for,
-            "overlap": self.cfg.overlap.as_str(),
-            "warning": self.warning,
-            "result": self.last_result,
-            "on_failure": self.cfg.on_failure.as_str(),
-            "quiesce_seconds": self.cfg.quiesce.as_secs_f64(),
-        }));
     }
 }

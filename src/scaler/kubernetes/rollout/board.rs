@@ -1,13 +1,13 @@
 //! What the rollout controllers of different services share, kept in the Kubernetes context
 //! (one per Reveille process): the live gates by name, so a validation step can go `via`
 //! another service; and each service's rollout phase, so a service with `after:` waits for
-//! the rollouts it follows.
+//! the rollouts it follows; and a way to each controller for `promote` and `abort`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::gate::Gate;
 
@@ -29,9 +29,42 @@ pub enum Phase {
     Failed(String),
 }
 
+/// A command for a service's rollout (`promotion: manual`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Switch to the validated candidate.
+    Promote,
+    /// Refuse the candidate (and roll back with `on_failure: rollback`).
+    Abort,
+}
+
+/// Why a command was not carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// No rollout controller runs for that name.
+    #[error("no service {0:?} with a rollout")]
+    NoRollout(String),
+    /// The controller cannot do it now (not manual, nothing awaiting).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What a controller answers a command with: what it did, or why not.
+pub type Reply = Result<String, CommandError>;
+
+/// A command and where its reply goes.
+pub type Request = (Command, oneshot::Sender<Reply>);
+
+/// Bound on waiting for a controller's answer to a command.
+const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Commands queued per controller at most (a human types them).
+const COMMAND_QUEUE: usize = 4;
+
 /// Shared by every rollout controller of this process.
 pub struct Board {
     directory: OnceLock<Weak<dyn GateDirectory>>,
+    commands: Mutex<HashMap<String, mpsc::Sender<Request>>>,
     phases: Mutex<HashMap<String, Phase>>,
     /// Bumped on every change of a phase; controllers with `after:` reconcile on it.
     changed: watch::Sender<u64>,
@@ -41,6 +74,7 @@ impl Default for Board {
     fn default() -> Self {
         Board {
             directory: OnceLock::new(),
+            commands: Mutex::default(),
             phases: Mutex::default(),
             changed: watch::channel(0).0,
         }
@@ -69,8 +103,30 @@ impl Board {
         }
     }
 
+    /// Registers `service`'s controller for commands; it reads them from the receiver.
+    pub fn listen(&self, service: &str) -> mpsc::Receiver<Request> {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        self.commands.lock().insert(service.to_string(), tx);
+        rx
+    }
+
+    /// Sends `command` to `service`'s controller and waits (bounded) for its answer.
+    pub async fn command(&self, service: &str, command: Command) -> Reply {
+        let no = || CommandError::NoRollout(service.to_string());
+        let tx = self.commands.lock().get(service).cloned().ok_or_else(no)?;
+        let (reply, answer) = oneshot::channel();
+        let busy = || CommandError::Refused("the rollout controller is busy; try again".into());
+        tx.try_send((command, reply)).map_err(|_| busy())?;
+        match tokio::time::timeout(COMMAND_TIMEOUT, answer).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(no()),
+            Err(_) => Err(busy()),
+        }
+    }
+
     /// Forgets `service` (its controller stopped).
     pub fn forget(&self, service: &str) {
+        self.commands.lock().remove(service);
         if self.phases.lock().remove(service).is_some() {
             self.changed.send_modify(|n| *n += 1);
         }
