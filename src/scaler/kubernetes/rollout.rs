@@ -245,6 +245,19 @@ impl Drop for Controller {
     }
 }
 
+/// Each version's (`pod-template-hash`) revision, from its ReplicaSets.
+fn revisions(replicasets: &Store<ReplicaSet>) -> HashMap<String, i64> {
+    let mut m = HashMap::new();
+    for rs in replicasets.state() {
+        if let Some(h) = rs_hash(&rs) {
+            let r = validate::revision(&rs);
+            let e = m.entry(h.to_string()).or_insert(r);
+            *e = (*e).max(r);
+        }
+    }
+    m
+}
+
 /// A ReplicaSet's `pod-template-hash`.
 fn rs_hash(rs: &ReplicaSet) -> Option<&str> {
     validate::template_hash(&rs.metadata).map(String::as_str)
@@ -314,17 +327,7 @@ impl Controller {
         replicasets: &Store<ReplicaSet>,
         endpoints: &[SliceEndpoint],
     ) {
-        let revisions: HashMap<String, i64> = {
-            let mut m = HashMap::new();
-            for rs in replicasets.state() {
-                if let Some(h) = rs_hash(&rs) {
-                    let r = validate::revision(&rs);
-                    let e = m.entry(h.to_string()).or_insert(r);
-                    *e = (*e).max(r);
-                }
-            }
-            m
-        };
+        let revisions = revisions(replicasets);
         let mut versions: BTreeMap<String, Version> = BTreeMap::new();
         let mut version_of: HashMap<String, String> = HashMap::new();
         let mut present = HashSet::new();
@@ -408,6 +411,35 @@ impl Controller {
         self.versions = versions;
         self.gate
             .set_rolling_out(pending || !self.validating.is_empty());
+        self.route(target, target_revision, pending).await;
+        self.settle(&revisions);
+    }
+
+    /// After a reconcile: forgets what is gone, tells followers the phase, reports.
+    fn settle(&mut self, revisions: &HashMap<String, i64>) {
+        self.spans.retain(|v, _| self.versions.contains_key(v));
+        // Versions whose ReplicaSet is gone (past the revision history) cannot come back.
+        self.rolled_back.retain(|v| revisions.contains_key(v));
+        self.woken.retain(|v| revisions.contains_key(v));
+        let busy = self.switching || !self.validating.is_empty();
+        let phase = order::phase(
+            &self.versions,
+            self.active.as_deref(),
+            busy,
+            self.last_result.as_ref(),
+        );
+        self.board.publish(self.gate.name(), phase);
+        self.report(None);
+    }
+
+    /// Routes to `target` (version, ready addresses): at once when nothing or the same version
+    /// is routed, else through the switch (`pending`: a rollout is still in progress after it).
+    async fn route(
+        &mut self,
+        target: Option<(String, Vec<SocketAddr>)>,
+        target_revision: i64,
+        pending: bool,
+    ) {
         match target {
             None => self.routing.publish(Vec::new()),
             Some((version, addrs)) if self.active.is_none() => {
@@ -443,19 +475,6 @@ impl Controller {
                     .set_rolling_out(pending || !self.validating.is_empty());
             }
         }
-        self.spans.retain(|v, _| self.versions.contains_key(v));
-        // Versions whose ReplicaSet is gone (past the revision history) cannot come back.
-        self.rolled_back.retain(|v| revisions.contains_key(v));
-        self.woken.retain(|v| revisions.contains_key(v));
-        let busy = self.switching || !self.validating.is_empty();
-        let phase = order::phase(
-            &self.versions,
-            self.active.as_deref(),
-            busy,
-            self.last_result.as_ref(),
-        );
-        self.board.publish(self.gate.name(), phase);
-        self.report(None);
     }
 
     /// `at_zero: wake`: when the newest revision (newer than the routed one) has no replicas —
