@@ -38,7 +38,7 @@ async fn a_candidate_waits_for_promote_or_abort_with_the_token() {
     sim.roll_to("v1", 1, 2, true, true).await;
     let file = token_file("manual", "first-token");
     let yaml = format!(
-        "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0, token_file: {} }}\nservices:\n  - name: web\n    hosts: [web.test]\n    backend:\n      kubernetes: {{ namespace: {NS}, deployment: web, service: web, port: http }}\n    rollout: {{ validation: [ {{ path: /healthz }} ], quiesce: 1s, promotion: manual, on_failure: rollback }}\n",
+        "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0, token_file: {} }}\nservices:\n  - name: web\n    hosts: [web.test]\n    backend:\n      kubernetes: {{ namespace: {NS}, deployment: web, service: web, port: http }}\n    rollout: {{ validation: [ {{ path: /healthz }} ], quiesce: 1s, promotion: manual, candidate_header: x-reveille-version, on_failure: rollback }}\n",
         file.display()
     );
     let r = reveille::server::start_with_kube(
@@ -60,6 +60,19 @@ async fn a_candidate_waits_for_promote_or_abort_with_the_token() {
     for _ in 0..5 {
         let resp = get(&c, r.proxy_addr, "web.test", "/work").await;
         assert_eq!(resp.body, "version=v1");
+    }
+    // Reachable on purpose with the header (HTTP/1.1: the fast path hands it to hyper's).
+    wait_until("the candidate reachable with the header", LONG, || async {
+        with_header(&c, &r, "candidate").await == "version=v2"
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(with_header(&c, &r, "candidate").await, "version=v2");
+        assert_eq!(with_header(&c, &r, "current").await, "version=v1");
+        assert_eq!(
+            get(&c, r.proxy_addr, "web.test", "/work").await.body,
+            "version=v1"
+        );
     }
     let body = get(&c, r.admin_addr, "admin", "/api/services").await.body;
     let state: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -93,6 +106,11 @@ async fn a_candidate_waits_for_promote_or_abort_with_the_token() {
     let v2 = sim.addrs("v2");
     wait_until("routing to v2", LONG, || async { routed(&r) == v2 }).await;
     assert_eq!(reasons(&sim, "v2"), ["Validated", "Validated"]);
+    assert_eq!(
+        with_header(&c, &r, "candidate").await,
+        "version=v2",
+        "no candidate any more: the current version"
+    );
     let e = send(r.admin_addr, "web", "promote", "first-token")
         .await
         .unwrap_err();
@@ -128,6 +146,10 @@ async fn a_candidate_waits_for_promote_or_abort_with_the_token() {
     })
     .await;
     assert_eq!(routed(&r), v2, "the current version stays");
+    wait_until("the aborted candidate unreachable", LONG, || async {
+        with_header(&c, &r, "candidate").await == "version=v2"
+    })
+    .await;
     let _ = std::fs::remove_file(&file);
     stop(r).await;
 }
@@ -149,4 +171,17 @@ async fn without_a_token_file_commands_are_refused_with_how_to_enable_them() {
     .await;
     assert_eq!(resp.status.as_u16(), 405, "GET changes nothing");
     stop(r).await;
+}
+
+/// A GET carrying `x-reveille-version: <value>`; the answer's body.
+async fn with_header(c: &TestClient, r: &Running, value: &str) -> String {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(format!("http://{}/work", r.proxy_addr))
+        .header("host", "web.test")
+        .header("x-reveille-version", value)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
 }

@@ -47,6 +47,9 @@ pub struct Rollout {
     /// After the steps pass: switch at once (`auto`, default) or wait for
     /// `reveille rollout promote|abort` (`manual`).
     pub promotion: Promotion,
+    /// With `promotion: manual`: requests with `<this header>: candidate` reach the candidate
+    /// awaiting promotion (default: none, the candidate is unreachable).
+    pub candidate_header: Option<http::HeaderName>,
 }
 
 /// `promotion:`: who decides the switch once the steps passed.
@@ -167,6 +170,7 @@ pub(crate) struct RawRollout {
     after: Vec<String>,
     overlap: Option<String>,
     promotion: Option<String>,
+    candidate_header: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -252,6 +256,15 @@ pub(crate) fn validate(p: &mut Problems, at: &str, raw: RawRollout) -> Rollout {
             Promotion::Auto
         }
     };
+    let candidate_header = raw.candidate_header.as_ref().and_then(|h| {
+        let at = format!("{at}.candidate_header");
+        if promotion != Promotion::Manual {
+            p.add(&at, "only with `promotion: manual`");
+        }
+        http::HeaderName::from_bytes(h.as_bytes())
+            .map_err(|_| p.add(&at, format!("{h:?} is not a header name")))
+            .ok()
+    });
     Rollout {
         validation,
         quiesce,
@@ -260,6 +273,7 @@ pub(crate) fn validate(p: &mut Problems, at: &str, raw: RawRollout) -> Rollout {
         after: raw.after,
         overlap,
         promotion,
+        candidate_header,
     }
 }
 
@@ -505,7 +519,7 @@ mod tests {
     fn every_problem_is_named() {
         let errs = parse(
             DEPLOY,
-            "{ validation: [ { method: get, path: healthz, expect_status: 99, timeout: 0s } ], on_failure: retry, at_zero: now, overlap: never, promotion: later }",
+            "{ validation: [ { method: get, path: healthz, expect_status: 99, timeout: 0s } ], on_failure: retry, at_zero: now, overlap: never, promotion: later, candidate_header: x-v }",
         )
         .unwrap_err();
         for want in [
@@ -517,6 +531,7 @@ mod tests {
             "services[0].rollout.at_zero",
             "services[0].rollout.overlap",
             "services[0].rollout.promotion",
+            "services[0].rollout.candidate_header",
         ] {
             assert!(errs.iter().any(|e| e.starts_with(want)), "{want}: {errs:?}");
         }

@@ -275,6 +275,8 @@ struct Version {
     failed: usize,
     /// Pods of this version validated and awaiting promotion (`promotion: manual`).
     awaiting: usize,
+    /// Their addresses (for `candidate_header`), sorted.
+    awaiting_addrs: Vec<SocketAddr>,
 }
 
 impl Controller {
@@ -358,6 +360,9 @@ impl Controller {
                 v.failed += 1;
             } else if awaiting {
                 v.awaiting += 1;
+                v.awaiting_addrs
+                    .extend(validate::pod_addr(pod, endpoints, &self.port).ok());
+                v.awaiting_addrs.sort();
                 v.pending += 1; // a candidate awaiting promotion keeps the rollout in progress
             } else if !passed {
                 let containers_ready =
@@ -429,6 +434,12 @@ impl Controller {
             self.last_result.as_ref(),
         );
         self.board.publish(self.gate.name(), phase);
+        if let Some(header) = &self.cfg.candidate_header {
+            let candidate = self.versions.values().filter(|v| v.awaiting > 0);
+            let newest = candidate.max_by_key(|v| v.revision);
+            let addrs = newest.map_or(&[][..], |v| &v.awaiting_addrs[..]);
+            self.gate.set_candidate(header, addrs);
+        }
         self.report(None);
     }
 

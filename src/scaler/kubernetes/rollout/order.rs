@@ -101,8 +101,7 @@ mod tests {
             validated,
             pending,
             failed,
-            awaiting: 0,
-            ready: Vec::new(),
+            ..Version::default()
         }
     }
 
