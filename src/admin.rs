@@ -16,6 +16,8 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::Semaphore;
 
+pub mod control;
+
 use crate::keda::Cluster;
 use crate::metrics::Metrics;
 use crate::services::Services;
@@ -39,6 +41,8 @@ pub struct AdminState {
     pub cluster: Arc<Cluster>,
     /// One permit per `/api/local` long-poll that may wait now (`limits.admin_max_long_polls`).
     pub long_polls: Arc<Semaphore>,
+    /// The commands that change something (rollout promote/abort) and their token.
+    pub control: control::Control,
 }
 
 /// Answers one admin request.
@@ -46,6 +50,9 @@ pub async fn handle<B>(
     state: Arc<AdminState>,
     req: Request<B>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path().starts_with("/api/rollouts/") {
+        return Ok(control::handle(&state.control, &state.services, req).await);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
     }

@@ -17,15 +17,18 @@ use serde::{Deserialize, Deserializer};
 
 mod keda;
 pub use keda::*;
+mod json_path;
 mod kubernetes;
 mod rollout;
 
+pub use json_path::JsonPath;
 pub use kubernetes::{
     Coordination, CrdWatch, KubernetesBackend, PortRef, Scaling, Workload, WorkloadKind,
     DEFAULT_LEASE_DURATION, DEFAULT_LEASE_NAME, DEFAULT_PEER_TIMEOUT, DEFAULT_REPLICAS,
 };
 pub use rollout::{
-    AtZero, OnFailure, Rollout, ValidationStep, DEFAULT_QUIESCE, DEFAULT_STEP_TIMEOUT,
+    AtZero, BodyRegex, ExpectJson, OnFailure, Overlap, Promotion, Rollout, ValidationStep,
+    DEFAULT_QUIESCE, DEFAULT_STEP_TIMEOUT,
 };
 
 /// Default proxy listener.
@@ -89,6 +92,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin listener address (health, metrics, state).
     pub admin: SocketAddr,
+    /// File holding the bearer token the admin commands (`POST /api/rollouts/...`) require;
+    /// re-read when it changes. `None` (default): those commands answer 403.
+    pub admin_token_file: Option<PathBuf>,
     /// Shutdown behaviour.
     pub shutdown: Shutdown,
     /// Timeouts of the proxy's phases.
@@ -375,11 +381,22 @@ impl<'de> Deserialize<'de> for HumanDuration {
 // ---------------------------------------------------------------------------------------------
 // Raw shapes, as written in YAML.
 
+/// `admin:` as an address, or `{ listen: ADDR, token_file: FILE }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawAdmin {
+    Addr(SocketAddr),
+    Full {
+        listen: Option<SocketAddr>,
+        token_file: Option<PathBuf>,
+    },
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<SocketAddr>,
-    admin: Option<SocketAddr>,
+    admin: Option<RawAdmin>,
     #[serde(default)]
     shutdown: RawShutdown,
     #[serde(default)]
@@ -606,9 +623,18 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let listen = raw
         .listen
         .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("constant"));
-    let admin = raw
-        .admin
-        .unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("constant"));
+    let (admin, admin_token_file) = match raw.admin {
+        None => (None, None),
+        Some(RawAdmin::Addr(a)) => (Some(a), None),
+        Some(RawAdmin::Full { listen, token_file }) => (listen, token_file),
+    };
+    let admin = admin.unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("constant"));
+    if admin_token_file
+        .as_ref()
+        .is_some_and(|f| f.as_os_str().is_empty())
+    {
+        p.add("admin.token_file", "must not be empty");
+    }
     if listen == admin && listen.port() != 0 {
         p.add("admin", format!("must differ from listen ({listen})"));
     }
@@ -845,11 +871,13 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             upgrades,
         });
     }
+    rollout::check_references(&mut p, &services);
     let tls = raw.tls.map(|t| validate_tls(&mut p, t, listen, admin));
     if p.0.is_empty() {
         Ok(Config {
             listen,
             admin,
+            admin_token_file,
             shutdown,
             timeouts,
             limits,

@@ -232,6 +232,8 @@ pub struct Gate {
     rolling_out: AtomicBool,
     /// The rollout's state for the admin API (`None`: no `rollout:` configured).
     rollout_report: arc_swap::ArcSwapOption<serde_json::Value>,
+    /// A candidate awaiting promotion, reachable on purpose with a header (see [`candidate`]).
+    candidate: arc_swap::ArcSwapOption<candidate::Candidate>,
     on_demand: OnceLock<Arc<dyn OnDemand>>,
 }
 
@@ -275,6 +277,7 @@ impl Gate {
             paused: AtomicBool::new(false),
             rolling_out: AtomicBool::new(false),
             rollout_report: arc_swap::ArcSwapOption::empty(),
+            candidate: arc_swap::ArcSwapOption::empty(),
             on_demand: OnceLock::new(),
         })
     }
@@ -835,6 +838,8 @@ fn fast_rand() -> u64 {
         x
     })
 }
+
+pub mod candidate;
 
 #[cfg(test)]
 mod tests;

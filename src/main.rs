@@ -25,6 +25,56 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum RolloutAction {
+    Promote,
+    Abort,
+}
+
+/// `reveille rollout promote|abort SERVICE`: one command to the admin API.
+fn rollout_command(
+    action: RolloutAction,
+    service: &str,
+    admin: std::net::SocketAddr,
+    token_file: Option<PathBuf>,
+) -> ExitCode {
+    let token = match token_file {
+        Some(f) => std::fs::read_to_string(&f)
+            .map(|t| t.trim().to_string())
+            .map_err(|e| format!("{}: {e}", f.display())),
+        None => std::env::var("REVEILLE_ADMIN_TOKEN").map_err(|_| {
+            "no token: pass --token-file FILE or set REVEILLE_ADMIN_TOKEN".to_string()
+        }),
+    };
+    let token = match token {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("reveille rollout: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let action = match action {
+        RolloutAction::Promote => "promote",
+        RolloutAction::Abort => "abort",
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    match rt.block_on(reveille::admin::control::send(
+        admin, service, action, &token,
+    )) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("reveille rollout {action} {service}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -49,6 +99,22 @@ enum Cmd {
     },
     /// Print the ReveilleService CustomResourceDefinition (deploy/base/crd.yaml).
     Crd,
+    /// Promote or abort a rollout awaiting promotion (`promotion: manual`), through the admin
+    /// API. The token comes from `--token-file` (or $REVEILLE_ADMIN_TOKEN_FILE), else from
+    /// $REVEILLE_ADMIN_TOKEN; never from the command line.
+    Rollout {
+        /// `promote` or `abort`.
+        #[arg(value_enum)]
+        action: RolloutAction,
+        /// The service's name.
+        service: String,
+        /// Reveille's admin address.
+        #[arg(long, default_value = reveille::config::DEFAULT_ADMIN)]
+        admin: std::net::SocketAddr,
+        /// File holding the admin token.
+        #[arg(long, env = "REVEILLE_ADMIN_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+    },
     /// Run the built-in demo backend (used by examples/local.yaml and the tests).
     DemoBackend {
         /// Address to listen on.
@@ -99,6 +165,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.cmd {
+        Cmd::Rollout {
+            action,
+            service,
+            admin,
+            token_file,
+        } => rollout_command(action, &service, admin, token_file),
         Cmd::Crd => {
             print!("{}", reveille::crd::crd_yaml());
             ExitCode::SUCCESS

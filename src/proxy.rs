@@ -178,7 +178,11 @@ impl Proxy {
             }
             let deadline = arrived + gate.settings().hold_timeout;
             let mut gate = gate;
-            let acquired = acquire_following(&self.shared.services, &mut gate, deadline).await;
+            // A rollout candidate asked for on purpose (`candidate_header`), else the gate.
+            let acquired = match gate.acquire_candidate(req.headers()) {
+                Some(candidate) => Ok(candidate),
+                None => acquire_following(&self.shared.services, &mut gate, deadline).await,
+            };
             let resp = match acquired {
                 // Boxed: a held request then carries only the hold state, not the forwarding one.
                 Ok(acquired) => {

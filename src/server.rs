@@ -225,6 +225,7 @@ pub async fn start_with(
         long_polls: Arc::new(tokio::sync::Semaphore::new(
             config.limits.admin_max_long_polls,
         )),
+        control: crate::admin::control::Control::new(config.admin_token_file.clone()),
     });
 
     let proxy_listener =

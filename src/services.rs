@@ -129,7 +129,7 @@ impl Services {
         kube: Option<scaler::kubernetes::KubeContext>,
         timeouts: Timeouts,
     ) -> Arc<Self> {
-        Arc::new(Services {
+        let services = Arc::new(Services {
             current: ArcSwap::from_pointee(Snapshot::build(Vec::new())),
             live: tokio::sync::Mutex::new(HashMap::new()),
             metrics,
@@ -138,7 +138,17 @@ impl Services {
             sources: tokio::sync::Mutex::new((Vec::new(), Vec::new())),
             timeouts,
             pid_dir: std::sync::OnceLock::new(),
-        })
+        });
+        if let Some(k) = &services.kube {
+            let weak = Arc::downgrade(&services);
+            k.rollouts.set_directory(weak);
+        }
+        services
+    }
+
+    /// What the rollout controllers share (`None`: no Kubernetes client).
+    pub fn rollouts(&self) -> Option<&Arc<scaler::kubernetes::rollout::board::Board>> {
+        self.kube.as_ref().map(|k| &k.rollouts)
     }
 
     /// Process backends started from now on get a pid file in `dir` (`state_dir`); without
@@ -306,6 +316,12 @@ fn same_gate(a: &Service, b: &Service) -> bool {
         && a.protocol == b.protocol
         && a.upstream_tls == b.upstream_tls
         && a.upgrades == b.upgrades
+}
+
+impl scaler::kubernetes::rollout::board::GateDirectory for Services {
+    fn gate(&self, name: &str) -> Option<Arc<Gate>> {
+        self.load().gate(name).cloned()
+    }
 }
 
 #[cfg(test)]

@@ -489,6 +489,111 @@ async fn keda_mode_at_zero_wake_asks_keda_and_never_patches() {
     stop_running(r).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_step_is_reported_as_it_starts() {
+    let (sim, r) = serving_v1(config("", "")).await;
+    let c = client();
+    let v2 = sim.roll_to("v2", 2, 1, false, false).await;
+    // Step 2 takes 3 s (its timeout is 5 s): long enough to look while it runs, with no
+    // watch event meanwhile.
+    v2.validate_delay_ms.store(3_000, Ordering::SeqCst);
+    sim.containers_ready("v2");
+    wait_until("step 2 reached the pod", LONG, || async {
+        v2.validation_requests
+            .lock()
+            .iter()
+            .any(|r| r.starts_with("POST /validate"))
+    })
+    .await;
+    let asked = Instant::now();
+    // Shown within moments of the step starting, not after the validation ended.
+    let mut state = rollout_state(&c, &r).await;
+    while state["step"] != "step 2/2 (POST /validate)" && asked.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        state = rollout_state(&c, &r).await;
+    }
+    assert_eq!(state["step"], "step 2/2 (POST /validate)", "{state}");
+    assert_eq!(
+        state["validating"]["web-v2-0"], "step 2/2 (POST /validate)",
+        "{state}"
+    );
+    assert_eq!(state["in_progress"], true, "{state}");
+    assert!(
+        sim.validated_conditions("v2")[0].is_null(),
+        "still validating"
+    );
+    let want = sim.addrs("v2");
+    wait_until("routing to v2", LONG, || async { routed(&r) == want }).await;
+    let state = rollout_state(&c, &r).await;
+    assert!(state["step"].is_null(), "{state}");
+    assert_eq!(state["validating"], serde_json::json!({}), "{state}");
+    stop_running(r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_flow_step_polls_another_service_until_the_record_arrived() {
+    // `erp` answers "not yet" twice, then `{"status":"ok"}`.
+    let erp = fake_rollout::Scripted::start(&["not yet", "not yet", "{\"status\":\"ok\"}"]).await;
+    let step = "{ path: /records/42, via: erp, expect_json: { path: $.status, equals: ok }, retry_every: 200ms, timeout: 5s, version_header: x-candidate-version }";
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: web\n    hosts: [web.test]\n    backend:\n      kubernetes: {{ namespace: {NS}, deployment: web, service: web, port: http }}\n    rollout: {{ validation: [ {{ path: /healthz }}, {step} ], quiesce: 1s }}\n  - name: erp\n    hosts: [erp.test]\n    backend:\n      static: {{ addresses: [{}] }}\n",
+        erp.addr
+    );
+    let (sim, r) = serving_v1(reveille::Config::parse(&yaml).unwrap()).await;
+    let c = client();
+    let started = Instant::now();
+    let v2 = sim.roll_to("v2", 2, 1, false, true).await;
+    let want = sim.addrs("v2");
+    wait_until("routing to v2", LONG, || async { routed(&r) == want }).await;
+    let cond = &sim.validated_conditions("v2")[0];
+    assert_eq!(cond["status"], "True", "{cond}");
+    // The pod got its own step; the data-flow step went to erp, three times, with the version.
+    let pod_reqs = v2.validation_requests.lock().clone();
+    assert_eq!(pod_reqs, vec!["GET /healthz ".to_string()]);
+    let seen = erp.seen.lock().clone();
+    assert_eq!(
+        seen,
+        vec![("/records/42".to_string(), Some("v2".to_string())); 3],
+        "polled until the record arrived"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "two pauses of retry_every between the attempts"
+    );
+    let state = rollout_state(&c, &r).await;
+    assert_eq!(state["result"]["passed"], true, "{state}");
+    stop_running(r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_flow_step_that_never_passes_fails_with_the_last_reason() {
+    let erp = fake_rollout::Scripted::start(&["not yet"]).await;
+    let step =
+        "{ path: /records/42, via: erp, expect_body: '^ok$', retry_every: 200ms, timeout: 1s }";
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: web\n    hosts: [web.test]\n    backend:\n      kubernetes: {{ namespace: {NS}, deployment: web, service: web, port: http }}\n    rollout: {{ validation: [ {step} ] }}\n  - name: erp\n    hosts: [erp.test]\n    backend:\n      static: {{ addresses: [{}] }}\n",
+        erp.addr
+    );
+    let (sim, r) = serving_v1(reveille::Config::parse(&yaml).unwrap()).await;
+    sim.roll_to("v2", 2, 1, false, true).await;
+    wait_until("v2 failed", LONG, || async {
+        sim.validated_conditions("v2")[0]["status"] == "False"
+    })
+    .await;
+    let msg = sim.validated_conditions("v2")[0]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.starts_with("step 1 (GET /records/42 via erp): body \"not yet\" does not match \"^ok$\" (still after "),
+        "{msg}"
+    );
+    let n = erp.seen.lock().len();
+    assert!((4..=6).contains(&n), "one attempt every 200ms for 1s: {n}");
+    assert_eq!(routed(&r), sim.addrs("v1"));
+    stop_running(r).await;
+}
+
 async fn stop_running(r: Running) {
     stop(r).await;
 }

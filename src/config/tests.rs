@@ -259,3 +259,28 @@ fn h2c_cannot_be_an_allowed_upgrade_and_timeouts_must_be_positive() {
         "{e:?}"
     );
 }
+
+#[test]
+fn admin_is_an_address_or_listen_with_a_token_file() {
+    let svc = "services:\n  - name: a\n    hosts: [a.test]\n    backend:\n      static: { addresses: [127.0.0.1:1] }\n";
+    let c = Config::parse_with_env(&format!("admin: 127.0.0.1:9191\n{svc}"), &|_| None).unwrap();
+    assert_eq!(c.admin, "127.0.0.1:9191".parse().unwrap());
+    assert_eq!(
+        c.admin_token_file, None,
+        "commands off unless a token is set"
+    );
+    let c = Config::parse_with_env(
+        &format!("admin: {{ listen: 127.0.0.1:9292, token_file: /run/secrets/admin }}\n{svc}"),
+        &|_| None,
+    )
+    .unwrap();
+    assert_eq!(c.admin, "127.0.0.1:9292".parse().unwrap());
+    assert_eq!(
+        c.admin_token_file.as_deref(),
+        Some(std::path::Path::new("/run/secrets/admin"))
+    );
+    let e = errs(&format!(
+        "admin: {{ listen: 127.0.0.1:9292, token_file: '' }}\n{svc}"
+    ));
+    assert!(e.iter().any(|e| e.starts_with("admin.token_file")), "{e:?}");
+}

@@ -786,7 +786,10 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
             None => return Plan::Handoff,
         }
     };
-    if !serves(gate.settings()) {
+    // A request that may ask for a rollout candidate is decided on hyper's path.
+    if !serves(gate.settings())
+        || gate.may_want_candidate(req.headers.iter().map(|h| h.name.as_bytes()))
+    {
         return Plan::Handoff;
     }
     out.clear();

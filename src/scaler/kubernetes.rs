@@ -66,6 +66,8 @@ pub struct KubeContext {
     pub client: Client,
     /// Decides scale-downs across replicas (`coordination:`); `None`: this replica alone.
     pub coordinator: Option<Arc<Coordinator>>,
+    /// What the rollout controllers of all services share.
+    pub rollouts: Arc<rollout::board::Board>,
 }
 
 /// Builds the shared context: with `coordination`, starts the lease elector (its task is
@@ -108,6 +110,7 @@ pub fn context(
     KubeContext {
         client,
         coordinator,
+        rollouts: Arc::default(),
     }
 }
 
@@ -155,6 +158,7 @@ pub async fn run(
                 client.clone(),
                 cfg.clone(),
                 routing.clone(),
+                ctx.rollouts.clone(),
                 rx,
             ));
             (Some(tx), Some(AbortOnDrop(task)))

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +32,8 @@ pub const CONDITION: &str = "reveille.dev/validated";
 /// What one version's pods answer to the validation path `/validate`.
 pub struct VersionBehaviour {
     pub validate_status: AtomicU16,
+    /// How long `/validate` takes to answer, in milliseconds (default 0).
+    pub validate_delay_ms: AtomicU64,
     /// Validation requests received (any path but `/work`), with method, path and body.
     pub validation_requests: Mutex<Vec<String>>,
     /// `/work` requests served.
@@ -60,7 +62,11 @@ impl Rollout {
     /// A Deployment with no ReplicaSet yet, its EndpointSlice (port named `http`), and the
     /// kubelet/endpoints loop.
     pub async fn start(ns: &str, name: &str) -> Arc<Rollout> {
-        let api = FakeApi::start().await;
+        Rollout::start_on(FakeApi::start().await, ns, name).await
+    }
+
+    /// [`Rollout::start`] on an API server already running (several Deployments on one).
+    pub async fn start_on(api: Arc<FakeApi>, ns: &str, name: &str) -> Arc<Rollout> {
         let port = {
             let l = std::net::TcpListener::bind("127.0.2.250:0").unwrap();
             l.local_addr().unwrap().port()
@@ -126,6 +132,7 @@ impl Rollout {
     ) -> Arc<VersionBehaviour> {
         let behaviour = Arc::new(VersionBehaviour {
             validate_status: AtomicU16::new(200),
+            validate_delay_ms: AtomicU64::new(0),
             validation_requests: Mutex::new(Vec::new()),
             served: AtomicUsize::new(0),
         });
@@ -251,6 +258,29 @@ impl Rollout {
             }
             self.api.put("pods", "Pod", pod);
         }
+    }
+
+    /// Sets the Deployment's `spec.strategy.type` (`Recreate` or `RollingUpdate`).
+    pub fn set_strategy(&self, strategy: &str) {
+        let mut d = self.api.get("deployments", &self.ns, &self.name).unwrap();
+        d["spec"]["strategy"] = json!({"type": strategy});
+        self.api.put("deployments", "Deployment", d);
+    }
+
+    /// Starts terminating `version`'s pods, as a deletion does: `deletionTimestamp` set, not
+    /// ready any more (their endpoints turn not-ready), while their servers keep answering
+    /// what they were sent (a graceful shutdown). [`Rollout::remove_version`] ends them.
+    pub fn terminate_version(&self, version: &str) {
+        for mut pod in self.pod_objects(version) {
+            pod["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            for c in pod["status"]["conditions"].as_array_mut().unwrap() {
+                if c["type"] == "ContainersReady" {
+                    c["status"] = json!("False");
+                }
+            }
+            self.api.put("pods", "Pod", pod);
+        }
+        self.kubelet();
     }
 
     /// Removes `version`'s pods (the Deployment controller scaled its ReplicaSet to zero).
@@ -457,6 +487,8 @@ async fn serve(listener: TcpListener, version: String, b: Arc<VersionBehaviour>)
                             String::from_utf8_lossy(&body)
                         ));
                         if path == "/validate" {
+                            let delay = b.validate_delay_ms.load(Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(delay)).await;
                             b.validate_status.load(Ordering::SeqCst)
                         } else {
                             200
@@ -471,5 +503,61 @@ async fn serve(listener: TcpListener, version: String, b: Arc<VersionBehaviour>)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+/// Another service a validation step asks (`via`): answers each request with the next of
+/// `answers` (the last one repeats), status 200; records each request's path and its
+/// `x-candidate-version` header.
+/// Requests a [`Scripted`] service saw: path, `x-candidate-version`.
+pub type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+pub struct Scripted {
+    pub addr: SocketAddr,
+    pub seen: Seen,
+    _server: JoinSet<()>,
+}
+
+impl Scripted {
+    pub async fn start(answers: &[&str]) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answers: Arc<Vec<String>> = Arc::new(answers.iter().map(|a| a.to_string()).collect());
+        let seen: Seen = Arc::default();
+        let mut server = JoinSet::new();
+        let recorded = seen.clone();
+        server.spawn(async move {
+            let mut conns = JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                let (answers, seen) = (answers.clone(), recorded.clone());
+                conns.spawn(async move {
+                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let answer = {
+                            let mut seen = seen.lock();
+                            seen.push((
+                                req.uri().path().to_string(),
+                                req.headers()
+                                    .get("x-candidate-version")
+                                    .map(|v| v.to_str().unwrap().to_string()),
+                            ));
+                            answers[(seen.len() - 1).min(answers.len() - 1)].clone()
+                        };
+                        async move {
+                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                                Bytes::from(answer),
+                            )))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Scripted {
+            addr,
+            seen,
+            _server: server,
+        }
     }
 }

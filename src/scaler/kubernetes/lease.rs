@@ -18,7 +18,7 @@ use kube::{Api, Client};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::Coordination;
 
@@ -133,6 +133,13 @@ async fn bounded_by<T>(
         .unwrap_or_else(|_| Err(kube::Error::Service("lease call timed out".into())))
 }
 
+/// Whether a create was refused because someone else created the object first. The API server
+/// answers that `409` with reason `AlreadyExists` (not `Conflict`, which is a stale
+/// `resourceVersion` on an update), so both are the race lost.
+fn lost_create_race(s: &kube::core::Status) -> bool {
+    s.is_already_exists() || s.is_conflict()
+}
+
 /// One round: create, renew or take over the lease. `Ok(true)` when this replica holds it.
 async fn step(
     api: &Api<Lease>,
@@ -158,7 +165,12 @@ async fn step(
         };
         return match bounded(api.create(&PostParams::default(), &lease)).await {
             Ok(_) => Ok(true),
-            Err(kube::Error::Api(s)) if s.is_conflict() => Ok(false),
+            Err(kube::Error::Api(s)) if lost_create_race(&s) => {
+                // Another replica created it between our read and our create: the expected
+                // outcome of the race, not a failure. Follow; the next round reads theirs.
+                debug!(lease = %cfg.lease, "another replica created the lease first; following");
+                Ok(false)
+            }
             Err(e) => Err(e),
         };
     };
@@ -200,5 +212,30 @@ async fn step(
         }
         Err(kube::Error::Api(s)) if s.is_conflict() => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The body a real API server sends when a create finds the object there (and the one for
+    /// a stale update): both are the race lost, followed without a warning.
+    #[test]
+    fn a_lost_create_race_is_followed() {
+        let status = |reason: &str| -> kube::core::Status {
+            serde_json::from_value(serde_json::json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "leases.coordination.k8s.io \"reveille-scale-down\" already exists",
+                "reason": reason, "details": {"name": "reveille-scale-down",
+                "group": "coordination.k8s.io", "kind": "leases"}, "code": 409,
+            }))
+            .unwrap()
+        };
+        assert!(lost_create_race(&status("AlreadyExists")));
+        assert!(lost_create_race(&status("Conflict")));
+        let mut forbidden = status("Forbidden");
+        forbidden.code = 403;
+        assert!(!lost_create_race(&forbidden));
     }
 }

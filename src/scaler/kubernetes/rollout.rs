@@ -17,10 +17,16 @@
 //!   everything goes to the new version.
 //! - **Activity**: while a pod awaits validation or a switch runs, the gate is marked rolling
 //!   out: no scale-down, and KEDA is told the service is active.
+//! - **Order**: with `after: [api]`, new pods are validated only once `api`'s rollout has
+//!   completed ([`order`]); meanwhile their condition says what they wait for.
 //! - **At zero**: a new revision whose ReplicaSet has no replicas waits for the next wake-up,
 //!   unless `at_zero: wake`: then the controller wakes the workload itself (direct mode: raises
 //!   the scale; KEDA mode: reports active) and the idle scale-down follows once it is done.
 
+pub mod board;
+mod order;
+mod promote;
+mod report;
 pub mod validate;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -40,11 +46,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, info_span, warn, Instrument, Span};
 
+use self::board::Board;
 use self::validate::{StepClient, API_TIMEOUT, CONDITION, REASON_FAILED};
 use super::endpoints::{Routing, SliceEndpoint};
 use super::scale::{Change, WorkloadApi};
 use crate::config::{
-    AtZero, KubernetesBackend, OnFailure, PortRef, Rollout, Scaling, ValidationStep,
+    AtZero, KubernetesBackend, OnFailure, PortRef, Promotion, Rollout, Scaling, ValidationStep,
 };
 use crate::gate::Gate;
 
@@ -78,6 +85,8 @@ struct Controller {
     events: Api<Event>,
     deployments: Api<Deployment>,
     client: StepClient,
+    /// What the controllers of all services share (`via` gates).
+    board: Arc<Board>,
     /// The version the gate routes to.
     active: Option<String>,
     /// Pods (uid) being validated now.
@@ -93,8 +102,16 @@ struct Controller {
     spans: HashMap<String, Span>,
     /// The step each validating pod is at (pod name → `step 2/3 (POST /validate)`).
     progress: Arc<Mutex<BTreeMap<String, String>>>,
+    /// Told by a validation task as each step starts, so the report shows it at once.
+    progressed: Arc<tokio::sync::Notify>,
+    /// The versions as the last reconcile saw them (for the report between reconciles).
+    versions: BTreeMap<String, Version>,
     /// The last finished validation, for the admin API.
     last_result: Option<serde_json::Value>,
+    /// With `after:`: why new pods are not validated now (`None`: they may be).
+    waiting_for: Option<String>,
+    /// `overlap: none` on a Deployment whose strategy allows overlap.
+    warning: Option<String>,
     switching: bool,
     /// The validations running now; dropped with the controller, which aborts them (a reload
     /// or a removed service does not leave requests going to pods).
@@ -116,6 +133,7 @@ pub async fn run(
     client: Client,
     cfg: KubernetesBackend,
     routing: Arc<Routing>,
+    board: Arc<Board>,
     mut slices: watch::Receiver<Vec<SliceEndpoint>>,
 ) {
     let Some(rollout) = cfg.rollout.clone() else {
@@ -136,13 +154,18 @@ pub async fn run(
         events: Api::namespaced(client.clone(), &ns),
         deployments: deployments.clone(),
         client: validate::step_client(),
+        board,
         active: None,
         validating: HashSet::new(),
         done: HashSet::new(),
         rolled_back: HashSet::new(),
         spans: HashMap::new(),
         progress: Arc::default(),
+        progressed: Arc::default(),
+        versions: BTreeMap::new(),
         last_result: None,
+        waiting_for: None,
+        warning: None,
         switching: false,
         tasks: JoinSet::new(),
         workload: WorkloadApi::new(client.clone(), &ns, &cfg.workload),
@@ -151,7 +174,7 @@ pub async fn run(
         woken: HashSet::new(),
         waking_for: None,
     };
-    c.report(None, None);
+    c.report(None);
     let selector = c.selector().await;
     info!(%selector, "rollout controller watching pods");
     let (pod_store, writer) = reflector::store();
@@ -165,6 +188,9 @@ pub async fn run(
     )
     .default_backoff()
     .reflect(writer);
+    let mut order = c.board.subscribe();
+    let mut commands = c.board.listen(gate.name());
+    let follows = !c.cfg.after.is_empty();
     let mut pod_stream = std::pin::pin!(pod_stream);
     let mut rs_stream = std::pin::pin!(rs_stream);
     let (mut pods_listed, mut rs_listed) = (false, false);
@@ -189,6 +215,15 @@ pub async fn run(
                 None => return,
             },
             changed = slices.changed() => if changed.is_err() { return },
+            _ = order.changed(), if follows => {}
+            Some((cmd, reply)) = commands.recv() => {
+                let _ = reply.send(c.command(cmd, &pod_store, &rs_store).await);
+            }
+            _ = c.progressed.notified() => {
+                // A validation step started: only the report changes.
+                c.report(None);
+                continue;
+            }
             Some(joined) = c.tasks.join_next(), if !c.tasks.is_empty() => {
                 if let Ok(outcome) = joined {
                     c.finish(outcome, &rs_store).await;
@@ -200,6 +235,27 @@ pub async fn run(
             c.reconcile(&pod_store, &rs_store, &eps).await;
         }
     }
+}
+
+impl Drop for Controller {
+    /// A stopped controller (service removed or replaced) says nothing about its rollout any
+    /// more: its followers wait until a new controller reports.
+    fn drop(&mut self) {
+        self.board.forget(self.gate.name());
+    }
+}
+
+/// Each version's (`pod-template-hash`) revision, from its ReplicaSets.
+fn revisions(replicasets: &Store<ReplicaSet>) -> HashMap<String, i64> {
+    let mut m = HashMap::new();
+    for rs in replicasets.state() {
+        if let Some(h) = rs_hash(&rs) {
+            let r = validate::revision(&rs);
+            let e = m.entry(h.to_string()).or_insert(r);
+            *e = (*e).max(r);
+        }
+    }
+    m
 }
 
 /// A ReplicaSet's `pod-template-hash`.
@@ -217,15 +273,23 @@ struct Version {
     pending: usize,
     /// Pods of this version whose validation failed.
     failed: usize,
+    /// Pods of this version validated and awaiting promotion (`promotion: manual`).
+    awaiting: usize,
+    /// Their addresses (for `candidate_header`), sorted.
+    awaiting_addrs: Vec<SocketAddr>,
 }
 
 impl Controller {
     /// The Deployment's pod selector (`a=b,c=d`), read until it can be.
-    async fn selector(&self) -> String {
+    async fn selector(&mut self) -> String {
         let mut pause = BACKOFF_MIN;
         loop {
             match tokio::time::timeout(API_TIMEOUT, self.deployments.get(&self.deployment)).await {
                 Ok(Ok(d)) => {
+                    self.warning = validate::overlap_warning(self.cfg.overlap, &d);
+                    if let Some(w) = &self.warning {
+                        warn!("{w}");
+                    }
                     let labels = d
                         .spec
                         .and_then(|s| s.selector.match_labels)
@@ -265,20 +329,12 @@ impl Controller {
         replicasets: &Store<ReplicaSet>,
         endpoints: &[SliceEndpoint],
     ) {
-        let revisions: HashMap<String, i64> = {
-            let mut m = HashMap::new();
-            for rs in replicasets.state() {
-                if let Some(h) = rs_hash(&rs) {
-                    let r = validate::revision(&rs);
-                    let e = m.entry(h.to_string()).or_insert(r);
-                    *e = (*e).max(r);
-                }
-            }
-            m
-        };
+        let revisions = revisions(replicasets);
         let mut versions: BTreeMap<String, Version> = BTreeMap::new();
         let mut version_of: HashMap<String, String> = HashMap::new();
         let mut present = HashSet::new();
+        self.waiting_for = self.board.waiting_for(&self.cfg.after);
+        let mut held_back = Vec::new();
         let all_pods = pods.state();
         for pod in &all_pods {
             if pod.metadata.deletion_timestamp.is_some() {
@@ -298,9 +354,16 @@ impl Controller {
             let cond = validate::condition(pod, CONDITION);
             let passed = !gated || cond.is_some_and(|(s, _)| s == "True");
             let failed = gated && cond == Some(("False", Some(REASON_FAILED)));
+            let awaiting = gated && cond == Some(("False", Some(promote::REASON_AWAITING)));
             v.validated |= passed;
             if failed {
                 v.failed += 1;
+            } else if awaiting {
+                v.awaiting += 1;
+                v.awaiting_addrs
+                    .extend(validate::pod_addr(pod, endpoints, &self.port).ok());
+                v.awaiting_addrs.sort();
+                v.pending += 1; // a candidate awaiting promotion keeps the rollout in progress
             } else if !passed {
                 let containers_ready =
                     validate::condition(pod, "ContainersReady").is_some_and(|(s, _)| s == "True");
@@ -314,8 +377,17 @@ impl Controller {
                     && !self.validating.contains(uid)
                     && !self.done.contains(uid)
                 {
-                    self.start_validation(pod.clone(), hash.clone(), v.revision, endpoints);
+                    if self.waiting_for.is_some() {
+                        held_back.push(pod.clone());
+                    } else {
+                        self.start_validation(pod.clone(), hash.clone(), v.revision, endpoints);
+                    }
                 }
+            }
+        }
+        if let Some(why) = &self.waiting_for {
+            if !order::hold(&self.pods, &held_back, why).await {
+                self.gate.metrics().kube_api_error("patch_pod_status");
             }
         }
         self.validating.retain(|u| present.contains(u));
@@ -340,8 +412,45 @@ impl Controller {
         }
         let waking = self.waking_for.is_some();
         let pending = versions.values().any(|v| v.pending > 0) || waking;
+        let target_revision = target.as_ref().map_or(0, |(h, _)| versions[h].revision);
+        self.versions = versions;
         self.gate
             .set_rolling_out(pending || !self.validating.is_empty());
+        self.route(target, target_revision, pending).await;
+        self.settle(&revisions);
+    }
+
+    /// After a reconcile: forgets what is gone, tells followers the phase, reports.
+    fn settle(&mut self, revisions: &HashMap<String, i64>) {
+        self.spans.retain(|v, _| self.versions.contains_key(v));
+        // Versions whose ReplicaSet is gone (past the revision history) cannot come back.
+        self.rolled_back.retain(|v| revisions.contains_key(v));
+        self.woken.retain(|v| revisions.contains_key(v));
+        let busy = self.switching || !self.validating.is_empty();
+        let phase = order::phase(
+            &self.versions,
+            self.active.as_deref(),
+            busy,
+            self.last_result.as_ref(),
+        );
+        self.board.publish(self.gate.name(), phase);
+        if let Some(header) = &self.cfg.candidate_header {
+            let candidate = self.versions.values().filter(|v| v.awaiting > 0);
+            let newest = candidate.max_by_key(|v| v.revision);
+            let addrs = newest.map_or(&[][..], |v| &v.awaiting_addrs[..]);
+            self.gate.set_candidate(header, addrs);
+        }
+        self.report(None);
+    }
+
+    /// Routes to `target` (version, ready addresses): at once when nothing or the same version
+    /// is routed, else through the switch (`pending`: a rollout is still in progress after it).
+    async fn route(
+        &mut self,
+        target: Option<(String, Vec<SocketAddr>)>,
+        target_revision: i64,
+        pending: bool,
+    ) {
         match target {
             None => self.routing.publish(Vec::new()),
             Some((version, addrs)) if self.active.is_none() => {
@@ -353,12 +462,11 @@ impl Controller {
                 self.routing.publish(addrs);
             }
             Some((version, addrs)) => {
-                let revision = versions[&version].revision;
-                let span = self.span(&version, revision);
+                let span = self.span(&version, target_revision);
                 let from = self.active.clone().unwrap_or_default();
                 self.switching = true;
                 self.gate.set_rolling_out(true);
-                self.report(Some(&versions), Some("switching"));
+                self.report(Some("switching"));
                 let quiesce = self.cfg.quiesce;
                 let started = tokio::time::Instant::now();
                 let drained = self
@@ -378,12 +486,6 @@ impl Controller {
                     .set_rolling_out(pending || !self.validating.is_empty());
             }
         }
-        let live: HashSet<&String> = versions.keys().collect();
-        self.spans.retain(|v, _| live.contains(v));
-        // Versions whose ReplicaSet is gone (past the revision history) cannot come back.
-        self.rolled_back.retain(|v| revisions.contains_key(v));
-        self.woken.retain(|v| revisions.contains_key(v));
-        self.report(Some(&versions), None);
     }
 
     /// `at_zero: wake`: when the newest revision (newer than the routed one) has no replicas —
@@ -463,20 +565,27 @@ impl Controller {
         endpoints: &[SliceEndpoint],
     ) {
         let name = pod.metadata.name.clone().unwrap_or_default();
-        let addr = self.pod_addr(&pod, endpoints);
+        let addr = validate::pod_addr(&pod, endpoints, &self.port);
         self.validating
             .insert(pod.metadata.uid.clone().unwrap_or_default());
         let span = self.span(&version, revision);
         let steps = self.steps.clone();
         let client = self.client.clone();
+        let board = self.board.clone();
         let progress = self.progress.clone();
+        let progressed = self.progressed.clone();
         let total = steps.len();
         self.tasks.spawn(
             async move {
                 info!(pod = %name, "validating");
                 let result = match addr {
-                    Ok(addr) => {
-                        validate::run_steps(&client, addr, &steps, |i| {
+                    Ok(pod) => {
+                        let target = validate::Target {
+                            pod,
+                            version: version.clone(),
+                            board,
+                        };
+                        validate::run_steps(&client, &target, &steps, |i| {
                             progress.lock().insert(
                                 name.clone(),
                                 format!(
@@ -486,12 +595,14 @@ impl Controller {
                                     steps[i].path
                                 ),
                             );
+                            progressed.notify_one();
                         })
                         .await
                     }
                     Err(why) => Err(why),
                 };
                 progress.lock().remove(&name);
+                progressed.notify_one();
                 Outcome {
                     pod,
                     version,
@@ -500,27 +611,6 @@ impl Controller {
             }
             .instrument(span),
         );
-    }
-
-    /// Where a pod is validated: its address in the EndpointSlice (which names the port),
-    /// else its IP and the configured port.
-    fn pod_addr(&self, pod: &Pod, endpoints: &[SliceEndpoint]) -> Result<SocketAddr, String> {
-        let name = pod.metadata.name.as_deref();
-        if let Some(ep) = endpoints.iter().find(|e| e.pod.as_deref() == name) {
-            return Ok(ep.addr);
-        }
-        let ip = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ip.as_deref())
-            .and_then(|ip| ip.parse().ok())
-            .ok_or_else(|| "the pod has no IP".to_string())?;
-        let port = match &self.port {
-            PortRef::Number(n) => *n,
-            PortRef::Name(p) => validate::container_port(pod, p)
-                .ok_or_else(|| format!("no container port named {p:?}"))?,
-        };
-        Ok(SocketAddr::new(ip, port))
     }
 
     async fn finish(&mut self, o: Outcome, replicasets: &Store<ReplicaSet>) {
@@ -547,11 +637,14 @@ impl Controller {
             "passed": passed,
             "message": message,
         }));
-        let patched = tokio::time::timeout(
-            API_TIMEOUT,
-            validate::set_condition(&self.pods, &name, passed, &message),
-        )
-        .await;
+        let manual = passed && self.cfg.promotion == Promotion::Manual;
+        let patched = if manual {
+            let call = promote::await_promotion(&self.pods, &name, self.gate.name());
+            tokio::time::timeout(API_TIMEOUT, call).await
+        } else {
+            let call = validate::set_condition(&self.pods, &name, passed, &message);
+            tokio::time::timeout(API_TIMEOUT, call).await
+        };
         if !matches!(patched, Ok(Ok(()))) {
             self.gate.metrics().kube_api_error("patch_pod_status");
             let _g = span.enter();
@@ -596,49 +689,5 @@ impl Controller {
                 }
             }
         }
-    }
-
-    /// Publishes the state for `/api/services`.
-    fn report(&self, versions: Option<&BTreeMap<String, Version>>, step: Option<&str>) {
-        let active_rev = self
-            .active
-            .as_ref()
-            .and_then(|a| versions.and_then(|v| v.get(a)))
-            .map(|v| v.revision);
-        // The candidate: the newest version that is not the active one and still has pods.
-        let candidate = versions.and_then(|vs| {
-            vs.iter()
-                .filter(|(h, _)| Some(h.as_str()) != self.active.as_deref())
-                .filter(|(_, v)| active_rev.is_none_or(|r| v.revision > r))
-                .max_by_key(|(h, v)| (v.revision, h.as_str()))
-                .map(|(h, v)| {
-                    json!({
-                        "version": h,
-                        "revision": v.revision,
-                        "validated": v.validated,
-                        "ready_endpoints": v.ready.len(),
-                        "pending_pods": v.pending,
-                        "failed_pods": v.failed,
-                    })
-                })
-        });
-        let progress = self.progress.lock().clone();
-        let step = match step {
-            Some(s) => json!(s),
-            None if self.switching => json!("switching"),
-            None if !progress.is_empty() => json!(progress),
-            None if self.gate.rolling_out() => json!("waiting for pods"),
-            None => serde_json::Value::Null,
-        };
-        self.gate.set_rollout_report(json!({
-            "current_version": self.active,
-            "current_revision": active_rev,
-            "candidate": candidate,
-            "in_progress": self.gate.rolling_out(),
-            "step": step,
-            "result": self.last_result,
-            "on_failure": self.cfg.on_failure.as_str(),
-            "quiesce_seconds": self.cfg.quiesce.as_secs_f64(),
-        }));
     }
 }

@@ -2,8 +2,14 @@
 //! the pod's own address (it is not ready yet, so no Service routes to it), then the pod's
 //! `reveille.dev/validated` condition is set, and a failure is also recorded as a Kubernetes
 //! Event on the pod. The rollback patch lives here too.
+//!
+//! A step may go `via` another service (one of its ready endpoints, through its gate: woken
+//! and held like any request), check the body (`expect_body`, `expect_json`), carry the
+//! candidate's version in a header, and repeat every `retry_every` until it passes or its
+//! `timeout` runs out (the last attempt's reason is reported).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -18,6 +24,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::{json, Value};
 
+use super::board::Board;
 use crate::config::ValidationStep;
 
 /// The pod condition type (and readiness gate) Reveille owns.
@@ -28,6 +35,8 @@ pub const REASON_FAILED: &str = "ValidationFailed";
 pub const REASON_PASSED: &str = "Validated";
 /// Largest response body read from a step (the rest is not waited for).
 const MAX_STEP_RESPONSE: usize = 64 * 1024;
+/// Longest excerpt of a response body quoted in a failure message.
+const EXCERPT: usize = 80;
 
 /// The client validation steps use: plain HTTP/1.1, a fresh connection per pod is fine.
 pub type StepClient = Client<HttpConnector, Full<Bytes>>;
@@ -41,36 +50,92 @@ pub fn step_client() -> StepClient {
         .build(c)
 }
 
-/// Runs `steps` in order against `addr`; `on_step(i)` is called as step `i` starts. The error
-/// names the failed step: `step 2 (POST /validate): status 500, expected 200`.
+/// What a pod's steps run against: the pod's own address, its version (for
+/// `version_header`), and the other services (for `via`).
+#[derive(Clone)]
+pub struct Target {
+    /// The new pod.
+    pub pod: SocketAddr,
+    /// The pod's version (`pod-template-hash`).
+    pub version: String,
+    /// Where `via` services are found.
+    pub board: Arc<Board>,
+}
+
+/// Runs `steps` in order against `target`; `on_step(i)` is called as step `i` starts. The
+/// error names the failed step: `step 2 (POST /validate): status 500, expected 200`.
 pub async fn run_steps(
     client: &StepClient,
-    addr: SocketAddr,
+    target: &Target,
     steps: &[ValidationStep],
     mut on_step: impl FnMut(usize),
 ) -> Result<(), String> {
     for (i, step) in steps.iter().enumerate() {
         on_step(i);
-        let name = format!("step {} ({} {})", i + 1, step.method, step.path);
-        match tokio::time::timeout(step.timeout, one_step(client, addr, step)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(why)) => return Err(format!("{name}: {why}")),
-            Err(_) => {
-                return Err(format!(
-                    "{name}: no answer within {}",
-                    humantime::format_duration(step.timeout)
-                ))
-            }
-        }
+        let name = match &step.via {
+            Some(via) => format!("step {} ({} {} via {via})", i + 1, step.method, step.path),
+            None => format!("step {} ({} {})", i + 1, step.method, step.path),
+        };
+        run_step(client, target, step)
+            .await
+            .map_err(|why| format!("{name}: {why}"))?;
     }
     Ok(())
 }
 
-async fn one_step(
+/// One step: attempts until one passes, every `retry_every`, all within `timeout`.
+async fn run_step(
     client: &StepClient,
-    addr: SocketAddr,
+    target: &Target,
     step: &ValidationStep,
 ) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + step.timeout;
+    let within = humantime::format_duration(step.timeout);
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let why = match tokio::time::timeout_at(deadline, attempt(client, target, step, deadline))
+            .await
+        {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(why)) => why,
+            Err(_) if attempts == 1 => return Err(format!("no answer within {within}")),
+            Err(_) => return Err(format!("no answer within {within} ({attempts} attempts)")),
+        };
+        let Some(every) = step.retry_every else {
+            return Err(why);
+        };
+        if tokio::time::Instant::now() + every >= deadline {
+            return Err(format!(
+                "{why} (still after {attempts} attempts in {within})"
+            ));
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// One attempt of a step: where it goes, the request, and the checks of the answer.
+async fn attempt(
+    client: &StepClient,
+    target: &Target,
+    step: &ValidationStep,
+    deadline: tokio::time::Instant,
+) -> Result<(), String> {
+    // Through the other service's gate: woken if need be, counted in flight while it runs.
+    let (addr, _permit) = match &step.via {
+        None => (target.pod, None),
+        Some(via) => {
+            let gate = target
+                .board
+                .gate(via)
+                .ok_or_else(|| format!("service {via:?} is not running"))?;
+            let acquired = gate
+                .acquire(deadline)
+                .await
+                .map_err(|e| format!("service {via:?}: {e}"))?;
+            (acquired.permit.endpoint().addr, Some(acquired.permit))
+        }
+    };
     let body = step.body.clone().unwrap_or_default();
     let mut req = Request::builder()
         .method(step.method.clone())
@@ -79,6 +144,9 @@ async fn one_step(
         .header(header::USER_AGENT, "reveille-rollout-validation");
     if body.starts_with('{') || body.starts_with('[') {
         req = req.header(header::CONTENT_TYPE, "application/json");
+    }
+    if let Some(h) = &step.version_header {
+        req = req.header(h, target.version.as_str());
     }
     let req = req
         .body(Full::new(Bytes::from(body)))
@@ -95,20 +163,107 @@ async fn one_step(
     let got = resp.status().as_u16();
     // Read (a bounded part of) the body so the exchange completes within the step's timeout.
     let mut body = resp.into_body();
-    let mut read = 0;
+    let mut read = Vec::new();
+    let mut whole = true;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| format!("reading the response: {e}"))?;
         if let Some(d) = frame.data_ref() {
-            read += d.len();
-            if read > MAX_STEP_RESPONSE {
+            if read.len() + d.len() > MAX_STEP_RESPONSE {
+                whole = false;
                 break;
             }
+            read.extend_from_slice(d);
         }
     }
     if got != step.expect_status {
         return Err(format!("status {got}, expected {}", step.expect_status));
     }
+    check_body(step, &read, whole)
+}
+
+/// `expect_body` and `expect_json` on a response body (`whole`: it was read to its end).
+fn check_body(step: &ValidationStep, body: &[u8], whole: bool) -> Result<(), String> {
+    if step.expect_body.is_none() && step.expect_json.is_none() {
+        return Ok(());
+    }
+    if !whole {
+        return Err(format!("body over {MAX_STEP_RESPONSE} bytes, not checked"));
+    }
+    let text = String::from_utf8_lossy(body);
+    if let Some(re) = &step.expect_body {
+        if !re.0.is_match(&text) {
+            return Err(format!(
+                "body {:?} does not match {:?}",
+                excerpt(&text),
+                re.0.as_str()
+            ));
+        }
+    }
+    if let Some(want) = &step.expect_json {
+        let doc: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|_| format!("body {:?} is not JSON", excerpt(&text)))?;
+        let path = want.path.as_str();
+        match want.path.lookup(&doc) {
+            Some(v) if *v == want.equals => {}
+            Some(v) => return Err(format!("{path} is {v}, expected {}", want.equals)),
+            None => return Err(format!("{path} is missing, expected {}", want.equals)),
+        }
+    }
     Ok(())
+}
+
+/// The start of `text`, for a failure message.
+fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(EXCERPT) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+/// Where a pod is validated: its address in the EndpointSlice (which names the port), else
+/// its IP and the configured port.
+pub fn pod_addr(
+    pod: &Pod,
+    endpoints: &[super::super::endpoints::SliceEndpoint],
+    port: &crate::config::PortRef,
+) -> Result<SocketAddr, String> {
+    let name = pod.metadata.name.as_deref();
+    if let Some(ep) = endpoints.iter().find(|e| e.pod.as_deref() == name) {
+        return Ok(ep.addr);
+    }
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|ip| ip.parse().ok())
+        .ok_or_else(|| "the pod has no IP".to_string())?;
+    let port = match port {
+        crate::config::PortRef::Number(n) => *n,
+        crate::config::PortRef::Name(p) => {
+            container_port(pod, p).ok_or_else(|| format!("no container port named {p:?}"))?
+        }
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// With `overlap: none`, what is wrong with the Deployment's strategy, if anything: only
+/// `Recreate` removes the old pods before starting new ones (absent means `RollingUpdate`).
+pub fn overlap_warning(overlap: crate::config::Overlap, d: &Deployment) -> Option<String> {
+    if overlap != crate::config::Overlap::None {
+        return None;
+    }
+    let strategy = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.strategy.as_ref())
+        .and_then(|s| s.type_.as_deref())
+        .unwrap_or("RollingUpdate");
+    (strategy != "Recreate").then(|| {
+        format!(
+            "overlap: none, but the Deployment's strategy is {strategy}: old and new pods run \
+             together; set `strategy: {{ type: Recreate }}`"
+        )
+    })
 }
 
 /// Now in RFC 3339, seconds precision (Kubernetes' `metav1.Time`).
@@ -343,12 +498,22 @@ mod tests {
             body: body.map(str::to_string),
             expect_status: 200,
             timeout: Duration::from_secs(5),
+            expect_body: None,
+            expect_json: None,
+            via: None,
+            retry_every: None,
+            version_header: None,
         };
         let client = step_client();
+        let target = |addr| Target {
+            pod: addr,
+            version: "v2".into(),
+            board: Arc::default(),
+        };
         let mut seen = Vec::new();
         let r = run_steps(
             &client,
-            addr,
+            &target(addr),
             &[
                 step("GET", "/ok", None),
                 step("POST", "/ok", Some("{\"dry_run\":true}")),
@@ -369,7 +534,7 @@ mod tests {
         assert!(post.ends_with("{\"dry_run\":true}"), "{post}");
         let r = run_steps(
             &client,
-            addr,
+            &target(addr),
             &[
                 step("GET", "/ok", None),
                 step("POST", "/validate", None),
@@ -387,8 +552,78 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let r = run_steps(&client, closed, &[step("GET", "/healthz", None)], |_| {}).await;
+        let r = run_steps(
+            &client,
+            &target(closed),
+            &[step("GET", "/healthz", None)],
+            |_| {},
+        )
+        .await;
         let e = r.unwrap_err();
         assert!(e.starts_with("step 1 (GET /healthz): "), "{e}");
+    }
+
+    fn checked(yaml_step: &str, body: &str) -> Result<(), String> {
+        let doc = format!(
+            "services:\n  - name: a\n    hosts: [a.test]\n    backend:\n      kubernetes: {{ namespace: ns, deployment: web, service: web, port: http }}\n    rollout: {{ validation: [ {yaml_step} ] }}\n"
+        );
+        let c = crate::Config::parse_with_env(&doc, &|_| None).unwrap();
+        let crate::config::Backend::Kubernetes(k) = &c.services[0].backend else {
+            unreachable!()
+        };
+        check_body(
+            &k.rollout.as_ref().unwrap().validation[0],
+            body.as_bytes(),
+            true,
+        )
+    }
+
+    #[test]
+    fn the_body_is_checked_by_regex_and_json_path() {
+        let re = "{ path: /x, expect_body: '^ok' }";
+        assert_eq!(checked(re, "ok, arrived"), Ok(()));
+        assert_eq!(
+            checked(re, "not yet"),
+            Err("body \"not yet\" does not match \"^ok\"".into())
+        );
+        let js = "{ path: /x, expect_json: { path: '$.records[0].status', equals: ok } }";
+        assert_eq!(checked(js, r#"{"records":[{"status":"ok"}]}"#), Ok(()));
+        assert_eq!(
+            checked(js, r#"{"records":[{"status":"pending"}]}"#),
+            Err("$.records[0].status is \"pending\", expected \"ok\"".into())
+        );
+        assert_eq!(
+            checked(js, r#"{"records":[]}"#),
+            Err("$.records[0].status is missing, expected \"ok\"".into())
+        );
+        assert_eq!(
+            checked(js, "<html>"),
+            Err("body \"<html>\" is not JSON".into())
+        );
+        let num = "{ path: /x, expect_json: { path: $.count, equals: 3 } }";
+        assert_eq!(checked(num, r#"{"count":3}"#), Ok(()));
+        assert!(checked(num, r#"{"count":"3"}"#).is_err(), "types differ");
+        // No body check: any body passes.
+        assert_eq!(checked("{ path: /x }", "anything"), Ok(()));
+        let long = "x".repeat(200);
+        let e = checked(re, &long).unwrap_err();
+        assert!(e.len() < 150 && e.contains('…'), "{e}");
+    }
+
+    #[test]
+    fn overlap_none_warns_unless_the_strategy_is_recreate() {
+        use crate::config::Overlap;
+        let d = |strategy: Option<&str>| -> Deployment {
+            let spec = match strategy {
+                Some(t) => json!({"selector": {}, "strategy": {"type": t}}),
+                None => json!({"selector": {}}),
+            };
+            serde_json::from_value(json!({"metadata": {"name": "web"}, "spec": spec})).unwrap()
+        };
+        assert_eq!(overlap_warning(Overlap::None, &d(Some("Recreate"))), None);
+        let w = overlap_warning(Overlap::None, &d(None)).unwrap();
+        assert!(w.contains("strategy is RollingUpdate"), "{w}");
+        assert!(overlap_warning(Overlap::None, &d(Some("RollingUpdate"))).is_some());
+        assert_eq!(overlap_warning(Overlap::Allowed, &d(None)), None);
     }
 }
