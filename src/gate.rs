@@ -216,6 +216,9 @@ pub struct Gate {
     /// The rollout's state for the admin API (`None`: no `rollout:` configured).
     rollout_report: arc_swap::ArcSwapOption<serde_json::Value>,
     on_demand: OnceLock<Arc<dyn OnDemand>>,
+    /// Reasons keeping the service up with no request (pre-warm windows, awake dependents);
+    /// see [`Gate::keep_awake`].
+    awake: AtomicUsize,
 }
 
 /// What a request got from [`Gate::acquire`].
@@ -259,6 +262,7 @@ impl Gate {
             rolling_out: AtomicBool::new(false),
             rollout_report: arc_swap::ArcSwapOption::empty(),
             on_demand: OnceLock::new(),
+            awake: AtomicUsize::new(0),
         })
     }
 
@@ -688,7 +692,7 @@ impl Gate {
             let notified = self.demand.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.held() > 0 {
+            if self.held() > 0 || self.kept_awake() {
                 return;
             }
             notified.await;
@@ -701,7 +705,7 @@ impl Gate {
             let quiet = self.quiet.notified();
             tokio::pin!(quiet);
             quiet.as_mut().enable();
-            if self.held() == 0 && self.in_flight() == 0 {
+            if self.held() == 0 && self.in_flight() == 0 && !self.kept_awake() {
                 let idle_for = self.idle_for();
                 if idle_for >= idle {
                     return;
@@ -730,6 +734,54 @@ impl Gate {
     pub fn activated(&self, took: Duration) {
         self.last_activation_us
             .store(took.as_micros() as u64, Ordering::Relaxed);
+        self.wake.record(took);
+    }
+
+    /// Keeps the service up until the guard is dropped, as if a request were waiting: an idle
+    /// service is woken now (its driver sees demand), a running one is not stopped for
+    /// idleness. When the last guard goes, the idle period starts from then. Used by pre-warm
+    /// windows and by dependents keeping their dependencies up.
+    pub fn keep_awake(self: &Arc<Self>) -> AwakeGuard {
+        if self.awake.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.demand.notify_one();
+            if let Some(hook) = self.on_demand.get() {
+                hook.clone().demand(self);
+            }
+            self.held_changed();
+        }
+        AwakeGuard(self.clone())
+    }
+
+    /// Whether something keeps the service up (see [`Gate::keep_awake`]).
+    pub fn kept_awake(&self) -> bool {
+        self.awake.load(Ordering::SeqCst) > 0
+    }
+
+    /// Wakes KEDA streams without a change of the held count (activity changed).
+    fn held_changed(&self) {
+        if let Some(events) = self.held_events.get() {
+            events.send_modify(|_| {});
+        }
+    }
+}
+
+/// Keeps a gate's service up while it lives (see [`Gate::keep_awake`]).
+pub struct AwakeGuard(Arc<Gate>);
+
+impl Drop for AwakeGuard {
+    fn drop(&mut self) {
+        let gate = &self.0;
+        if gate.awake.fetch_sub(1, Ordering::SeqCst) == 1 {
+            gate.touch();
+            gate.quiet.notify_waiters();
+            gate.held_changed();
+        }
+    }
+}
+
+impl std::fmt::Debug for AwakeGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AwakeGuard").field(&self.0.name).finish()
     }
 }
 

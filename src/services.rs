@@ -21,6 +21,7 @@ use crate::config::{Service, Timeouts};
 use crate::error::ProxyError;
 use crate::gate::{Gate, GateSettings, HeldLimit};
 use crate::metrics::Metrics;
+use crate::prewarm;
 use crate::router::Router;
 use crate::scaler::{self, Driver};
 use crate::upstream;
@@ -79,10 +80,11 @@ impl Snapshot {
     }
 }
 
-/// A running service: its entry and its driver.
+/// A running service: its entry, its driver, and its pre-warm task (with `prewarm:`).
 struct Live {
     entry: Arc<ServiceEntry>,
     driver: Arc<Driver>,
+    prewarm: Option<prewarm::runner::RunnerHandle>,
 }
 
 /// What a reload changed.
@@ -112,6 +114,7 @@ pub struct Services {
     /// equal to a live service's is that service's (shared, not a copy).
     sources: tokio::sync::Mutex<Sources>,
     timeouts: Timeouts,
+    prewarm: prewarm::Context,
 }
 
 impl Services {
@@ -124,6 +127,23 @@ impl Services {
         kube: Option<scaler::kubernetes::KubeContext>,
         timeouts: Timeouts,
     ) -> Arc<Self> {
+        Self::with_prewarm(
+            metrics,
+            held_limit,
+            kube,
+            timeouts,
+            prewarm::Context::default(),
+        )
+    }
+
+    /// Like [`Services::new`], with the pre-warm context given (its clock, for tests).
+    pub fn with_prewarm(
+        metrics: Metrics,
+        held_limit: Arc<HeldLimit>,
+        kube: Option<scaler::kubernetes::KubeContext>,
+        timeouts: Timeouts,
+        prewarm: prewarm::Context,
+    ) -> Arc<Self> {
         Arc::new(Services {
             current: ArcSwap::from_pointee(Snapshot::build(Vec::new())),
             live: tokio::sync::Mutex::new(HashMap::new()),
@@ -132,6 +152,7 @@ impl Services {
             kube: kube.map(Arc::new),
             sources: tokio::sync::Mutex::new((Vec::new(), Vec::new())),
             timeouts,
+            prewarm,
         })
     }
 
@@ -193,12 +214,19 @@ impl Services {
                 Some(old) if old.entry.spec == *spec => old,
                 Some(old) if same_gate(&old.entry.spec, spec) => {
                     changes.rerouted.push(spec.name.clone());
+                    let prewarm = if old.entry.spec.prewarm == spec.prewarm {
+                        old.prewarm
+                    } else {
+                        drop(old.prewarm);
+                        self.prewarm_runner(&old.entry.gate, spec)
+                    };
                     Live {
                         entry: Arc::new(ServiceEntry {
                             gate: old.entry.gate.clone(),
                             spec: spec.clone(),
                         }),
                         driver: old.driver,
+                        prewarm,
                     }
                 }
                 Some(old) => {
@@ -273,13 +301,36 @@ impl Services {
         );
         // The old backend must be gone first: a process would clash on its port.
         let driver = Driver::launch(&gate, spec.clone(), self.kube.clone(), after);
+        let prewarm = self.prewarm_runner(&gate, spec);
         Live {
             entry: Arc::new(ServiceEntry {
                 gate,
                 spec: spec.clone(),
             }),
             driver,
+            prewarm,
         }
+    }
+
+    /// The pre-warm task of a service with `prewarm:`.
+    fn prewarm_runner(
+        &self,
+        gate: &Arc<Gate>,
+        spec: &Service,
+    ) -> Option<prewarm::runner::RunnerHandle> {
+        let cfg = spec.prewarm.clone()?;
+        let runner = prewarm::Runner::new(
+            gate.clone(),
+            cfg,
+            self.prewarm.clone(),
+            self.metrics.clone(),
+        );
+        Some(runner.spawn())
+    }
+
+    /// The pre-warm context (clock) services are planned on.
+    pub fn prewarm_context(&self) -> &prewarm::Context {
+        &self.prewarm
     }
 }
 

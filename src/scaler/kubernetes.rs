@@ -221,11 +221,14 @@ impl Driver {
         }
     }
 
-    /// The deadline of the oldest held request, or `None` when nothing is held.
+    /// The deadline of the oldest held request; while the service is only kept awake (a
+    /// pre-warm), one hold timeout from now. `None` when nobody waits.
     fn hold_deadline(&self) -> Option<Instant> {
+        let hold = self.gate.settings().hold_timeout;
         self.gate
             .oldest_held_since()
-            .map(|t| t + self.gate.settings().hold_timeout)
+            .map(|t| t + hold)
+            .or_else(|| self.gate.kept_awake().then(|| Instant::now() + hold))
     }
 
     /// Wakes the workload and waits for a ready pod while anything is held. False on `stop`.
@@ -312,7 +315,7 @@ impl Driver {
                 _ = self.seen.wait_for(|n| *n > 0) => return Some(true),
                 _ = stopped(stop) => return None,
             }
-            if self.gate.held() == 0 {
+            if self.gate.held() == 0 && !self.gate.kept_awake() {
                 return Some(false);
             }
             pause = (pause * 2).min(WAKE_BACKOFF_MAX);
@@ -322,6 +325,7 @@ impl Driver {
     /// Whether the service has been quiet for the whole idle timeout.
     fn still_idle(&self) -> bool {
         self.gate.held() == 0
+            && !self.gate.kept_awake()
             && self.gate.in_flight() == 0
             && self.gate.idle_for() >= self.idle_timeout
     }
@@ -378,7 +382,7 @@ impl Driver {
         self.gate.set_state(State::Stopping);
         self.routing.withdraw();
         let _ = tokio::time::timeout(DRAIN_GRACE, self.gate.wait_drained()).await;
-        if self.gate.held() > 0 {
+        if self.gate.held() > 0 || self.gate.kept_awake() {
             self.gate.metrics().scale_down_deferred("demand");
             self.routing.restore();
             return true;

@@ -105,9 +105,10 @@ impl Driver {
             before.stopped().await;
         }
         loop {
+            let mut failed = false;
             match &self.service.backend {
                 Backend::Process(p) => {
-                    process::run(&gate, p, self.service.idle_timeout, stop.clone()).await
+                    failed = process::run(&gate, p, self.service.idle_timeout, stop.clone()).await
                 }
                 Backend::Static(s) => r#static::run(gate.clone(), &s.addresses, stop.clone()).await,
                 Backend::Kubernetes(k) => match &self.kube {
@@ -125,10 +126,11 @@ impl Driver {
                 },
             }
             let mut st = self.state.lock();
-            // A process driver returns when nothing is held; a request held since (it found
-            // the task still running, so it started none) keeps it going.
-            if !st.stopped && gate.held() > 0 && matches!(self.service.backend, Backend::Process(_))
-            {
+            // A process driver returns when nothing is held nor kept awake; a request held
+            // since, or a pre-warm begun since (it found the task still running, so it started
+            // none), keeps it going. A pre-warm whose wake-up failed is not tried again.
+            let wanted = gate.held() > 0 || (gate.kept_awake() && !failed);
+            if !st.stopped && wanted && matches!(self.service.backend, Backend::Process(_)) {
                 continue;
             }
             st.running = None;

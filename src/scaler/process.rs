@@ -38,22 +38,23 @@ enum StartError {
 }
 
 /// The driver loop: Idle → Waking → Ready → Stopping → Idle, until `stop`, or until the
-/// service is idle with nothing held (the driver was started by a held request and the next
-/// one starts it again, see [`super::Driver`]).
+/// service is idle with nothing held nor kept awake (the driver was started by a held request
+/// or a pre-warm, and the next one starts it again, see [`super::Driver`]). Returns true when
+/// it ended because a wake-up nobody waits for (a pre-warm) failed: that one is not retried.
 pub async fn run(
     gate: &Arc<Gate>,
     cfg: &ProcessBackend,
     idle_timeout: Duration,
     mut stop: watch::Receiver<bool>,
-) {
+) -> bool {
     loop {
         gate.set_state(State::Idle);
-        if gate.held() == 0 {
-            return;
+        if gate.held() == 0 && !gate.kept_awake() {
+            return false;
         }
         tokio::select! {
             _ = gate.wait_for_demand() => {}
-            _ = stopped(&mut stop) => return,
+            _ = stopped(&mut stop) => return false,
         }
         gate.set_state(State::Waking);
         // One span per wake-up: its events are the milestones (spawned, ready, forwarded).
@@ -70,7 +71,7 @@ pub async fn run(
                     service: gate.name().clone(),
                 });
                 gate.set_state(State::Idle);
-                return;
+                return false;
             }
             Err(StartError::Failed(reason)) => {
                 span.in_scope(|| warn!(%reason, "backend failed to start"));
@@ -80,6 +81,10 @@ pub async fn run(
                     service: gate.name().clone(),
                     reason: reason.into(),
                 });
+                if gate.held() == 0 {
+                    gate.set_state(State::Idle);
+                    return true;
+                }
                 continue;
             }
             Err(StartError::NotReady(reason)) => {
@@ -90,6 +95,10 @@ pub async fn run(
                     service: gate.name().clone(),
                     reason: reason.into(),
                 });
+                if gate.held() == 0 {
+                    gate.set_state(State::Idle);
+                    return true;
+                }
                 continue;
             }
         };
@@ -124,7 +133,7 @@ pub async fn run(
         terminate(&mut child, cfg.stop_grace).await;
         if shutting_down {
             gate.set_state(State::Idle);
-            return;
+            return false;
         }
     }
 }
