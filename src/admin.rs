@@ -173,7 +173,12 @@ pub fn services(state: &AdminState) -> Vec<u8> {
         queue_capacity: usize,
         concurrency: Option<usize>,
         rollout: Option<&'a Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        prewarm: Option<Value>,
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        depends_on: &'a [String],
     }
+    let now = state.services.prewarm_context().clock.now();
     let snapshot = state.services.load();
     let mut out = Vec::with_capacity(64 + snapshot.services.len() * 320);
     out.extend_from_slice(b"{\"services\":[");
@@ -209,6 +214,12 @@ pub fn services(state: &AdminState) -> Vec<u8> {
                 queue_capacity: g.settings().capacity,
                 concurrency: g.settings().concurrency,
                 rollout: rollout.as_deref(),
+                prewarm: s
+                    .spec
+                    .prewarm
+                    .as_ref()
+                    .map(|p| crate::prewarm::report::status(p, g, now, &[])),
+                depends_on: &s.spec.depends_on,
             },
         );
     }

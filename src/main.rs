@@ -48,6 +48,11 @@ enum Cmd {
     },
     /// Print the ReveilleService CustomResourceDefinition (deploy/base/crd.yaml).
     Crd,
+    /// Pre-warm windows: what is planned (see docs/prewarm.md).
+    Prewarm {
+        #[command(subcommand)]
+        cmd: PrewarmCmd,
+    },
     /// Run the built-in demo backend (used by examples/local.yaml and the tests).
     DemoBackend {
         /// Address to listen on.
@@ -59,6 +64,19 @@ enum Cmd {
         /// Name shown in answers.
         #[arg(long, default_value = "demo")]
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PrewarmCmd {
+    /// Print each pre-warmed service's windows of the next 7 days, with their source.
+    Plan {
+        /// Config file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -94,6 +112,7 @@ fn main() -> ExitCode {
             print!("{}", reveille::crd::crd_yaml());
             ExitCode::SUCCESS
         }
+        Cmd::Prewarm { cmd } => prewarm(cmd),
         Cmd::Check { config } => match load(&config) {
             Ok(c) => {
                 println!(
@@ -157,6 +176,30 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn prewarm(cmd: PrewarmCmd) -> ExitCode {
+    match cmd {
+        PrewarmCmd::Plan { config, json } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    report(&config, &e);
+                    return ExitCode::from(2);
+                }
+            };
+            let plans =
+                reveille::prewarm::report::plan_config(&cfg, jiff::Timestamp::now(), &|_| {
+                    Vec::new()
+                });
+            if json {
+                println!("{}", serde_json::json!({ "services": plans }));
+            } else {
+                print!("{}", reveille::prewarm::report::plan_text(&plans));
+            }
+            ExitCode::SUCCESS
         }
     }
 }

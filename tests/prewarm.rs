@@ -52,6 +52,13 @@ async fn a_scheduled_window_starts_the_backend_before_any_request_and_keeps_it_t
     );
     assert_eq!(gate.requests_total(), 0, "woken without any request");
     let c = client();
+    let api = get(&c, r.admin_addr, "admin", "/api/services").await.body;
+    let api: serde_json::Value = serde_json::from_str(&api).unwrap();
+    let pw = &api["services"][0]["prewarm"];
+    assert_eq!(pw["active"], true, "{pw}");
+    assert_eq!(pw["kept_awake"], true, "{pw}");
+    assert_eq!(pw["next"]["source"], "schedule", "{pw}");
+    assert_eq!(pw["lead_seconds"], 2.0, "{pw}");
     let first = get(&c, r.proxy_addr, "hello.test", "/first").await;
     assert_eq!(first.status, 200);
     assert_eq!(
@@ -97,4 +104,63 @@ async fn a_scheduled_window_starts_the_backend_before_any_request_and_keeps_it_t
         Some(1.0)
     );
     stop(r).await;
+}
+
+#[test]
+fn prewarm_plan_lists_the_next_seven_days_with_their_source() {
+    let dir = std::env::temp_dir().join(format!("reveille-plan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("plan.yaml");
+    std::fs::write(
+        &path,
+        "services:\n  - name: sync\n    hosts: [sync]\n    backend: { process: { command: [x], address: \"127.0.0.1:9\" } }\n    depends_on: [db]\n    prewarm:\n      lead: 2m\n      schedule:\n        - { days: [mon, tue, wed, thu, fri], start: \"06:00\", end: \"06:30\" }\n        - { days: [mon], start: \"07:45\", end: \"11:00\", timezone: Europe/Amsterdam }\n  - name: db\n    hosts: [db]\n    backend: { process: { command: [x], address: \"127.0.0.1:10\" } }\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "prewarm",
+            "plan",
+            "--json",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let services = v["services"].as_array().unwrap();
+    assert_eq!(services.len(), 1, "only pre-warmed services: {v}");
+    let s = &services[0];
+    assert_eq!(s["service"], "sync");
+    assert_eq!(s["lead_seconds"], 120.0);
+    assert_eq!(s["depends_on"][0], "db");
+    let windows = s["windows"].as_array().unwrap();
+    // Five weekday windows and one Monday window in any 7 days (one may be under way).
+    assert!((6..=7).contains(&windows.len()), "{windows:?}");
+    assert!(windows.iter().all(|w| w["source"] == "schedule"));
+    let mondays = windows
+        .iter()
+        .filter(|w| {
+            let start: jiff::Timestamp = w["start"].as_str().unwrap().parse().unwrap();
+            let local = start.to_zoned(jiff::tz::TimeZone::get("Europe/Amsterdam").unwrap());
+            local.strftime("%a %H:%M").to_string() == "Mon 07:45"
+        })
+        .count();
+    assert_eq!(mondays, 1, "{windows:?}");
+    for w in windows {
+        let start: jiff::Timestamp = w["start"].as_str().unwrap().parse().unwrap();
+        let wake: jiff::Timestamp = w["wake_at"].as_str().unwrap().parse().unwrap();
+        assert_eq!(start.duration_since(wake).as_secs(), 120, "{w}");
+    }
+    let text = std::process::Command::new(BIN)
+        .args(["prewarm", "plan", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.starts_with("sync (lead 2m, depends on db)"), "{text}");
+    assert!(text.contains("schedule"), "{text}");
 }

@@ -10,6 +10,7 @@
 //! clock step, or NTP, is followed within that bound).
 
 pub mod plan;
+pub mod report;
 pub mod runner;
 pub mod schedule;
 
