@@ -9,6 +9,7 @@
 //! are `tokio::time` sleeps of at most [`MAX_SLEEP`], after which the clock is read again (a
 //! clock step, or NTP, is followed within that bound).
 
+pub mod learn;
 pub mod plan;
 pub mod report;
 pub mod runner;
