@@ -126,7 +126,7 @@ impl ServiceHistory {
             if let Some(b) = self.buckets.get_mut(&week_bucket(t).1) {
                 b.weight *= 1.0 - ALPHA;
             }
-            t = t + SignedDuration::from_mins(BUCKET_MINUTES);
+            t += SignedDuration::from_mins(BUCKET_MINUTES);
         }
     }
 
