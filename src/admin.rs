@@ -214,11 +214,11 @@ pub fn services(state: &AdminState) -> Vec<u8> {
                 queue_capacity: g.settings().capacity,
                 concurrency: g.settings().concurrency,
                 rollout: rollout.as_deref(),
-                prewarm: s
-                    .spec
-                    .prewarm
-                    .as_ref()
-                    .map(|p| crate::prewarm::report::status(p, g, now, &[])),
+                prewarm: s.spec.prewarm.as_ref().map(|p| {
+                    let ctx = state.services.prewarm_context();
+                    let learned = ctx.learned(g.name(), p, now, now, crate::prewarm::HORIZON);
+                    crate::prewarm::report::status(p, g, now, &learned)
+                }),
                 depends_on: &s.spec.depends_on,
             },
         );

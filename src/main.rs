@@ -78,6 +78,17 @@ enum PrewarmCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Seed a learning service's history (in state_dir) from a CSV of request timestamps.
+    Import {
+        /// Config file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The service the requests were for (it must have `prewarm: { learn: true }`).
+        #[arg(long)]
+        service: String,
+        /// CSV file: a timestamp per line in the first column (RFC 3339 or Unix seconds).
+        file: PathBuf,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -190,10 +201,15 @@ fn prewarm(cmd: PrewarmCmd) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let history = match reveille::prewarm::store::Store::peek(&cfg.state_dir) {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let plans =
-                reveille::prewarm::report::plan_config(&cfg, jiff::Timestamp::now(), &|_| {
-                    Vec::new()
-                });
+                reveille::prewarm::report::plan_config(&cfg, jiff::Timestamp::now(), &history);
             if json {
                 println!("{}", serde_json::json!({ "services": plans }));
             } else {
@@ -201,7 +217,48 @@ fn prewarm(cmd: PrewarmCmd) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        PrewarmCmd::Import {
+            config,
+            service,
+            file,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    report(&config, &e);
+                    return ExitCode::from(2);
+                }
+            };
+            match import(&cfg, &service, &file) {
+                Ok(msg) => {
+                    println!("{msg}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
+}
+
+fn import(cfg: &Config, service: &str, file: &std::path::Path) -> Result<String, String> {
+    use reveille::prewarm::{import, store::Store};
+    let csv = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let store = Store::open(&cfg.state_dir).map_err(|e| e.to_string())?;
+    let done = store
+        .update(|h| import::import_csv(cfg, service, &csv, h))
+        .map_err(|e| e.to_string())?;
+    store
+        .save()
+        .map_err(|e| format!("{}: {e}", store.path().display()))?;
+    Ok(format!(
+        "{service}: {} requests imported ({} lines skipped) into {}",
+        done.rows,
+        done.skipped,
+        store.path().display()
+    ))
 }
 
 async fn serve(mut cfg: Config, path: PathBuf) -> ExitCode {

@@ -324,6 +324,7 @@ impl Services {
             cfg,
             self.prewarm.clone(),
             self.metrics.clone(),
+            spec.idle_timeout,
         );
         Some(runner.spawn())
     }

@@ -164,3 +164,112 @@ fn prewarm_plan_lists_the_next_seven_days_with_their_source() {
     assert!(text.starts_with("sync (lead 2m, depends on db)"), "{text}");
     assert!(text.contains("schedule"), "{text}");
 }
+
+/// Three past weeks of a job 2 hours from now (or 3 hours ago, near the end of a week) as
+/// CSV, a header line first.
+fn three_weeks_csv() -> (String, jiff::Timestamp) {
+    let now = jiff::Timestamp::now();
+    let week = |t: jiff::Timestamp| (t.as_second() - 4 * 86_400).div_euclid(7 * 86_400);
+    let mut at = now + jiff::SignedDuration::from_hours(2);
+    if week(at) != week(now) {
+        at = now - jiff::SignedDuration::from_hours(3);
+    }
+    let mut csv = String::from("timestamp,path\n");
+    for k in 1..=3 {
+        let base = at - jiff::SignedDuration::from_hours(24 * 7 * k);
+        for m in 0..10 {
+            let t = base + jiff::SignedDuration::from_mins(m);
+            csv.push_str(&format!("{t},/sync\n"));
+        }
+    }
+    (csv, at)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imported_history_is_planned_served_and_kept_across_a_restart() {
+    let dir = std::env::temp_dir().join(format!("reveille-learn-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = dir.join("state");
+    let port = free_port();
+    let yaml = process_config(
+        port,
+        "0s",
+        &["idle_timeout: 5m", "prewarm: { learn: true }"],
+    ) + &format!("state_dir: {}\n", state.display());
+    let path = dir.join("learn.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let (csv, at) = three_weeks_csv();
+    let csv_path = dir.join("requests.csv");
+    std::fs::write(&csv_path, csv).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(BIN).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let cfg = path.to_str().unwrap();
+    let said = run(&[
+        "prewarm",
+        "import",
+        "--config",
+        cfg,
+        "--service",
+        "hello",
+        csv_path.to_str().unwrap(),
+    ]);
+    assert!(
+        said.contains("30 requests imported (1 lines skipped)"),
+        "{said}"
+    );
+    let plan: serde_json::Value =
+        serde_json::from_str(&run(&["prewarm", "plan", "--json", "--config", cfg])).unwrap();
+    let w = &plan["services"][0]["windows"][0];
+    assert_eq!(w["source"], "learned", "{plan}");
+    let evidence = w["evidence"].as_str().unwrap();
+    assert!(
+        evidence.starts_with("cold starts in 3 of the last 3 weeks"),
+        "{evidence}"
+    );
+    let learned_at: jiff::Timestamp = w["start"].as_str().unwrap().parse().unwrap();
+    let bucket = |t: jiff::Timestamp| t.as_second().div_euclid(900) % (7 * 96);
+    assert_eq!(bucket(learned_at), bucket(at), "{w}");
+
+    // Served from the same history, twice: a restart keeps it.
+    for round in 0..2 {
+        let r = start(&yaml).await;
+        let c = client();
+        let api = get(&c, r.admin_addr, "admin", "/api/services").await.body;
+        let api: serde_json::Value = serde_json::from_str(&api).unwrap();
+        let pw = &api["services"][0]["prewarm"];
+        assert_eq!(pw["learn"], true, "{pw}");
+        assert_eq!(pw["next"]["source"], "learned", "round {round}: {pw}");
+        assert_eq!(pw["next"]["start"], w["start"], "round {round}: {pw}");
+        stop(r).await;
+    }
+    assert!(state.join("prewarm-history.json").exists());
+}
+
+#[tokio::test]
+async fn learning_with_an_unwritable_state_dir_is_an_error_naming_it() {
+    let yaml = process_config(free_port(), "0s", &["prewarm: { learn: true }"])
+        + "state_dir: /proc/reveille-cannot-write-here\n";
+    let cfg = reveille::Config::parse(&yaml).unwrap();
+    let e = reveille::start(cfg)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("state_dir /proc/reveille-cannot-write-here: not writable"),
+        "{e}"
+    );
+    // Without learning, the directory is not needed.
+    let yaml =
+        process_config(free_port(), "0s", &[]) + "state_dir: /proc/reveille-cannot-write-here\n";
+    let r = start(&yaml).await;
+    stop(r).await;
+}

@@ -177,6 +177,24 @@ impl ServiceHistory {
         out
     }
 
+    /// [`ServiceHistory::windows`] as of `now`: weeks finished by then are folded in first
+    /// (on a copy; the stored history is rolled when it is next written).
+    pub fn windows_at(
+        &self,
+        now: Timestamp,
+        from: Timestamp,
+        to: Timestamp,
+        max_hours: f64,
+    ) -> Vec<Planned> {
+        if week_bucket(now).0 > self.week {
+            let mut rolled = self.clone();
+            rolled.roll(now);
+            rolled.windows(from, to, max_hours)
+        } else {
+            self.windows(from, to, max_hours)
+        }
+    }
+
     fn evidence(&self, first: u16, last: u16) -> String {
         let weeks = self.weeks_seen.min(8);
         let mask = if weeks >= 8 { 0xff } else { (1u8 << weeks) - 1 };

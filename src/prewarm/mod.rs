@@ -9,11 +9,13 @@
 //! are `tokio::time` sleeps of at most [`MAX_SLEEP`], after which the clock is read again (a
 //! clock step, or NTP, is followed within that bound).
 
+pub mod import;
 pub mod learn;
 pub mod plan;
 pub mod report;
 pub mod runner;
 pub mod schedule;
+pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,19 +106,77 @@ pub fn lead(cfg: &Prewarm, gate: Option<&Gate>) -> Duration {
     }
 }
 
-/// What pre-warming needs besides a service's own settings: the clock (shared by every
-/// service's runner).
+/// What pre-warming needs besides a service's own settings: the clock and the learned
+/// history (shared by every service's runner).
 #[derive(Clone)]
 pub struct Context {
     /// Wall-clock time.
     pub clock: Arc<dyn Clock>,
+    /// The learned history; `None` when no service learns.
+    pub store: Option<Arc<store::Store>>,
 }
 
 impl Default for Context {
     fn default() -> Self {
         Context {
             clock: Arc::new(SystemClock),
+            store: None,
         }
+    }
+}
+
+impl Context {
+    /// The context for `config`: the system clock, and the history under `state_dir` when a
+    /// service learns (an error when `state_dir` is not writable). Saved every minute while
+    /// in use; call [`Context::save`] at shutdown.
+    pub fn open(config: &crate::Config) -> Result<Context, store::StoreError> {
+        let learns = config
+            .services
+            .iter()
+            .any(|s| s.prewarm.as_ref().is_some_and(|p| p.learn));
+        let store = if learns {
+            let s = store::Store::open(&config.state_dir)?;
+            s.spawn_saver();
+            Some(s)
+        } else {
+            None
+        };
+        Ok(Context {
+            clock: Arc::new(SystemClock),
+            store,
+        })
+    }
+
+    /// Writes the learned history if it changed.
+    pub fn save(&self) {
+        if let Some(s) = &self.store {
+            if let Err(e) = s.save() {
+                tracing::warn!(path = %s.path().display(), error = %e, "cannot save the pre-warm history");
+            }
+        }
+    }
+
+    /// A service's learned windows overlapping `[from, from + span)`, as of `now`.
+    pub fn learned(
+        &self,
+        service: &str,
+        cfg: &Prewarm,
+        now: Timestamp,
+        from: Timestamp,
+        span: Duration,
+    ) -> Vec<Planned> {
+        let Some(store) = self.store.as_ref().filter(|_| cfg.learn) else {
+            return Vec::new();
+        };
+        let to = from
+            .checked_add(jiff::SignedDuration::try_from(span).unwrap_or_default())
+            .unwrap_or(Timestamp::MAX);
+        store.read(|h| {
+            h.services
+                .get(service)
+                .map(|s| s.windows_at(now, from, to, cfg.max_hours_per_week))
+                .unwrap_or_default()
+        })
     }
 }
 

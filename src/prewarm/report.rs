@@ -8,6 +8,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::learn::History;
 use super::plan::{plan, Planned};
 use super::{lead, HORIZON};
 use crate::config::{describe_lead, Config, Prewarm};
@@ -39,26 +40,22 @@ pub struct PlannedWindow {
     pub wake_at: Timestamp,
 }
 
-/// Every pre-warmed service's windows over the next 7 days from `now`. `learned` gives a
-/// service's learned windows by name. The lead is the configured one (`auto`: the least,
-/// 30 s; the observed cold starts are only known to a running Reveille).
-pub fn plan_config(
-    cfg: &Config,
-    now: Timestamp,
-    learned: &dyn Fn(&str) -> Vec<Planned>,
-) -> Vec<ServicePlan> {
+/// Every pre-warmed service's windows over the next 7 days from `now`, learned ones from
+/// `history`. The lead is the configured one (`auto`: the least, 30 s; the observed cold
+/// starts are only known to a running Reveille).
+pub fn plan_config(cfg: &Config, now: Timestamp, history: &History) -> Vec<ServicePlan> {
+    let to = now
+        .checked_add(jiff::SignedDuration::try_from(HORIZON).unwrap_or_default())
+        .unwrap_or(Timestamp::MAX);
     cfg.services
         .iter()
         .filter_map(|s| {
             let p = s.prewarm.as_ref()?;
-            Some(service_plan(
-                &s.name,
-                p,
-                &s.depends_on,
-                None,
-                now,
-                &learned(&s.name),
-            ))
+            let learned = match history.services.get(&s.name) {
+                Some(h) if p.learn => h.windows_at(now, now, to, p.max_hours_per_week),
+                _ => Vec::new(),
+            };
+            Some(service_plan(&s.name, p, &s.depends_on, None, now, &learned))
         })
         .collect()
 }

@@ -41,8 +41,16 @@ async fn keeps_the_gate_awake_from_lead_before_the_window_to_its_end() {
     let clock = TokioClock::starting_at("2026-12-07T05:55:00Z".parse().unwrap());
     let ctx = Context {
         clock: Arc::new(clock),
+        store: None,
     };
-    let _h = Runner::new(gate.clone(), cfg, ctx, metrics.clone()).spawn();
+    let _h = Runner::new(
+        gate.clone(),
+        cfg,
+        ctx,
+        metrics.clone(),
+        Duration::from_secs(60),
+    )
+    .spawn();
     advance(1).await;
     assert!(!gate.kept_awake(), "woken too early");
     // 05:58:20: 100 s before the window, still asleep.
@@ -78,11 +86,19 @@ async fn a_window_under_way_at_start_is_kept_and_auto_lead_is_at_least_30s() {
     let clock = TokioClock::starting_at("2026-12-07T00:30:00Z".parse().unwrap());
     let ctx = Context {
         clock: Arc::new(clock),
+        store: None,
     };
     assert_eq!(lead(&cfg, Some(&gate)), Duration::from_secs(30));
     gate.activated(Duration::from_secs(45));
     assert_eq!(lead(&cfg, Some(&gate)), Duration::from_secs(45));
-    let _h = Runner::new(gate.clone(), cfg, ctx, metrics.clone()).spawn();
+    let _h = Runner::new(
+        gate.clone(),
+        cfg,
+        ctx,
+        metrics.clone(),
+        Duration::from_secs(60),
+    )
+    .spawn();
     advance(1).await;
     assert!(gate.kept_awake());
     // A request in the window makes it a hit.
@@ -92,4 +108,42 @@ async fn a_window_under_way_at_start_is_kept_and_auto_lead_is_at_least_30s() {
     assert!(metrics
         .render()
         .contains("reveille_prewarm_hits_total{service=\"a\"} 1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_learning_runner_records_starts_of_activity_in_the_store() {
+    let (gate, cfg, metrics) = setup("      learn: true\n");
+    let dir = std::env::temp_dir().join(format!("reveille-runner-{}", std::process::id()));
+    let store = crate::prewarm::store::Store::open(&dir).unwrap();
+    // Monday 2026-12-07 08:05 UTC: bucket 32.
+    let clock = TokioClock::starting_at("2026-12-07T08:05:00Z".parse().unwrap());
+    let ctx = Context {
+        clock: Arc::new(clock),
+        store: Some(store.clone()),
+    };
+    let _h = Runner::new(gate.clone(), cfg, ctx, metrics, Duration::from_secs(60)).spawn();
+    advance(1).await;
+    let _ = gate.acquire(tokio::time::Instant::now()).await;
+    advance(10).await;
+    // Within the idle time: more requests, but no new start.
+    let _ = gate.acquire(tokio::time::Instant::now()).await;
+    advance(10).await;
+    // Ten minutes later (bucket 33): a new start.
+    advance(600).await;
+    let _ = gate.acquire(tokio::time::Instant::now()).await;
+    advance(10).await;
+    let h = store.read(|h| h.services["a"].clone());
+    assert_eq!(
+        h.this_week.iter().copied().collect::<Vec<_>>(),
+        vec![32, 33]
+    );
+    assert_eq!(h.requests_this_week[&32], 2);
+    store.save().unwrap();
+    let again = crate::prewarm::store::Store::open(&dir).unwrap();
+    assert_eq!(
+        again.read(|h| h.services["a"].clone()),
+        h,
+        "history kept on disk"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
