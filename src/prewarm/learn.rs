@@ -130,17 +130,24 @@ impl ServiceHistory {
         }
     }
 
-    /// The predicted buckets: weight at least [`THRESHOLD`], the heaviest first within
-    /// `max_hours` per week, returned in week order.
+    /// The predicted buckets, in week order: a bucket whose weight, alone or with a
+    /// neighbour's (a job whose start wanders across a bucket edge), is at least
+    /// [`THRESHOLD`]; the heaviest first within `max_hours` per week.
     pub fn predicted(&self, max_hours: f64) -> Vec<u16> {
         let cap = (max_hours * 60.0 / BUCKET_MINUTES as f64).floor() as usize;
-        let mut hot: Vec<(&u16, &Bucket)> = self
+        let w = |b: u16| self.buckets.get(&b).map_or(0.0, |x| x.weight);
+        let mut hot: Vec<(f64, u16)> = self
             .buckets
             .iter()
-            .filter(|(_, b)| b.weight >= THRESHOLD)
+            .filter(|(_, v)| v.weight > 0.0)
+            .map(|(&b, v)| {
+                let before = b.checked_sub(1).map_or(0.0, w);
+                (v.weight.max(v.weight + before).max(v.weight + w(b + 1)), b)
+            })
+            .filter(|(score, _)| *score >= THRESHOLD)
             .collect();
-        hot.sort_by(|a, b| b.1.weight.total_cmp(&a.1.weight).then(a.0.cmp(b.0)));
-        let mut out: Vec<u16> = hot.into_iter().take(cap).map(|(b, _)| *b).collect();
+        hot.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut out: Vec<u16> = hot.into_iter().take(cap).map(|(_, b)| b).collect();
         out.sort_unstable();
         out
     }

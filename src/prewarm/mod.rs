@@ -12,6 +12,7 @@
 pub mod import;
 pub mod learn;
 pub mod plan;
+pub mod replay;
 pub mod report;
 pub mod runner;
 pub mod schedule;
