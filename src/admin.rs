@@ -177,6 +177,8 @@ pub fn services(state: &AdminState) -> Vec<u8> {
         prewarm: Option<Value>,
         #[serde(skip_serializing_if = "<[String]>::is_empty")]
         depends_on: &'a [String],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        waiting_for: Option<String>,
     }
     let now = state.services.prewarm_context().clock.now();
     let snapshot = state.services.load();
@@ -220,6 +222,7 @@ pub fn services(state: &AdminState) -> Vec<u8> {
                     crate::prewarm::report::status(p, g, now, &learned)
                 }),
                 depends_on: &s.spec.depends_on,
+                waiting_for: g.waiting_for().map(|d| d.to_string()),
             },
         );
     }

@@ -219,6 +219,21 @@ pub struct Gate {
     /// Reasons keeping the service up with no request (pre-warm windows, awake dependents);
     /// see [`Gate::keep_awake`].
     awake: AtomicUsize,
+    /// Run before a wake-up and after a stop (dependencies); see [`WakeHook`].
+    wake_hook: Mutex<Option<Arc<dyn WakeHook>>>,
+}
+
+/// What must happen before a service is woken and after it stopped: its dependencies are
+/// woken first and let go after (see [`crate::group`]).
+pub trait WakeHook: Send + Sync {
+    /// Resolves once the service may be woken; `Err(reason)` when it may not.
+    fn before_wake(&self) -> futures_util::future::BoxFuture<'_, Result<(), String>>;
+    /// The service's backend has stopped.
+    fn stopped(&self);
+    /// What a waking service waits for now (a dependency's name).
+    fn waiting_for(&self) -> Option<Arc<str>>;
+    /// Whether the hook is for exactly these dependencies (a reload keeps it then).
+    fn same(&self, deps: &[Arc<Gate>]) -> bool;
 }
 
 /// What a request got from [`Gate::acquire`].
@@ -263,6 +278,7 @@ impl Gate {
             rollout_report: arc_swap::ArcSwapOption::empty(),
             on_demand: OnceLock::new(),
             awake: AtomicUsize::new(0),
+            wake_hook: Mutex::new(None),
         })
     }
 
@@ -750,6 +766,41 @@ impl Gate {
             self.held_changed();
         }
         AwakeGuard(self.clone())
+    }
+
+    /// Sets (or clears) what runs before a wake-up and after a stop.
+    pub fn set_wake_hook(&self, hook: Option<Arc<dyn WakeHook>>) {
+        *self.wake_hook.lock() = hook;
+    }
+
+    /// The wake hook, if any.
+    pub fn wake_hook(&self) -> Option<Arc<dyn WakeHook>> {
+        self.wake_hook.lock().clone()
+    }
+
+    /// Called by a driver before it wakes the backend: waits for the service's dependencies.
+    pub async fn before_wake(&self) -> Result<(), ProxyError> {
+        let Some(hook) = self.wake_hook() else {
+            return Ok(());
+        };
+        hook.before_wake()
+            .await
+            .map_err(|reason| ProxyError::ActivationFailed {
+                service: self.name.clone(),
+                reason: reason.into(),
+            })
+    }
+
+    /// Called by a driver once the backend has stopped (its dependencies may stop now).
+    pub fn after_stop(&self) {
+        if let Some(hook) = self.wake_hook() {
+            hook.stopped();
+        }
+    }
+
+    /// The dependency a waking service waits for now.
+    pub fn waiting_for(&self) -> Option<Arc<str>> {
+        self.wake_hook().and_then(|h| h.waiting_for())
     }
 
     /// Whether something keeps the service up (see [`Gate::keep_awake`]).

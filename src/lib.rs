@@ -15,6 +15,7 @@ pub mod crd;
 pub mod demo;
 pub mod error;
 pub mod gate;
+pub mod group;
 pub mod h1;
 pub mod inbound;
 pub mod keda;

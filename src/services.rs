@@ -247,6 +247,7 @@ impl Services {
             changes.removed.push(name.to_string());
             retired.push((old, false));
         }
+        install_dependencies(&order);
         self.current.store(Arc::new(Snapshot::build(order)));
         // Only now: held requests of a replaced service find its new gate when re-routed.
         for (old, replaced) in retired {
@@ -332,6 +333,31 @@ impl Services {
     /// The pre-warm context (clock) services are planned on.
     pub fn prewarm_context(&self) -> &prewarm::Context {
         &self.prewarm
+    }
+}
+
+/// Gives each service with `depends_on` its dependencies' gates (kept when unchanged, so the
+/// dependencies it keeps up stay up across a reload).
+fn install_dependencies(services: &[Arc<ServiceEntry>]) {
+    let by_name: HashMap<&str, &Arc<Gate>> = services
+        .iter()
+        .map(|e| (e.spec.name.as_str(), &e.gate))
+        .collect();
+    for e in services {
+        let deps: Vec<Arc<Gate>> = e
+            .spec
+            .depends_on
+            .iter()
+            .filter_map(|d| by_name.get(d.as_str()).map(|g| Arc::clone(g)))
+            .collect();
+        match e.gate.wake_hook() {
+            Some(h) if h.same(&deps) => {}
+            _ if deps.is_empty() => e.gate.set_wake_hook(None),
+            _ => e.gate.set_wake_hook(Some(crate::group::Dependencies::new(
+                deps,
+                e.spec.queue.timeout,
+            ))),
+        }
     }
 }
 

@@ -60,6 +60,7 @@ pub const COLD_STARTS_KEPT: usize = 32;
 pub struct WakeTracker {
     current: Mutex<Option<Box<Wake>>>,
     recent: Mutex<std::collections::VecDeque<std::time::Duration>>,
+    failed: std::sync::atomic::AtomicU64,
 }
 
 impl WakeTracker {
@@ -120,8 +121,17 @@ impl WakeTracker {
         }
     }
 
+    /// Wake-ups that ended early for another reason than a shutdown (monotonic).
+    pub fn failures(&self) -> u64 {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Ends the current wake-up without further milestones (it failed or was cancelled).
     pub fn abort(&self, reason: &str) {
+        if reason != "shutdown" {
+            self.failed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         if let Some(w) = self.current.lock().take() {
             w.span.in_scope(|| info!(reason, "wake-up ended early"));
         }

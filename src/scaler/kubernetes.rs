@@ -242,6 +242,21 @@ impl Driver {
 
     async fn activate_in(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
         let started = Instant::now();
+        // Dependencies first, each ready before the next (`depends_on`).
+        let deps = tokio::select! {
+            r = self.gate.before_wake() => r,
+            _ = stopped(stop) => {
+                self.gate.wake().abort("shutdown");
+                return false;
+            }
+        };
+        if let Err(e) = deps {
+            warn!(error = %e, "dependencies not ready");
+            self.gate.wake().abort("dependency");
+            self.gate.fail_held(e);
+            self.gate.after_stop();
+            return true;
+        }
         info!(held = self.gate.held(), "waking");
         if self.cfg.scaling == Scaling::Direct {
             match self.wake(stop).await {
@@ -421,6 +436,7 @@ impl Driver {
             }
         }
         self.gate.set_state(State::Idle);
+        self.gate.after_stop();
         // Keep new requests off the stopping pods until the watch shows them gone (or demand
         // comes back, in which case the pods still listed are the ones to use).
         tokio::select! {

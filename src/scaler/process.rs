@@ -59,6 +59,25 @@ pub async fn run(
         gate.set_state(State::Waking);
         // One span per wake-up: its events are the milestones (spawned, ready, forwarded).
         let span = gate.wake().begin(gate.name(), gate.held());
+        // Dependencies first, each ready before the next (`depends_on`).
+        let deps = tokio::select! {
+            r = gate.before_wake() => r,
+            _ = stopped(&mut stop) => Err(ProxyError::ShuttingDown { service: gate.name().clone() }),
+        };
+        if let Err(e) = deps {
+            span.in_scope(|| warn!(error = %e, "dependencies not ready"));
+            gate.wake().abort("dependency");
+            gate.fail_held(e);
+            gate.after_stop();
+            gate.set_state(State::Idle);
+            if *stop.borrow() {
+                return false;
+            }
+            if gate.held() == 0 {
+                return true;
+            }
+            continue;
+        }
         let started = Instant::now();
         let result = start_until_ready(gate, cfg, &mut stop)
             .instrument(span.clone())
@@ -66,6 +85,7 @@ pub async fn run(
         let mut child = match result {
             Ok(child) => child,
             Err(StartError::Stopped) => {
+                gate.after_stop();
                 gate.wake().abort("shutdown");
                 gate.fail_held(ProxyError::ShuttingDown {
                     service: gate.name().clone(),
@@ -81,6 +101,7 @@ pub async fn run(
                     service: gate.name().clone(),
                     reason: reason.into(),
                 });
+                gate.after_stop();
                 if gate.held() == 0 {
                     gate.set_state(State::Idle);
                     return true;
@@ -95,6 +116,7 @@ pub async fn run(
                     service: gate.name().clone(),
                     reason: reason.into(),
                 });
+                gate.after_stop();
                 if gate.held() == 0 {
                     gate.set_state(State::Idle);
                     return true;
@@ -131,6 +153,7 @@ pub async fn run(
         }
         info!(service = %gate.name(), reason = if shutting_down { "shutdown" } else { "idle" }, "stopping backend");
         terminate(&mut child, cfg.stop_grace).await;
+        gate.after_stop();
         if shutting_down {
             gate.set_state(State::Idle);
             return false;
