@@ -137,3 +137,47 @@ async fn with_keda_no_patch_and_is_active_with_one_replica_of_demand_in_the_wind
     assert_eq!(cluster.replicas(NS, "order-sync"), 0);
     stop(r).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependency_chain_of_three_deployments_is_patched_in_order() {
+    let cluster = Cluster::start().await;
+    for name in ["orders", "worker", "db"] {
+        cluster.add_deployment(NS, name, name, 0, Duration::from_millis(200));
+    }
+    let svc = |name: &str, deps: &str| {
+        format!("  - name: {name}\n    hosts: [{name}.test]\n    backend:\n      kubernetes: {{ namespace: {NS}, deployment: {name}, service: {name}, port: http }}\n    depends_on: [{deps}]\n")
+    };
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n{}{}{}",
+        svc("orders", "worker"),
+        svc("worker", "db"),
+        svc("db", ""),
+    );
+    let cfg = reveille::Config::parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let r = start_reveille(&cluster, cfg).await;
+    let order = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let (o, c2) = (order.clone(), cluster.clone());
+    let watcher = tokio::spawn(async move {
+        loop {
+            for name in ["orders", "worker", "db"] {
+                let mut o = o.lock();
+                if c2.replicas(NS, name) > 0 && !o.iter().any(|n| n == name) {
+                    o.push(name.to_string());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    let c = client();
+    let resp = get(&c, r.proxy_addr, "orders.test", "/order").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    wait_until("all patched", LONG, || {
+        let o = order.clone();
+        async move { o.lock().len() == 3 }
+    })
+    .await;
+    assert_eq!(*order.lock(), vec!["db", "worker", "orders"]);
+    assert_eq!(cluster.api.knobs.scale_patches.load(Ordering::SeqCst), 3);
+    watcher.abort();
+    stop(r).await;
+}
