@@ -223,19 +223,6 @@ pub struct Gate {
     wake_hook: Mutex<Option<Arc<dyn WakeHook>>>,
 }
 
-/// What must happen before a service is woken and after it stopped: its dependencies are
-/// woken first and let go after (see [`crate::group`]).
-pub trait WakeHook: Send + Sync {
-    /// Resolves once the service may be woken; `Err(reason)` when it may not.
-    fn before_wake(&self) -> futures_util::future::BoxFuture<'_, Result<(), String>>;
-    /// The service's backend has stopped.
-    fn stopped(&self);
-    /// What a waking service waits for now (a dependency's name).
-    fn waiting_for(&self) -> Option<Arc<str>>;
-    /// Whether the hook is for exactly these dependencies (a reload keeps it then).
-    fn same(&self, deps: &[Arc<Gate>]) -> bool;
-}
-
 /// What a request got from [`Gate::acquire`].
 pub struct Acquired {
     /// The endpoint slot; release by dropping.
@@ -752,88 +739,6 @@ impl Gate {
             .store(took.as_micros() as u64, Ordering::Relaxed);
         self.wake.record(took);
     }
-
-    /// Keeps the service up until the guard is dropped, as if a request were waiting: an idle
-    /// service is woken now (its driver sees demand), a running one is not stopped for
-    /// idleness. When the last guard goes, the idle period starts from then. Used by pre-warm
-    /// windows and by dependents keeping their dependencies up.
-    pub fn keep_awake(self: &Arc<Self>) -> AwakeGuard {
-        if self.awake.fetch_add(1, Ordering::SeqCst) == 0 {
-            self.demand.notify_one();
-            if let Some(hook) = self.on_demand.get() {
-                hook.clone().demand(self);
-            }
-            self.held_changed();
-        }
-        AwakeGuard(self.clone())
-    }
-
-    /// Sets (or clears) what runs before a wake-up and after a stop.
-    pub fn set_wake_hook(&self, hook: Option<Arc<dyn WakeHook>>) {
-        *self.wake_hook.lock() = hook;
-    }
-
-    /// The wake hook, if any.
-    pub fn wake_hook(&self) -> Option<Arc<dyn WakeHook>> {
-        self.wake_hook.lock().clone()
-    }
-
-    /// Called by a driver before it wakes the backend: waits for the service's dependencies.
-    pub async fn before_wake(&self) -> Result<(), ProxyError> {
-        let Some(hook) = self.wake_hook() else {
-            return Ok(());
-        };
-        hook.before_wake()
-            .await
-            .map_err(|reason| ProxyError::ActivationFailed {
-                service: self.name.clone(),
-                reason: reason.into(),
-            })
-    }
-
-    /// Called by a driver once the backend has stopped (its dependencies may stop now).
-    pub fn after_stop(&self) {
-        if let Some(hook) = self.wake_hook() {
-            hook.stopped();
-        }
-    }
-
-    /// The dependency a waking service waits for now.
-    pub fn waiting_for(&self) -> Option<Arc<str>> {
-        self.wake_hook().and_then(|h| h.waiting_for())
-    }
-
-    /// Whether something keeps the service up (see [`Gate::keep_awake`]).
-    pub fn kept_awake(&self) -> bool {
-        self.awake.load(Ordering::SeqCst) > 0
-    }
-
-    /// Wakes KEDA streams without a change of the held count (activity changed).
-    fn held_changed(&self) {
-        if let Some(events) = self.held_events.get() {
-            events.send_modify(|_| {});
-        }
-    }
-}
-
-/// Keeps a gate's service up while it lives (see [`Gate::keep_awake`]).
-pub struct AwakeGuard(Arc<Gate>);
-
-impl Drop for AwakeGuard {
-    fn drop(&mut self) {
-        let gate = &self.0;
-        if gate.awake.fetch_sub(1, Ordering::SeqCst) == 1 {
-            gate.touch();
-            gate.quiet.notify_waiters();
-            gate.held_changed();
-        }
-    }
-}
-
-impl std::fmt::Debug for AwakeGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("AwakeGuard").field(&self.0.name).finish()
-    }
 }
 
 /// A held request's place in the queue; leaving (client gone, deadline) removes it at once.
@@ -921,6 +826,9 @@ fn fast_rand() -> u64 {
         x
     })
 }
+
+mod awake;
+pub use awake::{AwakeGuard, WakeHook};
 
 #[cfg(test)]
 mod tests;

@@ -59,24 +59,10 @@ pub async fn run(
         gate.set_state(State::Waking);
         // One span per wake-up: its events are the milestones (spawned, ready, forwarded).
         let span = gate.wake().begin(gate.name(), gate.held());
-        // Dependencies first, each ready before the next (`depends_on`).
-        let deps = tokio::select! {
-            r = gate.before_wake() => r,
-            _ = stopped(&mut stop) => Err(ProxyError::ShuttingDown { service: gate.name().clone() }),
-        };
-        if let Err(e) = deps {
-            span.in_scope(|| warn!(error = %e, "dependencies not ready"));
-            gate.wake().abort("dependency");
-            gate.fail_held(e);
-            gate.after_stop();
-            gate.set_state(State::Idle);
-            if *stop.borrow() {
-                return false;
-            }
-            if gate.held() == 0 {
-                return true;
-            }
-            continue;
+        match dependencies(gate, &mut stop, &span).await {
+            Deps::Ready => {}
+            Deps::Failed { retry: true } => continue,
+            Deps::Failed { retry: false } => return !*stop.borrow(),
         }
         let started = Instant::now();
         let result = start_until_ready(gate, cfg, &mut stop)
@@ -95,30 +81,22 @@ pub async fn run(
             }
             Err(StartError::Failed(reason)) => {
                 span.in_scope(|| warn!(%reason, "backend failed to start"));
-                gate.wake().abort("failed");
-                gate.metrics().activation("failed", None);
-                gate.fail_held(ProxyError::ActivationFailed {
+                let e = ProxyError::ActivationFailed {
                     service: gate.name().clone(),
                     reason: reason.into(),
-                });
-                gate.after_stop();
-                if gate.held() == 0 {
-                    gate.set_state(State::Idle);
+                };
+                if failed(gate, "failed", e) {
                     return true;
                 }
                 continue;
             }
             Err(StartError::NotReady(reason)) => {
                 span.in_scope(|| warn!(%reason, "backend did not become ready"));
-                gate.wake().abort("timeout");
-                gate.metrics().activation("timeout", None);
-                gate.fail_held(ProxyError::ActivationTimeout {
+                let e = ProxyError::ActivationTimeout {
                     service: gate.name().clone(),
                     reason: reason.into(),
-                });
-                gate.after_stop();
-                if gate.held() == 0 {
-                    gate.set_state(State::Idle);
+                };
+                if failed(gate, "timeout", e) {
                     return true;
                 }
                 continue;
@@ -158,6 +136,50 @@ pub async fn run(
             gate.set_state(State::Idle);
             return false;
         }
+    }
+}
+
+/// Ends a failed wake-up (`outcome`: `failed` or `timeout`): the held requests get `e`, the
+/// dependencies are let go. True when nothing is held any more (a pre-warm's wake-up failed:
+/// it is not retried); the state is then idle.
+fn failed(gate: &Gate, outcome: &'static str, e: ProxyError) -> bool {
+    gate.wake().abort(outcome);
+    gate.metrics().activation(outcome, None);
+    gate.fail_held(e);
+    gate.after_stop();
+    let done = gate.held() == 0;
+    if done {
+        gate.set_state(State::Idle);
+    }
+    done
+}
+
+/// What became of a service's dependencies before its wake-up.
+enum Deps {
+    /// All ready (or none): wake the backend.
+    Ready,
+    /// One failed (its held requests were answered): `retry` when requests are held again.
+    Failed { retry: bool },
+}
+
+/// Wakes the dependencies first, each ready before the next (`depends_on`).
+async fn dependencies(
+    gate: &Arc<Gate>,
+    stop: &mut watch::Receiver<bool>,
+    span: &tracing::Span,
+) -> Deps {
+    let deps = tokio::select! {
+        r = gate.before_wake() => r,
+        _ = stopped(stop) => Err(ProxyError::ShuttingDown { service: gate.name().clone() }),
+    };
+    let Err(e) = deps else { return Deps::Ready };
+    span.in_scope(|| warn!(error = %e, "dependencies not ready"));
+    gate.wake().abort("dependency");
+    gate.fail_held(e);
+    gate.after_stop();
+    gate.set_state(State::Idle);
+    Deps::Failed {
+        retry: !*stop.borrow() && gate.held() > 0,
     }
 }
 
