@@ -216,7 +216,14 @@ pub fn services(state: &AdminState) -> Vec<u8> {
         queue_capacity: usize,
         concurrency: Option<usize>,
         rollout: Option<&'a Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        prewarm: Option<Value>,
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        depends_on: &'a [String],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        waiting_for: Option<String>,
     }
+    let now = state.services.prewarm_context().clock.now();
     let snapshot = state.services.load();
     let mut out = Vec::with_capacity(64 + snapshot.services.len() * 320);
     out.extend_from_slice(b"{\"services\":[");
@@ -252,6 +259,13 @@ pub fn services(state: &AdminState) -> Vec<u8> {
                 queue_capacity: g.settings().capacity,
                 concurrency: g.settings().concurrency,
                 rollout: rollout.as_deref(),
+                prewarm: s.spec.prewarm.as_ref().map(|p| {
+                    let ctx = state.services.prewarm_context();
+                    let learned = ctx.learned(g.name(), p, now, now, crate::prewarm::HORIZON);
+                    crate::prewarm::report::status(p, g, now, &learned)
+                }),
+                depends_on: &s.spec.depends_on,
+                waiting_for: g.waiting_for().map(|d| d.to_string()),
             },
         );
     }

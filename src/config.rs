@@ -19,12 +19,16 @@ mod keda;
 pub use keda::*;
 mod json_path;
 mod kubernetes;
+mod prewarm;
 mod rollout;
 
 pub use json_path::JsonPath;
 pub use kubernetes::{
     Coordination, CrdWatch, KubernetesBackend, PortRef, Scaling, Workload, WorkloadKind,
     DEFAULT_LEASE_DURATION, DEFAULT_LEASE_NAME, DEFAULT_PEER_TIMEOUT, DEFAULT_REPLICAS,
+};
+pub use prewarm::{
+    describe_lead, Lead, Prewarm, ScheduledWindow, DEFAULT_MAX_HOURS_PER_WEEK, MIN_AUTO_LEAD,
 };
 pub use rollout::{
     AtZero, BodyRegex, ExpectJson, OnFailure, Overlap, Promotion, Rollout, ValidationStep,
@@ -247,6 +251,11 @@ pub struct Service {
     /// Upgrade protocols passed to the backend (lowercase; default `[websocket]`). Any other
     /// `Upgrade` is removed and the request forwarded as a plain one; `h2c` is never allowed.
     pub upgrades: Vec<String>,
+    /// Windows in which the service is woken before any request (`prewarm:`; absent: none).
+    pub prewarm: Option<Prewarm>,
+    /// Services woken (in this order, each ready before the next) before this one, and kept
+    /// up while it is (`depends_on`, default none).
+    pub depends_on: Vec<String>,
 }
 
 /// Hold-queue settings.
@@ -482,6 +491,9 @@ struct RawService {
     rollout: Option<rollout::RawRollout>,
     knative: Option<bool>,
     upgrades: Option<Vec<String>>,
+    prewarm: Option<prewarm::RawPrewarm>,
+    #[serde(default)]
+    depends_on: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -855,6 +867,15 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         let keda = keda::validate_service(&mut p, &format!("{at}.keda"), s.keda);
         let upgrades = validate_upgrades(&mut p, &format!("{at}.upgrades"), s.upgrades);
         let upstream_tls = validate_upstream_tls(&mut p, &at, s.protocol, s.upstream_tls);
+        let prewarm = s
+            .prewarm
+            .map(|w| prewarm::validate(&mut p, &format!("{at}.prewarm"), w));
+        if prewarm.is_some() && matches!(backend, Backend::Static(_)) {
+            p.add(
+                format!("{at}.prewarm"),
+                "a `static` backend is always up: nothing to pre-warm",
+            );
+        }
         services.push(Service {
             name: s.name,
             namespace,
@@ -869,9 +890,14 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             keda,
             knative: s.knative.unwrap_or(raw.knative.enabled),
             upgrades,
+            prewarm,
+            depends_on: s.depends_on,
         });
     }
     rollout::check_references(&mut p, &services);
+    let names: Vec<String> = services.iter().map(|s| s.name.clone()).collect();
+    let deps: Vec<Vec<String>> = services.iter().map(|s| s.depends_on.clone()).collect();
+    prewarm::validate_depends_on(&mut p, &names, &deps);
     let tls = raw.tls.map(|t| validate_tls(&mut p, t, listen, admin));
     if p.0.is_empty() {
         Ok(Config {

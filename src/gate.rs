@@ -235,6 +235,11 @@ pub struct Gate {
     /// A candidate awaiting promotion, reachable on purpose with a header (see [`candidate`]).
     candidate: arc_swap::ArcSwapOption<candidate::Candidate>,
     on_demand: OnceLock<Arc<dyn OnDemand>>,
+    /// Reasons keeping the service up with no request (pre-warm windows, awake dependents);
+    /// see [`Gate::keep_awake`].
+    awake: AtomicUsize,
+    /// Run before a wake-up and after a stop (dependencies); see [`WakeHook`].
+    wake_hook: Mutex<Option<Arc<dyn WakeHook>>>,
 }
 
 /// What a request got from [`Gate::acquire`].
@@ -279,6 +284,8 @@ impl Gate {
             rollout_report: arc_swap::ArcSwapOption::empty(),
             candidate: arc_swap::ArcSwapOption::empty(),
             on_demand: OnceLock::new(),
+            awake: AtomicUsize::new(0),
+            wake_hook: Mutex::new(None),
         })
     }
 
@@ -708,7 +715,7 @@ impl Gate {
             let notified = self.demand.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.held() > 0 {
+            if self.held() > 0 || self.kept_awake() {
                 return;
             }
             notified.await;
@@ -721,7 +728,7 @@ impl Gate {
             let quiet = self.quiet.notified();
             tokio::pin!(quiet);
             quiet.as_mut().enable();
-            if self.held() == 0 && self.in_flight() == 0 {
+            if self.held() == 0 && self.in_flight() == 0 && !self.kept_awake() {
                 let idle_for = self.idle_for();
                 if idle_for >= idle {
                     return;
@@ -750,6 +757,7 @@ impl Gate {
     pub fn activated(&self, took: Duration) {
         self.last_activation_us
             .store(took.as_micros() as u64, Ordering::Relaxed);
+        self.wake.record(took);
     }
 }
 
@@ -839,7 +847,9 @@ fn fast_rand() -> u64 {
     })
 }
 
+mod awake;
 pub mod candidate;
+pub use awake::{AwakeGuard, WakeHook};
 
 #[cfg(test)]
 mod tests;

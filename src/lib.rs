@@ -6,8 +6,8 @@
 //! endpoint slot at once or holds the request while a [`scaler`] driver wakes the backend,
 //! [`upstream`] forwards it, and [`proxy`] ties these together and maps every [`error`] to a
 //! response. [`config`] builds the typed settings, [`metrics`] and [`admin`] report on it all,
-//! [`keda`] answers KEDA's external scaler calls, [`wake`] times cold starts, and [`demo`] is a
-//! small backend for trying it out.
+//! [`keda`] answers KEDA's external scaler calls, [`wake`] times cold starts, [`prewarm`] wakes
+//! services ahead of their demand, and [`demo`] is a small backend for trying it out.
 
 pub(crate) mod accept;
 pub mod admin;
@@ -16,11 +16,13 @@ pub mod crd;
 pub mod demo;
 pub mod error;
 pub mod gate;
+pub mod group;
 pub mod h1;
 pub mod inbound;
 pub mod keda;
 pub mod limits;
 pub mod metrics;
+pub mod prewarm;
 pub mod proxy;
 pub mod router;
 pub mod scaler;

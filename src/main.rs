@@ -115,6 +115,11 @@ enum Cmd {
         #[arg(long, env = "REVEILLE_ADMIN_TOKEN_FILE")]
         token_file: Option<PathBuf>,
     },
+    /// Pre-warm windows: what is planned (see docs/prewarm.md).
+    Prewarm {
+        #[command(subcommand)]
+        cmd: PrewarmCmd,
+    },
     /// Run the built-in demo backend (used by examples/local.yaml and the tests).
     DemoBackend {
         /// Address to listen on.
@@ -126,6 +131,30 @@ enum Cmd {
         /// Name shown in answers.
         #[arg(long, default_value = "demo")]
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PrewarmCmd {
+    /// Print each pre-warmed service's windows of the next 7 days, with their source.
+    Plan {
+        /// Config file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Seed a learning service's history (in state_dir) from a CSV of request timestamps.
+    Import {
+        /// Config file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The service the requests were for (it must have `prewarm: { learn: true }`).
+        #[arg(long)]
+        service: String,
+        /// CSV file: a timestamp per line in the first column (RFC 3339 or Unix seconds).
+        file: PathBuf,
     },
 }
 
@@ -175,6 +204,7 @@ fn main() -> ExitCode {
             print!("{}", reveille::crd::crd_yaml());
             ExitCode::SUCCESS
         }
+        Cmd::Prewarm { cmd } => prewarm(cmd),
         Cmd::Check { config } => match load(&config) {
             Ok(c) => {
                 println!(
@@ -243,6 +273,76 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn prewarm(cmd: PrewarmCmd) -> ExitCode {
+    match cmd {
+        PrewarmCmd::Plan { config, json } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    report(&config, &e);
+                    return ExitCode::from(2);
+                }
+            };
+            let history = match reveille::prewarm::store::Store::peek(&cfg.state_dir) {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let plans =
+                reveille::prewarm::report::plan_config(&cfg, jiff::Timestamp::now(), &history);
+            if json {
+                println!("{}", serde_json::json!({ "services": plans }));
+            } else {
+                print!("{}", reveille::prewarm::report::plan_text(&plans));
+            }
+            ExitCode::SUCCESS
+        }
+        PrewarmCmd::Import {
+            config,
+            service,
+            file,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    report(&config, &e);
+                    return ExitCode::from(2);
+                }
+            };
+            match import(&cfg, &service, &file) {
+                Ok(msg) => {
+                    println!("{msg}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn import(cfg: &Config, service: &str, file: &std::path::Path) -> Result<String, String> {
+    use reveille::prewarm::{import, store::Store};
+    let csv = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let store = Store::open(&cfg.state_dir).map_err(|e| e.to_string())?;
+    let done = store
+        .update(|h| import::import_csv(cfg, service, &csv, h))
+        .map_err(|e| e.to_string())?;
+    store
+        .save()
+        .map_err(|e| format!("{}: {e}", store.path().display()))?;
+    Ok(format!(
+        "{service}: {} requests imported ({} lines skipped) into {}",
+        done.rows,
+        done.skipped,
+        store.path().display()
+    ))
 }
 
 async fn serve(mut cfg: Config, path: PathBuf) -> ExitCode {

@@ -22,6 +22,8 @@ use prometheus::{
 
 use crate::wake::Phase;
 
+mod prewarm;
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0,
@@ -95,6 +97,7 @@ pub struct Families {
     rollout_switches: IntCounterVec,
     rollout_rollbacks: IntCounterVec,
     accept_errors: IntCounterVec,
+    prewarm: prewarm::PrewarmMetrics,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -235,6 +238,7 @@ impl Metrics {
                 "Failed accepts (EMFILE, ENFILE, ENOBUFS, ...) by listener (proxy, tls, admin, keda); each is followed by a pause.",
                 &["listener"],
             ),
+            prewarm: prewarm::PrewarmMetrics::new(&registry),
             registry,
         };
         Metrics {
@@ -275,6 +279,7 @@ impl Metrics {
         for p in Phase::ALL {
             let _ = self.wakeup.remove_label_values(&[name, p.as_str()]);
         }
+        self.prewarm.forget(name);
     }
 
     /// Counts a rejection that happened before any service was chosen (e.g. unknown host).

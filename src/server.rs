@@ -192,11 +192,13 @@ pub async fn start_with(
         .and_then(|k| k.coordinator.as_ref())
         .map(|c| c.peers())
         .unwrap_or(peers);
-    let services = Services::new(
+    let prewarm = crate::prewarm::Context::open(&config).map_err(io::Error::other)?;
+    let services = Services::with_prewarm(
         metrics.clone(),
         HeldLimit::new(config.limits.max_held),
         kube,
         config.timeouts,
+        prewarm,
     );
     process_state(&config).await?;
     services.keep_pid_files_in(config.state_dir.clone());
@@ -353,6 +355,7 @@ pub async fn start_with(
             let _ = tokio::time::timeout(FINAL_FLUSH, &mut drained).await;
         }
         task_services.stop_all().await;
+        task_services.prewarm_context().save();
         let _ = stop_kube.send(true);
         for t in kube_tasks {
             let _ = t.await;

@@ -21,6 +21,7 @@ use crate::config::{Service, Timeouts};
 use crate::error::ProxyError;
 use crate::gate::{Gate, GateSettings, HeldLimit};
 use crate::metrics::Metrics;
+use crate::prewarm;
 use crate::router::Router;
 use crate::scaler::{self, Driver};
 use crate::upstream;
@@ -82,10 +83,11 @@ impl Snapshot {
     }
 }
 
-/// A running service: its entry and its driver.
+/// A running service: its entry, its driver, and its pre-warm task (with `prewarm:`).
 struct Live {
     entry: Arc<ServiceEntry>,
     driver: Arc<Driver>,
+    prewarm: Option<prewarm::runner::RunnerHandle>,
 }
 
 /// What a reload changed.
@@ -117,6 +119,7 @@ pub struct Services {
     timeouts: Timeouts,
     /// Where process backends' pid files go (see [`Services::keep_pid_files_in`]).
     pid_dir: std::sync::OnceLock<std::path::PathBuf>,
+    prewarm: prewarm::Context,
 }
 
 impl Services {
@@ -129,6 +132,23 @@ impl Services {
         kube: Option<scaler::kubernetes::KubeContext>,
         timeouts: Timeouts,
     ) -> Arc<Self> {
+        Self::with_prewarm(
+            metrics,
+            held_limit,
+            kube,
+            timeouts,
+            prewarm::Context::default(),
+        )
+    }
+
+    /// Like [`Services::new`], with the pre-warm context given (its clock, for tests).
+    pub fn with_prewarm(
+        metrics: Metrics,
+        held_limit: Arc<HeldLimit>,
+        kube: Option<scaler::kubernetes::KubeContext>,
+        timeouts: Timeouts,
+        prewarm: prewarm::Context,
+    ) -> Arc<Self> {
         let services = Arc::new(Services {
             current: ArcSwap::from_pointee(Snapshot::build(Vec::new())),
             live: tokio::sync::Mutex::new(HashMap::new()),
@@ -138,6 +158,7 @@ impl Services {
             sources: tokio::sync::Mutex::new((Vec::new(), Vec::new())),
             timeouts,
             pid_dir: std::sync::OnceLock::new(),
+            prewarm,
         });
         if let Some(k) = &services.kube {
             let weak = Arc::downgrade(&services);
@@ -215,12 +236,19 @@ impl Services {
                 Some(old) if old.entry.spec == *spec => old,
                 Some(old) if same_gate(&old.entry.spec, spec) => {
                     changes.rerouted.push(spec.name.clone());
+                    let prewarm = if old.entry.spec.prewarm == spec.prewarm {
+                        old.prewarm
+                    } else {
+                        drop(old.prewarm);
+                        self.prewarm_runner(&old.entry.gate, spec)
+                    };
                     Live {
                         entry: Arc::new(ServiceEntry {
                             gate: old.entry.gate.clone(),
                             spec: spec.clone(),
                         }),
                         driver: old.driver,
+                        prewarm,
                     }
                 }
                 Some(old) => {
@@ -241,6 +269,7 @@ impl Services {
             changes.removed.push(name.to_string());
             retired.push((old, false));
         }
+        install_dependencies(&order);
         self.current.store(Arc::new(Snapshot::build(order)));
         // Only now: held requests of a replaced service find its new gate when re-routed.
         for (old, replaced) in retired {
@@ -297,12 +326,61 @@ impl Services {
         // The old backend must be gone first: a process would clash on its port.
         let pid_dir = self.pid_dir.get().cloned();
         let driver = Driver::launch(&gate, spec.clone(), self.kube.clone(), after, pid_dir);
+        let prewarm = self.prewarm_runner(&gate, spec);
         Live {
             entry: Arc::new(ServiceEntry {
                 gate,
                 spec: spec.clone(),
             }),
             driver,
+            prewarm,
+        }
+    }
+
+    /// The pre-warm task of a service with `prewarm:`.
+    fn prewarm_runner(
+        &self,
+        gate: &Arc<Gate>,
+        spec: &Service,
+    ) -> Option<prewarm::runner::RunnerHandle> {
+        let cfg = spec.prewarm.clone()?;
+        let runner = prewarm::Runner::new(
+            gate.clone(),
+            cfg,
+            self.prewarm.clone(),
+            self.metrics.clone(),
+            spec.idle_timeout,
+        );
+        Some(runner.spawn())
+    }
+
+    /// The pre-warm context (clock) services are planned on.
+    pub fn prewarm_context(&self) -> &prewarm::Context {
+        &self.prewarm
+    }
+}
+
+/// Gives each service with `depends_on` its dependencies' gates (kept when unchanged, so the
+/// dependencies it keeps up stay up across a reload).
+fn install_dependencies(services: &[Arc<ServiceEntry>]) {
+    let by_name: HashMap<&str, &Arc<Gate>> = services
+        .iter()
+        .map(|e| (e.spec.name.as_str(), &e.gate))
+        .collect();
+    for e in services {
+        let deps: Vec<Arc<Gate>> = e
+            .spec
+            .depends_on
+            .iter()
+            .filter_map(|d| by_name.get(d.as_str()).map(|g| Arc::clone(g)))
+            .collect();
+        match e.gate.wake_hook() {
+            Some(h) if h.same(&deps) => {}
+            _ if deps.is_empty() => e.gate.set_wake_hook(None),
+            _ => e.gate.set_wake_hook(Some(crate::group::Dependencies::new(
+                deps,
+                e.spec.queue.timeout,
+            ))),
         }
     }
 }

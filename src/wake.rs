@@ -51,10 +51,16 @@ struct Wake {
     done: [bool; 3],
 }
 
-/// The timer of a service's current wake-up, if one is under way.
+/// Successful wake-ups whose durations are kept for [`WakeTracker::p90`].
+pub const COLD_STARTS_KEPT: usize = 32;
+
+/// The timer of a service's current wake-up, if one is under way, and the durations of the
+/// last [`COLD_STARTS_KEPT`] successful ones.
 #[derive(Default)]
 pub struct WakeTracker {
     current: Mutex<Option<Box<Wake>>>,
+    recent: Mutex<std::collections::VecDeque<std::time::Duration>>,
+    failed: std::sync::atomic::AtomicU64,
 }
 
 impl WakeTracker {
@@ -115,11 +121,40 @@ impl WakeTracker {
         }
     }
 
+    /// Wake-ups that ended early for another reason than a shutdown (monotonic).
+    pub fn failures(&self) -> u64 {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Ends the current wake-up without further milestones (it failed or was cancelled).
     pub fn abort(&self, reason: &str) {
+        if reason != "shutdown" {
+            self.failed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         if let Some(w) = self.current.lock().take() {
             w.span.in_scope(|| info!(reason, "wake-up ended early"));
         }
+    }
+
+    /// Keeps a successful wake-up's duration (the oldest of [`COLD_STARTS_KEPT`] goes).
+    pub fn record(&self, took: std::time::Duration) {
+        let mut r = self.recent.lock();
+        if r.len() == COLD_STARTS_KEPT {
+            r.pop_front();
+        }
+        r.push_back(took);
+    }
+
+    /// The 90th percentile of the kept wake-up durations (nearest rank); `None` before any.
+    pub fn p90(&self) -> Option<std::time::Duration> {
+        let mut v: Vec<_> = self.recent.lock().iter().copied().collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let rank = (v.len() * 9).div_ceil(10).max(1);
+        Some(v[rank - 1])
     }
 
     /// Whether a wake-up is being timed.

@@ -51,6 +51,8 @@ pub struct Totals {
     pub stale: usize,
     /// A controlled rollout is validating or switching on some replica.
     pub rolling_out: bool,
+    /// A pre-warm window (or an awake dependent) keeps the service up on some replica.
+    pub kept_awake: bool,
 }
 
 impl Totals {
@@ -124,6 +126,7 @@ impl Cluster {
             rate: own.rate,
             replicas: 1,
             rolling_out: own.rolling_out,
+            kept_awake: own.kept_awake,
             ..Totals::default()
         };
         for (counts, stale) in peers {
@@ -134,11 +137,12 @@ impl Cluster {
                 t.replicas += 1;
                 t.stale += usize::from(*stale);
                 t.rolling_out |= c.rolling_out;
+                t.kept_awake |= c.kept_awake;
             }
         }
-        // A rollout in progress counts as one request, so every trigger (metric or activity)
-        // keeps the service up until it is done.
-        t.concurrency = (t.held + t.in_flight).max(u64::from(t.rolling_out));
+        // A rollout in progress, or a pre-warm, counts as one request, so every trigger
+        // (metric or activity) keeps the service up until it is done.
+        t.concurrency = (t.held + t.in_flight).max(u64::from(t.rolling_out || t.kept_awake));
         t
     }
 

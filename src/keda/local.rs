@@ -41,6 +41,10 @@ pub struct ServiceCounts {
     /// A controlled rollout is validating or switching here (the service counts as active).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rolling_out: bool,
+    /// A pre-warm window (or an awake dependent) keeps the service up here: it counts as
+    /// active, with one replica's worth of demand.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept_awake: bool,
 }
 
 /// Every service's counts on one replica (the body of admin `/api/local`).
@@ -217,6 +221,7 @@ fn entry_counts(e: &Entry) -> ServiceCounts {
         holds_total: e.gate.holds_total(),
         idle_for_ms: Some(e.gate.idle_for().as_millis() as u64),
         rolling_out: e.gate.rolling_out(),
+        kept_awake: e.gate.kept_awake(),
     }
 }
 

@@ -61,10 +61,13 @@ impl Scaler {
         let t = self.cluster.totals(&r.service).await.ok_or_else(|| {
             Status::not_found(format!("service {:?} is not configured", r.service))
         })?;
-        Ok(match r.metric {
+        let v = match r.metric {
             crate::config::ScalingMetric::Concurrency => t.concurrency as f64,
             crate::config::ScalingMetric::Rate => t.rate,
-        })
+        };
+        // Kept up for a pre-warm window: at least one replica's worth of demand, so a metric
+        // trigger scales to one replica (and not below) for the window.
+        Ok(if t.kept_awake { v.max(r.target) } else { v })
     }
 }
 
@@ -140,7 +143,7 @@ impl ExternalScaler for Scaler {
                         held.borrow_and_update();
                         // A new hold since the last look, even if already released again.
                         let holds = gate.holds_total();
-                        let push = holds != seen || gate.rolling_out();
+                        let push = holds != seen || gate.rolling_out() || gate.kept_awake();
                         seen = holds;
                         push
                     }

@@ -225,11 +225,14 @@ impl Driver {
         }
     }
 
-    /// The deadline of the oldest held request, or `None` when nothing is held.
+    /// The deadline of the oldest held request; while the service is only kept awake (a
+    /// pre-warm), one hold timeout from now. `None` when nobody waits.
     fn hold_deadline(&self) -> Option<Instant> {
+        let hold = self.gate.settings().hold_timeout;
         self.gate
             .oldest_held_since()
-            .map(|t| t + self.gate.settings().hold_timeout)
+            .map(|t| t + hold)
+            .or_else(|| self.gate.kept_awake().then(|| Instant::now() + hold))
     }
 
     /// Wakes the workload and waits for a ready pod while anything is held. False on `stop`.
@@ -243,6 +246,21 @@ impl Driver {
 
     async fn activate_in(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
         let started = Instant::now();
+        // Dependencies first, each ready before the next (`depends_on`).
+        let deps = tokio::select! {
+            r = self.gate.before_wake() => r,
+            _ = stopped(stop) => {
+                self.gate.wake().abort("shutdown");
+                return false;
+            }
+        };
+        if let Err(e) = deps {
+            warn!(error = %e, "dependencies not ready");
+            self.gate.wake().abort("dependency");
+            self.gate.fail_held(e);
+            self.gate.after_stop();
+            return true;
+        }
         info!(held = self.gate.held(), "waking");
         if self.cfg.scaling == Scaling::Direct {
             match self.wake(stop).await {
@@ -316,7 +334,7 @@ impl Driver {
                 _ = self.seen.wait_for(|n| *n > 0) => return Some(true),
                 _ = stopped(stop) => return None,
             }
-            if self.gate.held() == 0 {
+            if self.gate.held() == 0 && !self.gate.kept_awake() {
                 return Some(false);
             }
             pause = (pause * 2).min(WAKE_BACKOFF_MAX);
@@ -326,6 +344,7 @@ impl Driver {
     /// Whether the service has been quiet for the whole idle timeout.
     fn still_idle(&self) -> bool {
         self.gate.held() == 0
+            && !self.gate.kept_awake()
             && self.gate.in_flight() == 0
             && self.gate.idle_for() >= self.idle_timeout
     }
@@ -382,7 +401,7 @@ impl Driver {
         self.gate.set_state(State::Stopping);
         self.routing.withdraw();
         let _ = tokio::time::timeout(DRAIN_GRACE, self.gate.wait_drained()).await;
-        if self.gate.held() > 0 {
+        if self.gate.held() > 0 || self.gate.kept_awake() {
             self.gate.metrics().scale_down_deferred("demand");
             self.routing.restore();
             return true;
@@ -421,6 +440,7 @@ impl Driver {
             }
         }
         self.gate.set_state(State::Idle);
+        self.gate.after_stop();
         // Keep new requests off the stopping pods until the watch shows them gone (or demand
         // comes back, in which case the pods still listed are the ones to use).
         tokio::select! {

@@ -112,10 +112,13 @@ impl Driver {
             before.stopped().await;
         }
         loop {
+            let mut failed = false;
             match &self.service.backend {
                 Backend::Process(p) => {
                     let pid_dir = self.pid_dir.as_deref();
-                    process::run(&gate, p, self.service.idle_timeout, pid_dir, stop.clone()).await
+                    failed =
+                        process::run(&gate, p, self.service.idle_timeout, pid_dir, stop.clone())
+                            .await
                 }
                 Backend::Static(s) => r#static::run(gate.clone(), &s.addresses, stop.clone()).await,
                 Backend::Kubernetes(k) => match &self.kube {
@@ -133,10 +136,11 @@ impl Driver {
                 },
             }
             let mut st = self.state.lock();
-            // A process driver returns when nothing is held; a request held since (it found
-            // the task still running, so it started none) keeps it going.
-            if !st.stopped && gate.held() > 0 && matches!(self.service.backend, Backend::Process(_))
-            {
+            // A process driver returns when nothing is held nor kept awake; a request held
+            // since, or a pre-warm begun since (it found the task still running, so it started
+            // none), keeps it going. A pre-warm whose wake-up failed is not tried again.
+            let wanted = gate.held() > 0 || (gate.kept_awake() && !failed);
+            if !st.stopped && wanted && matches!(self.service.backend, Backend::Process(_)) {
                 continue;
             }
             st.running = None;

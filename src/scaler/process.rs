@@ -57,27 +57,33 @@ enum StartError {
 }
 
 /// The driver loop: Idle → Waking → Ready → Stopping → Idle, until `stop`, or until the
-/// service is idle with nothing held (the driver was started by a held request and the next
-/// one starts it again, see [`super::Driver`]).
+/// service is idle with nothing held nor kept awake (the driver was started by a held request
+/// or a pre-warm, and the next one starts it again, see [`super::Driver`]). Returns true when
+/// it ended because a wake-up nobody waits for (a pre-warm) failed: that one is not retried.
 pub async fn run(
     gate: &Arc<Gate>,
     cfg: &ProcessBackend,
     idle_timeout: Duration,
     pid_dir: Option<&Path>,
     mut stop: watch::Receiver<bool>,
-) {
+) -> bool {
     loop {
         gate.set_state(State::Idle);
-        if gate.held() == 0 {
-            return;
+        if gate.held() == 0 && !gate.kept_awake() {
+            return false;
         }
         tokio::select! {
             _ = gate.wait_for_demand() => {}
-            _ = stopped(&mut stop) => return,
+            _ = stopped(&mut stop) => return false,
         }
         gate.set_state(State::Waking);
         // One span per wake-up: its events are the milestones (spawned, ready, forwarded).
         let span = gate.wake().begin(gate.name(), gate.held());
+        match dependencies(gate, &mut stop, &span).await {
+            Deps::Ready => {}
+            Deps::Failed { retry: true } => continue,
+            Deps::Failed { retry: false } => return !*stop.borrow(),
+        }
         let started = Instant::now();
         let result = start_until_ready(gate, cfg, pid_dir, &mut stop)
             .instrument(span.clone())
@@ -85,31 +91,34 @@ pub async fn run(
         let mut backend = match result {
             Ok(backend) => backend,
             Err(StartError::Stopped) => {
+                gate.after_stop();
                 gate.wake().abort("shutdown");
                 gate.fail_held(ProxyError::ShuttingDown {
                     service: gate.name().clone(),
                 });
                 gate.set_state(State::Idle);
-                return;
+                return false;
             }
             Err(StartError::Failed(reason)) => {
                 span.in_scope(|| warn!(%reason, "backend failed to start"));
-                gate.wake().abort("failed");
-                gate.metrics().activation("failed", None);
-                gate.fail_held(ProxyError::ActivationFailed {
+                let e = ProxyError::ActivationFailed {
                     service: gate.name().clone(),
                     reason: reason.into(),
-                });
+                };
+                if failed(gate, "failed", e) {
+                    return true;
+                }
                 continue;
             }
             Err(StartError::NotReady(reason)) => {
                 span.in_scope(|| warn!(%reason, "backend did not become ready"));
-                gate.wake().abort("timeout");
-                gate.metrics().activation("timeout", None);
-                gate.fail_held(ProxyError::ActivationTimeout {
+                let e = ProxyError::ActivationTimeout {
                     service: gate.name().clone(),
                     reason: reason.into(),
-                });
+                };
+                if failed(gate, "timeout", e) {
+                    return true;
+                }
                 continue;
             }
         };
@@ -143,10 +152,55 @@ pub async fn run(
         }
         info!(service = %gate.name(), reason = if shutting_down { "shutdown" } else { "idle" }, "stopping backend");
         backend.terminate(cfg.stop_grace).await;
+        gate.after_stop();
         if shutting_down {
             gate.set_state(State::Idle);
-            return;
+            return false;
         }
+    }
+}
+
+/// Ends a failed wake-up (`outcome`: `failed` or `timeout`): the held requests get `e`, the
+/// dependencies are let go. True when nothing is held any more (a pre-warm's wake-up failed:
+/// it is not retried); the state is then idle.
+fn failed(gate: &Gate, outcome: &'static str, e: ProxyError) -> bool {
+    gate.wake().abort(outcome);
+    gate.metrics().activation(outcome, None);
+    gate.fail_held(e);
+    gate.after_stop();
+    let done = gate.held() == 0;
+    if done {
+        gate.set_state(State::Idle);
+    }
+    done
+}
+
+/// What became of a service's dependencies before its wake-up.
+enum Deps {
+    /// All ready (or none): wake the backend.
+    Ready,
+    /// One failed (its held requests were answered): `retry` when requests are held again.
+    Failed { retry: bool },
+}
+
+/// Wakes the dependencies first, each ready before the next (`depends_on`).
+async fn dependencies(
+    gate: &Arc<Gate>,
+    stop: &mut watch::Receiver<bool>,
+    span: &tracing::Span,
+) -> Deps {
+    let deps = tokio::select! {
+        r = gate.before_wake() => r,
+        _ = stopped(stop) => Err(ProxyError::ShuttingDown { service: gate.name().clone() }),
+    };
+    let Err(e) = deps else { return Deps::Ready };
+    span.in_scope(|| warn!(error = %e, "dependencies not ready"));
+    gate.wake().abort("dependency");
+    gate.fail_held(e);
+    gate.after_stop();
+    gate.set_state(State::Idle);
+    Deps::Failed {
+        retry: !*stop.borrow() && gate.held() > 0,
     }
 }
 
