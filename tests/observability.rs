@@ -143,7 +143,14 @@ async fn catalogue_dashboard_and_keda_examples_match_reveille() {
         );
     }
     // Families without a series yet are not exported; they must still be defined.
-    let source = read("src/metrics.rs");
+    // The metrics module: src/metrics.rs and its submodules (src/metrics/*.rs).
+    let mut source = read("src/metrics.rs");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/metrics");
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            source.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+    }
     for name in documented.keys() {
         assert!(
             source.contains(&format!("\"{name}\"")),
