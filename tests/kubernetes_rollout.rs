@@ -382,7 +382,14 @@ async fn a_rollout_at_zero_is_validated_at_once_with_at_zero_wake() {
         sim.replicas() == 1
     })
     .await;
-    assert!(r.gates[0].rolling_out(), "in progress until validated");
+    // The wake-up patch and the rollout's own bookkeeping are two steps: wait for the second
+    // (its pod does not exist yet, so nothing can have been validated meanwhile).
+    let gate = r.gates[0].clone();
+    wait_until("in progress until validated", LONG, || {
+        let g = gate.clone();
+        async move { g.rolling_out() }
+    })
+    .await;
     // The Deployment controller starts the pod; Reveille validates it.
     sim.add_pods("v2", 1, false, true).await;
     wait_until("v2 validated and routed", LONG, || async {
