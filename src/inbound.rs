@@ -83,12 +83,6 @@ impl Inbound {
         }
     }
 
-    /// How long a client may take to send a request head (and an idle keep-alive connection
-    /// may wait for the next one).
-    pub fn client_header(&self) -> Duration {
-        self.client_header
-    }
-
     /// The bounds [`drive`] keeps on a connection it serves.
     fn bounds(&self, activity: Arc<Activity>, metrics: &crate::metrics::Metrics) -> Bounds {
         Bounds {

@@ -151,12 +151,17 @@ impl Proxy {
                     .reject_unrouted(e.kind(), e.status().as_u16());
                 return error_response(&e);
             }
-            if self.shared.services.load().router.has_revisions() {
-                if let Some(resp) = knative_probe(&req) {
-                    return resp;
+            // One snapshot for the probe and the route (dropped before any wait).
+            let routed = {
+                let snapshot = self.shared.services.load();
+                if snapshot.router.has_revisions() {
+                    if let Some(resp) = knative_probe(&req) {
+                        return resp;
+                    }
                 }
-            }
-            let routed = match self.route(&req) {
+                route(&snapshot.router, &req)
+            };
+            let routed = match routed {
                 Ok(r) => r,
                 Err(e) => {
                     self.shared
@@ -199,42 +204,6 @@ impl Proxy {
                 .request(resp.status().as_u16(), arrived.elapsed().as_secs_f64());
             resp
         }
-    }
-
-    /// Picks the service. Knative names (the `Knative-Serving-*` fields, `<name>.<ns>.svc.*`
-    /// hosts), like Knative probes, count only when some service opted in to Knative routing, and then
-    /// reach only those services; otherwise a request is routed by its host and path alone.
-    fn route(&self, req: &Request<Incoming>) -> Result<Routed, ProxyError> {
-        let snapshot = self.shared.services.load();
-        let router = &snapshot.router;
-        let headers = req.headers();
-        if router.has_revisions() {
-            if let (Some(rev), Some(ns)) = (
-                headers.get(&KNATIVE_REVISION),
-                headers.get(&KNATIVE_NAMESPACE),
-            ) {
-                let (rev, ns) = (
-                    rev.to_str().unwrap_or_default(),
-                    ns.to_str().unwrap_or_default(),
-                );
-                return router
-                    .lookup_revision(ns, rev)
-                    .map(|g| Routed::to(g, true))
-                    .ok_or_else(|| ProxyError::NoRoute {
-                        host: truncate(&format!("{rev}.{ns} (Knative revision)")),
-                    });
-            }
-        }
-        let host = crate::limits::routing_host(req)?;
-        if let Some(g) = router.lookup(host, req.uri().path()) {
-            return Ok(Routed::to(g, false));
-        }
-        if let Some(g) = router.lookup_revision_host(host) {
-            return Ok(Routed::to(g, true));
-        }
-        Err(ProxyError::NoRoute {
-            host: truncate(host),
-        })
     }
 
     /// Removes what a client must not decide for the backend: the Knative fields unless the
@@ -457,6 +426,43 @@ pub(crate) async fn acquire_following(
         acquired = gate.acquire(deadline).await;
     }
     acquired
+}
+
+/// Picks the service. Knative names (the `Knative-Serving-*` fields, `<name>.<ns>.svc.*`
+/// hosts), like Knative probes, count only when some service opted in to Knative routing, and
+/// then reach only those services; otherwise a request is routed by its host and path alone.
+fn route(
+    router: &crate::router::Router<Arc<Gate>>,
+    req: &Request<Incoming>,
+) -> Result<Routed, ProxyError> {
+    let headers = req.headers();
+    if router.has_revisions() {
+        if let (Some(rev), Some(ns)) = (
+            headers.get(&KNATIVE_REVISION),
+            headers.get(&KNATIVE_NAMESPACE),
+        ) {
+            let (rev, ns) = (
+                rev.to_str().unwrap_or_default(),
+                ns.to_str().unwrap_or_default(),
+            );
+            return router
+                .lookup_revision(ns, rev)
+                .map(|g| Routed::to(g, true))
+                .ok_or_else(|| ProxyError::NoRoute {
+                    host: truncate(&format!("{rev}.{ns} (Knative revision)")),
+                });
+        }
+    }
+    let host = crate::limits::routing_host(req)?;
+    if let Some(g) = router.lookup(host, req.uri().path()) {
+        return Ok(Routed::to(g, false));
+    }
+    if let Some(g) = router.lookup_revision_host(host) {
+        return Ok(Routed::to(g, true));
+    }
+    Err(ProxyError::NoRoute {
+        host: truncate(host),
+    })
 }
 
 /// Answers Knative's network probes as its activator does.

@@ -49,7 +49,8 @@ impl Gate {
     /// A slot on the candidate's least busy pod when `headers` ask for it, else `None` (the
     /// request goes through [`Gate::acquire`] as usual).
     pub fn acquire_candidate(self: &Arc<Self>, headers: &HeaderMap) -> Option<Acquired> {
-        let c = self.candidate.load_full()?;
+        let c = self.candidate.load();
+        let c = c.as_ref()?;
         if headers.get(&c.header)?.as_bytes() != CANDIDATE_VALUE {
             return None;
         }

@@ -104,7 +104,6 @@ pub(crate) fn serve(
             proxy,
             close,
             shutting,
-            client_header: inbound.client_header(),
         };
         let mut deadline = deadline;
         loop {
@@ -136,7 +135,7 @@ pub(crate) fn serve(
                 }
                 if idle {
                     // The first bytes of a head: the rest must come within `client_header`.
-                    let head = Instant::now() + c.client_header;
+                    let head = Instant::now() + c.proxy.shared.timeouts.client_header;
                     if head < deadline {
                         deadline = head;
                         armed = false;
@@ -155,7 +154,7 @@ pub(crate) fn serve(
                 + if c.buf.is_empty() {
                     c.proxy.shared.timeouts.client_idle
                 } else {
-                    c.client_header
+                    c.proxy.shared.timeouts.client_header
                 };
         }
     }
@@ -219,8 +218,6 @@ struct Client {
     close: watch::Receiver<bool>,
     /// Shutting down: answer the request in progress with `Connection: close`.
     shutting: bool,
-    /// `timeouts.client_header`: bounds a request head, an idle keep-alive wait, and a body.
-    client_header: std::time::Duration,
 }
 
 impl Client {
@@ -357,11 +354,10 @@ impl Client {
                     .request(e.status().as_u16(), arrived.elapsed().as_secs_f64());
                 let close = close || e.closes_connection() || self.shutting_down();
                 write_error(&mut self.out, &e, close);
-                let writer = Writer {
-                    limit: self.proxy.shared.timeouts.client_write,
-                    metrics: &self.proxy.shared.metrics,
-                };
-                let written = writer.put(&mut self.stream, &self.out).await.is_ok();
+                let written = Writer::of(&self.proxy.shared)
+                    .put(&mut self.stream, &self.out)
+                    .await
+                    .is_ok();
                 if written && close && body > 0 {
                     // The body is still coming: closing with it unread would reset the
                     // connection, and the client could lose the answer. Linger briefly.
@@ -501,10 +497,7 @@ impl Client {
             host: head.reuse.then_some(&*host),
             permit: Some(permit),
         };
-        let writer = Writer {
-            limit: self.proxy.shared.timeouts.client_write,
-            metrics: &self.proxy.shared.metrics,
-        };
+        let writer = Writer::of(&self.proxy.shared);
         let relayed = relay_body(
             &mut self.stream,
             writer,
@@ -542,7 +535,14 @@ struct Writer<'a> {
     metrics: &'a crate::metrics::Metrics,
 }
 
-impl Writer<'_> {
+impl<'a> Writer<'a> {
+    fn of(shared: &'a crate::proxy::Shared) -> Self {
+        Writer {
+            limit: shared.timeouts.client_write,
+            metrics: &shared.metrics,
+        }
+    }
+
     async fn put(self, client: &mut TcpStream, mut buf: &[u8]) -> Result<(), ()> {
         while !buf.is_empty() {
             match client.try_write(buf) {

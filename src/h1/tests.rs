@@ -391,7 +391,6 @@ async fn connected(backend: SocketAddr) -> (Client, TcpStream, Proxy) {
         proxy: proxy.clone(),
         close,
         shutting: false,
-        client_header: crate::Config::parse(&yaml).unwrap().timeouts.client_header,
     };
     (c, peer.unwrap(), proxy)
 }
