@@ -32,7 +32,7 @@ use super::{launch, stopped};
 use crate::config::ProcessBackend;
 use crate::error::ProxyError;
 use crate::gate::{Gate, State};
-use crate::wake::Phase;
+use crate::telemetry::wake::Phase;
 
 /// Bound on one readiness probe (connect plus HTTP answer).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);

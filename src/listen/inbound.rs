@@ -1,5 +1,5 @@
 //! Inbound connections: where a client connection's way starts, for the plain listener
-//! ([`crate::server`]) and the TLS one ([`crate::tls`]). The protocol is chosen once per
+//! ([`crate::app`]) and the TLS one ([`crate::listen::tls`]). The protocol is chosen once per
 //! connection: on plain TCP by peeking at the first bytes for the HTTP/2 prior-knowledge
 //! preface (h2c), under TLS by ALPN. The connection is then served by hyper's own `http1`
 //! (with upgrades, for WebSockets) or `http2` server, driven by [`drive`] until it ends or
@@ -24,13 +24,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::Timeouts;
-use crate::limits::{MAX_HEADERS, MAX_HEADER_BYTES};
-use crate::proxy::Proxy;
-use crate::scaler;
-use crate::server::ConnectionGuard;
+use crate::route::checks::{MAX_HEADERS, MAX_HEADER_BYTES};
+use crate::forward::Proxy;
+use crate::app::ConnectionGuard;
 
-mod activity;
-pub(crate) use activity::{Activity, Tracked, Watched};
+
+pub(crate) use super::activity::{Activity, Tracked, Watched};
 
 /// HTTP/2 clients are pinged this often; one that does not answer within
 /// [`H2_PING_TIMEOUT`] is disconnected (HTTP/1's idle keep-alive connections are closed by
@@ -84,7 +83,7 @@ impl Inbound {
     }
 
     /// The bounds [`drive`] keeps on a connection it serves.
-    fn bounds(&self, activity: Arc<Activity>, metrics: &crate::metrics::Metrics) -> Bounds {
+    fn bounds(&self, activity: Arc<Activity>, metrics: &crate::telemetry::metrics::Metrics) -> Bounds {
         Bounds {
             activity,
             idle: self.client_idle,
@@ -149,7 +148,7 @@ impl Inbound {
             let conn = match first_bytes(&stream, &mut close, deadline).await {
                 Some(Protocol::Http2) => self.http2(stream, svc),
                 Some(Protocol::Http1) => {
-                    return crate::h1::serve(self, stream, svc, close, guard, deadline).await
+                    return crate::listen::fast::serve(self, stream, svc, close, guard, deadline).await
                 }
                 // Closed, failed or silent: nothing to answer.
                 None => return,
@@ -177,7 +176,7 @@ async fn first_bytes(
     tokio::pin!(sniff);
     tokio::select! {
         r = sniff.as_mut() => r.ok().flatten(),
-        _ = scaler::stopped(close) => {
+        _ = crate::shutdown::stopped(close) => {
             tokio::time::timeout(LAST_REQUEST_GRACE, sniff).await.ok()?.ok().flatten()
         }
     }
@@ -223,7 +222,7 @@ pub struct Bounds {
     activity: Arc<Activity>,
     idle: Duration,
     write: Duration,
-    metrics: crate::metrics::Metrics,
+    metrics: crate::telemetry::metrics::Metrics,
 }
 
 impl Bounds {
@@ -329,7 +328,7 @@ where
         // Re-armed, not re-created: one timer for the connection's life.
         let tick = tokio::time::sleep(period);
         tokio::pin!(tick);
-        let stop = OnlyWhenWoken::new(scaler::stopped(&mut close));
+        let stop = OnlyWhenWoken::new(crate::shutdown::stopped(&mut close));
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -473,25 +472,25 @@ mod tests {
         );
     }
 
-    fn shared() -> (crate::Config, Arc<crate::proxy::Shared>) {
+    fn shared() -> (crate::Config, Arc<crate::forward::Shared>) {
         let cfg = crate::Config::parse(
             "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: a\n    hosts: [a]\n    backend: { static: { addresses: [\"127.0.0.1:1\"] } }\n",
         )
         .unwrap();
-        let metrics = crate::metrics::Metrics::new();
-        let services = crate::services::Services::new(
+        let metrics = crate::telemetry::metrics::Metrics::new();
+        let services = crate::route::services::Services::new(
             metrics.clone(),
             crate::gate::HeldLimit::new(1),
             None,
             cfg.timeouts,
         );
-        let shared = Arc::new(crate::proxy::Shared::new(services, metrics, &cfg));
+        let shared = Arc::new(crate::forward::Shared::new(services, metrics, &cfg));
         (cfg, shared)
     }
 
     /// The connection task is most of what a held request costs: the connection must be stored
     /// once, not once per `async fn` layer (an `async fn` keeps moved arguments twice). An
-    /// HTTP/1 connection's task is the fast path's ([`crate::h1`]); hyper's connection, boxed
+    /// HTTP/1 connection's task is the fast path's ([`crate::listen::fast`]); hyper's connection, boxed
     /// when a connection is handed to it, must not be inline beside it. The bound is for debug
     /// builds (release futures are smaller) and well under the 16 KiB a held request may cost.
     #[tokio::test]
@@ -504,7 +503,7 @@ mod tests {
                 listener.accept().await.unwrap()
             });
         let inbound = Arc::new(Inbound::new(&cfg.timeouts));
-        let conns = crate::server::Connections::new(1);
+        let conns = crate::app::Connections::new(1);
         let (_close, close) = watch::channel(false);
         let svc = Proxy::new(shared, remote, "http");
         let conn_size = std::mem::size_of::<Conn<TcpStream>>();

@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use crate::proxy::Proxy;
+use crate::forward::Proxy;
 use crate::upstream::ProxyBody;
 
 /// Milliseconds since a process-wide origin (so an instant fits an atomic); never 0.

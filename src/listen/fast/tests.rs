@@ -13,17 +13,17 @@ services:
 ";
 
 /// The state every connection shares, for the services of `yaml`.
-async fn shared(yaml: &str) -> Arc<crate::proxy::Shared> {
+async fn shared(yaml: &str) -> Arc<crate::forward::Shared> {
     let cfg = crate::Config::parse(yaml).unwrap();
-    let metrics = crate::metrics::Metrics::new();
-    let services = crate::services::Services::new(
+    let metrics = crate::telemetry::metrics::Metrics::new();
+    let services = crate::route::services::Services::new(
         metrics.clone(),
         crate::gate::HeldLimit::new(10),
         None,
         cfg.timeouts,
     );
     services.apply(&cfg.services).await;
-    Arc::new(crate::proxy::Shared::new(services, metrics, &cfg))
+    Arc::new(crate::forward::Shared::new(services, metrics, &cfg))
 }
 
 async fn proxy() -> Proxy {
@@ -453,7 +453,7 @@ async fn a_connection_handed_to_hyper_keeps_nothing_of_the_fast_path() {
     let host = c.last_host.as_ref().expect("a backend was used").1.clone();
     let timeouts = crate::Config::parse(CONFIG).unwrap().timeouts;
     let inbound = Arc::new(Inbound::new(&timeouts));
-    let guard = crate::server::Connections::new(1).try_open().unwrap();
+    let guard = crate::app::Connections::new(1).try_open().unwrap();
     tokio::spawn(handoff(inbound, c, guard));
     // hyper serves the connection now.
     peer.write_all(b"GET /hyper HTTP/1.1\r\nHost: web.test\r\n\r\n")

@@ -14,7 +14,7 @@
 
 pub mod coordinate;
 pub mod endpoints;
-pub mod lease;
+
 pub mod rollout;
 pub mod scale;
 
@@ -33,7 +33,7 @@ use self::scale::{Change, WorkloadApi};
 use super::stopped;
 use crate::config::{KubernetesBackend, Scaling};
 use crate::gate::{Gate, State};
-use crate::wake::Phase;
+use crate::telemetry::wake::Phase;
 
 /// First pause after a failed wake-up patch; doubles up to [`WAKE_BACKOFF_MAX`].
 const WAKE_BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -81,8 +81,8 @@ pub fn context(
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> KubeContext {
     let coordinator = coordination.map(|c| {
-        let leadership = Arc::new(lease::Leadership::default());
-        tasks.push(tokio::spawn(lease::run(
+        let leadership = Arc::new(crate::cluster::lease::Leadership::default());
+        tasks.push(tokio::spawn(crate::cluster::lease::run(
             client.clone(),
             c.clone(),
             leadership.clone(),

@@ -20,10 +20,10 @@ use tracing::info;
 use crate::config::{Service, Timeouts};
 use crate::error::ProxyError;
 use crate::gate::{Gate, GateSettings, HeldLimit};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 use crate::prewarm;
-use crate::router::Router;
-use crate::scaler::{self, Driver};
+use crate::route::router::Router;
+use crate::activate::{self, Driver};
 use crate::upstream;
 
 /// One service as routing and reporting see it.
@@ -112,7 +112,7 @@ pub struct Services {
     live: tokio::sync::Mutex<HashMap<Arc<str>, Live>>,
     metrics: Metrics,
     held_limit: Arc<HeldLimit>,
-    kube: Option<Arc<scaler::kubernetes::KubeContext>>,
+    kube: Option<Arc<activate::kubernetes::KubeContext>>,
     /// The two sources of services: the config file, and Kubernetes objects (CRD). A spec
     /// equal to a live service's is that service's (shared, not a copy).
     sources: tokio::sync::Mutex<Sources>,
@@ -129,7 +129,7 @@ impl Services {
     pub fn new(
         metrics: Metrics,
         held_limit: Arc<HeldLimit>,
-        kube: Option<scaler::kubernetes::KubeContext>,
+        kube: Option<activate::kubernetes::KubeContext>,
         timeouts: Timeouts,
     ) -> Arc<Self> {
         Self::with_prewarm(
@@ -145,7 +145,7 @@ impl Services {
     pub fn with_prewarm(
         metrics: Metrics,
         held_limit: Arc<HeldLimit>,
-        kube: Option<scaler::kubernetes::KubeContext>,
+        kube: Option<activate::kubernetes::KubeContext>,
         timeouts: Timeouts,
         prewarm: prewarm::Context,
     ) -> Arc<Self> {
@@ -168,7 +168,7 @@ impl Services {
     }
 
     /// What the rollout controllers share (`None`: no Kubernetes client).
-    pub fn rollouts(&self) -> Option<&Arc<scaler::kubernetes::rollout::board::Board>> {
+    pub fn rollouts(&self) -> Option<&Arc<activate::kubernetes::rollout::board::Board>> {
         self.kube.as_ref().map(|k| &k.rollouts)
     }
 
@@ -377,7 +377,7 @@ fn install_dependencies(services: &[Arc<ServiceEntry>]) {
         match e.gate.wake_hook() {
             Some(h) if h.same(&deps) => {}
             _ if deps.is_empty() => e.gate.set_wake_hook(None),
-            _ => e.gate.set_wake_hook(Some(crate::group::Dependencies::new(
+            _ => e.gate.set_wake_hook(Some(crate::activate::group::Dependencies::new(
                 deps,
                 e.spec.queue.timeout,
             ))),
@@ -396,7 +396,7 @@ fn same_gate(a: &Service, b: &Service) -> bool {
         && a.upgrades == b.upgrades
 }
 
-impl scaler::kubernetes::rollout::board::GateDirectory for Services {
+impl activate::kubernetes::rollout::board::GateDirectory for Services {
     fn gate(&self, name: &str) -> Option<Arc<Gate>> {
         self.load().gate(name).cloned()
     }

@@ -962,7 +962,7 @@ fn validate_tls(p: &mut Problems, raw: RawTls, listen: SocketAddr, admin: Socket
             format!("{} is already used by listen or admin", raw.listen),
         );
     }
-    if let Err(problems) = crate::tls::load(&raw.cert, &raw.key) {
+    if let Err(problems) = crate::listen::tls::load(&raw.cert, &raw.key) {
         for problem in problems {
             p.add(problem.file.field(), problem.reason);
         }
@@ -1021,8 +1021,8 @@ fn validate_upstream_tls(
         },
     };
     let roots = match &raw.ca {
-        Some(ca) => crate::tls::load_ca(ca).map_err(|why| (format!("{at}.upstream_tls.ca"), why)),
-        None => crate::tls::system_roots().map_err(|why| {
+        Some(ca) => crate::listen::tls::load_ca(ca).map_err(|why| (format!("{at}.upstream_tls.ca"), why)),
+        None => crate::listen::tls::system_roots().map_err(|why| {
             (
                 format!("{at}.upstream_tls.ca"),
                 format!("not set, and {why}; set `ca` to a PEM bundle"),

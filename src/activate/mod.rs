@@ -20,6 +20,7 @@ pub mod launch;
 pub mod pidfile;
 pub mod process;
 pub mod r#static;
+pub mod group;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -235,7 +236,7 @@ mod tests {
                 held_limit: crate::gate::HeldLimit::new(1),
                 upgrades: crate::gate::GateSettings::default_upgrades(),
             },
-            crate::metrics::Metrics::new().service("a"),
+            crate::telemetry::metrics::Metrics::new().service("a"),
         );
         (gate, spec)
     }

@@ -72,7 +72,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
-            _ = super::super::stopped(&mut stop) => {
+            _ = crate::shutdown::stopped(&mut stop) => {
                 let held = leadership.is_leader();
                 leadership.set(None);
                 if held {

@@ -12,24 +12,26 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod crd;
+
 use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::accept::AcceptBackoff;
+use crate::listen::accept::AcceptBackoff;
 use crate::admin::{self, AdminState};
 use crate::config::{Backend, Config};
 use crate::error::ProxyError;
 use crate::gate::{Gate, HeldLimit};
-use crate::inbound::Inbound;
+use crate::listen::inbound::Inbound;
 use crate::keda::{self, Cluster, Local, PeerSource, Scaler, ServiceTargets, StaticPeers};
-use crate::metrics::Metrics;
-use crate::proxy::{Proxy, Shared};
-use crate::scaler;
-use crate::services::{Changes, Services};
-use crate::tls::TlsListener;
+use crate::telemetry::metrics::Metrics;
+use crate::forward::{Proxy, Shared};
+use crate::activate;
+use crate::route::services::{Changes, Services};
+use crate::listen::tls::TlsListener;
 
 /// Extra time after the grace for the 503s of still-held requests to be written.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
@@ -177,7 +179,7 @@ pub async fn start_with(
     let mut kube_tasks = Vec::new();
     let kube_client = kube.clone();
     let kube = kube.map(|client| {
-        scaler::kubernetes::context(
+        activate::kubernetes::context(
             client,
             config.coordination.as_ref(),
             peers.clone(),
@@ -292,7 +294,7 @@ pub async fn start_with(
     if let (Some(client), Some(cfg)) = (crd_client, config.crd.clone()) {
         let (svcs, loc) = (services.clone(), local.clone());
         let changed: Arc<dyn Fn() + Send + Sync> = Arc::new(move || loc.sync(&svcs.load().gates()));
-        kube_tasks.push(tokio::spawn(crate::crd::run(
+        kube_tasks.push(tokio::spawn(crate::app::crd::run(
             client,
             cfg,
             services.clone(),
@@ -324,7 +326,7 @@ pub async fn start_with(
     let task_services = services.clone();
     let task_shared = shared.clone();
     let task = tokio::spawn(async move {
-        scaler::stopped(&mut shutdown_rx).await;
+        crate::shutdown::stopped(&mut shutdown_rx).await;
         info!(delay = ?shutdown_cfg.delay, grace = ?shutdown_cfg.grace, "shutting down");
         admin_state.ready.store(false, Ordering::SeqCst);
         tokio::time::sleep(shutdown_cfg.delay).await;
@@ -401,9 +403,9 @@ async fn process_state(config: &Config) -> io::Result<()> {
         .iter()
         .any(|s| matches!(s.backend, Backend::Process(_)));
     if any_process {
-        scaler::pidfile::prepare(&config.state_dir)?;
+        activate::pidfile::prepare(&config.state_dir)?;
     }
-    let reaped = scaler::pidfile::reap_leftovers(&config.state_dir, &grace_of).await;
+    let reaped = activate::pidfile::reap_leftovers(&config.state_dir, &grace_of).await;
     if reaped > 0 {
         info!(reaped, state_dir = %config.state_dir.display(), "terminated backends left running by a previous Reveille");
     }
@@ -464,7 +466,7 @@ async fn accept_proxy(
                 // EMFILE and friends: back off instead of spinning.
                 Err(e) => backoff.failed(&e).await,
             },
-            _ = scaler::stopped(&mut close) => break,
+            _ = crate::shutdown::stopped(&mut close) => break,
         }
     }
     // Connections the kernel completed but we had not accepted yet carry requests too.

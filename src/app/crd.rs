@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{Config, CrdWatch, Service};
-use crate::services::Services;
+use crate::route::services::Services;
 
 /// One service, as a Kubernetes object. Field names and meanings are those of a service in the
 /// config file (see the README); `name` and `namespace` come from the object's metadata.
@@ -278,7 +278,7 @@ pub async fn run(
     loop {
         let event = tokio::select! {
             e = stream.next() => match e { Some(e) => e, None => return },
-            _ = crate::scaler::stopped(&mut stop) => return,
+            _ = crate::shutdown::stopped(&mut stop) => return,
         };
         match event {
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,

@@ -42,6 +42,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 mod body;
+pub mod raw;
 pub use body::{BodySlot, RequestBody, READ_AHEAD};
 
 use crate::config::{Protocol, Timeouts, UpstreamTls};
@@ -209,7 +210,7 @@ pub fn tls_client(tls: &UpstreamTls, protocol: Protocol, timeouts: &Timeouts) ->
     let h2 = protocol == Protocol::H2;
     let mut roots = RootCertStore::empty();
     roots.add_parsable_certificates(tls.roots.iter().cloned());
-    let mut config = ClientConfig::builder_with_provider(crate::tls::provider())
+    let mut config = ClientConfig::builder_with_provider(crate::listen::tls::provider())
         .with_safe_default_protocol_versions()
         .expect("the ring provider supports the default TLS versions")
         .with_root_certificates(roots)
@@ -237,8 +238,8 @@ pub struct Upstreams {
     pub http1: Http1Pool,
     /// HTTP/2 cleartext (prior knowledge) backends, e.g. gRPC.
     pub h2c: UpstreamClient,
-    /// HTTP/1.1 backends of the fast path ([`crate::h1`]).
-    pub raw: crate::h1::pool::RawPool,
+    /// HTTP/1.1 backends of the fast path ([`crate::listen::fast`]).
+    pub raw: crate::upstream::raw::RawPool,
 }
 
 impl Upstreams {
@@ -251,7 +252,7 @@ impl Upstreams {
         Upstreams {
             http1: Http1Pool::new(timeouts),
             h2c: pooled(connector, true, timeouts),
-            raw: crate::h1::pool::RawPool::new(timeouts.upstream_connect, timeouts.upstream_idle),
+            raw: crate::upstream::raw::RawPool::new(timeouts.upstream_connect, timeouts.upstream_idle),
         }
     }
 

@@ -16,7 +16,45 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 
-use super::local::LocalCounts;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One service's counts on one replica (the peer wire format).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceCounts {
+    /// Requests held now.
+    pub held: u64,
+    /// Requests in flight now.
+    pub in_flight: u64,
+    /// Requests since the replica started.
+    pub requests_total: u64,
+    /// Requests per second over the rate window.
+    pub rate: f64,
+    /// Times the hold queue went from empty to non-empty (monotonic; a change means a request
+    /// was held since the last look).
+    #[serde(default)]
+    pub holds_total: u64,
+    /// Milliseconds since a request last arrived or finished (scale-down decisions need every
+    /// replica idle). Absent from older replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_for_ms: Option<u64>,
+    /// A controlled rollout is validating or switching here (the service counts as active).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolling_out: bool,
+    /// A pre-warm window (or an awake dependent) keeps the service up here: it counts as
+    /// active, with one replica's worth of demand.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept_awake: bool,
+}
+
+/// Every service's counts on one replica (the body of admin `/api/local`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LocalCounts {
+    /// By service name.
+    pub services: BTreeMap<String, ServiceCounts>,
+}
+
 
 /// Largest peer answer read (a count per service is small).
 const MAX_BODY: usize = 1 << 20;

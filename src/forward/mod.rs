@@ -25,8 +25,8 @@ use tracing::debug;
 use crate::config::Protocol;
 use crate::error::ProxyError;
 use crate::gate::{Acquired, Gate};
-use crate::metrics::Metrics;
-use crate::services::Services;
+use crate::telemetry::metrics::Metrics;
+use crate::route::services::Services;
 use crate::upstream::{self, BodySlot, Outgoing, ProxyBody, Upstreams};
 
 /// Header on responses to requests that were held during a cold start.
@@ -145,7 +145,7 @@ impl Proxy {
         let mut req = req;
         async move {
             let arrived = Instant::now();
-            if let Err(e) = crate::limits::check_request(&req) {
+            if let Err(e) = crate::route::checks::check_request(&req) {
                 self.shared
                     .metrics
                     .reject_unrouted(e.kind(), e.status().as_u16());
@@ -432,7 +432,7 @@ pub(crate) async fn acquire_following(
 /// hosts), like Knative probes, count only when some service opted in to Knative routing, and
 /// then reach only those services; otherwise a request is routed by its host and path alone.
 fn route(
-    router: &crate::router::Router<Arc<Gate>>,
+    router: &crate::route::router::Router<Arc<Gate>>,
     req: &Request<Incoming>,
 ) -> Result<Routed, ProxyError> {
     let headers = req.headers();
@@ -453,7 +453,7 @@ fn route(
                 });
         }
     }
-    let host = crate::limits::routing_host(req)?;
+    let host = crate::route::checks::routing_host(req)?;
     if let Some(g) = router.lookup(host, req.uri().path()) {
         return Ok(Routed::to(g, false));
     }

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 use super::endpoints::collect_ready;
-use super::lease::Leadership;
+use crate::cluster::lease::Leadership;
 use crate::config::PortRef;
 use crate::keda::{PeerClient, PeerSource};
 

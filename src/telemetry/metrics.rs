@@ -20,7 +20,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::wake::Phase;
+use crate::telemetry::wake::Phase;
 
 mod prewarm;
 

@@ -1,5 +1,5 @@
 //! Limits and bad input: the bounds on what a client may send, and the checks a request passes
-//! before it is routed. The listeners ([`crate::server`], [`crate::tls`]) give hyper the size
+//! before it is routed. The listeners ([`crate::app`], [`crate::listen::tls`]) give hyper the size
 //! limits below; hyper answers a head that breaks them itself (`431`, `400`). What hyper lets
 //! through but a proxy must not forward is caught here by [`check_request`], first thing in
 //! the proxy, so nothing of such a request reaches a backend.
@@ -60,8 +60,8 @@ pub fn routing_host<B>(req: &Request<B>) -> Result<&str, ProxyError> {
         (Some(Err(_)), _) => Err(ProxyError::InvalidHost),
         (Some(Ok(h)), Some(a)) => {
             let same = match (
-                crate::router::normalize_request_host(h),
-                crate::router::normalize_request_host(a),
+                crate::route::router::normalize_request_host(h),
+                crate::route::router::normalize_request_host(a),
             ) {
                 (Some(h), Some(a)) => h == a,
                 _ => false,

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 use tracing::{info, Span};
 
-use crate::metrics::ServiceMetrics;
+use crate::telemetry::metrics::ServiceMetrics;
 
 /// A milestone of a wake-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,7 +166,7 @@ impl WakeTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
+    use crate::telemetry::metrics::Metrics;
     use std::time::Duration;
 
     #[tokio::test(start_paused = true)]

@@ -8,7 +8,7 @@
 //! A permit released by a finished request, or endpoints becoming ready, drains the queue in
 //! arrival order, no faster than the endpoints' limits allow.
 //!
-//! The gate does not start or stop anything: a driver (see [`crate::scaler`]) watches demand
+//! The gate does not start or stop anything: a driver (see [`crate::activate`]) watches demand
 //! ([`Gate::wait_for_demand`]) and idleness ([`Gate::wait_idle`]), and publishes endpoints and
 //! the activation state.
 
@@ -26,9 +26,9 @@ use tokio::time::Instant;
 
 use crate::config::Protocol;
 use crate::error::ProxyError;
-use crate::metrics::ServiceMetrics;
+use crate::telemetry::metrics::ServiceMetrics;
 use crate::upstream::UpstreamClient;
-use crate::wake::WakeTracker;
+use crate::telemetry::wake::WakeTracker;
 
 /// A service's activation state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,7 +181,7 @@ impl Endpoint {
 type Grant = Result<Permit, ProxyError>;
 
 /// Told when a request is held while the service has no endpoint: the service must be woken
-/// (a scaler driver started on demand, see [`crate::scaler::Driver`]).
+/// (a scaler driver started on demand, see [`crate::activate::Driver`]).
 pub trait OnDemand: Send + Sync {
     /// A request is held on `gate`, which has no endpoint.
     fn demand(self: Arc<Self>, gate: &Arc<Gate>);

@@ -27,7 +27,7 @@
 //! `Connection: close` on responses once shutting down).
 
 mod chunked;
-pub mod pool;
+
 
 use std::future::Future;
 use std::io::ErrorKind;
@@ -45,11 +45,10 @@ use tracing::debug;
 use crate::config::Protocol;
 use crate::error::ProxyError;
 use crate::gate::{Acquired, Gate};
-use crate::inbound::{drive, Inbound, OnlyWhenWoken, LAST_REQUEST_GRACE};
-use crate::limits::{MAX_HEADER_BYTES, MAX_URI_BYTES};
-use crate::proxy::{acquire_following, next_attempt, retry_after, Proxy, COLD_START_HEADER};
-use crate::scaler;
-use crate::server::ConnectionGuard;
+use crate::listen::inbound::{drive, Inbound, OnlyWhenWoken, LAST_REQUEST_GRACE};
+use crate::route::checks::{MAX_HEADER_BYTES, MAX_URI_BYTES};
+use crate::forward::{acquire_following, next_attempt, retry_after, Proxy, COLD_START_HEADER};
+use crate::app::ConnectionGuard;
 
 /// First size of a connection's read buffer.
 const READ_BUF: usize = 4096;
@@ -63,7 +62,7 @@ const MAX_BODY_READ: usize = 64 * 1024;
 /// Largest response head accepted from a backend.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Header fields in a request the fast path takes; more go to hyper (which allows up to
-/// [`crate::limits::MAX_HEADERS`] and answers `431` beyond).
+/// [`crate::route::checks::MAX_HEADERS`] and answers `431` beyond).
 const FAST_HEADERS: usize = 48;
 /// Header fields in a backend's response at most.
 const RESPONSE_HEADERS: usize = 128;
@@ -88,7 +87,7 @@ pub(crate) fn serve(
 ) -> impl Future<Output = ()> + Send {
     async move {
         let mut stop_rx = close.clone();
-        let stop = OnlyWhenWoken::new(scaler::stopped(&mut stop_rx));
+        let stop = OnlyWhenWoken::new(crate::shutdown::stopped(&mut stop_rx));
         tokio::pin!(stop);
         // A connection whose first bytes came after shutdown began has seen the signal already
         // (`has_changed` would not tell): it shuts down from its first request.
@@ -213,7 +212,7 @@ struct Client {
     /// Bounds the wait for a response head.
     resp_timer: Option<Pin<Box<Sleep>>>,
     /// The pooled connections of the endpoint used last (most requests go to the same one).
-    last_host: Option<(SocketAddr, Arc<pool::Host>)>,
+    last_host: Option<(SocketAddr, Arc<crate::upstream::raw::Host>)>,
     proxy: Proxy,
     close: watch::Receiver<bool>,
     /// Shutting down: answer the request in progress with `Connection: close`.
@@ -405,7 +404,7 @@ impl Client {
         BodyRead::Whole
     }
 
-    fn host(&mut self, addr: SocketAddr) -> Arc<pool::Host> {
+    fn host(&mut self, addr: SocketAddr) -> Arc<crate::upstream::raw::Host> {
         match &self.last_host {
             Some((a, h)) if *a == addr => h.clone(),
             _ => {
@@ -416,7 +415,7 @@ impl Client {
         }
     }
 
-    /// Sends the request (retrying as [`crate::proxy`] does) and relays the response.
+    /// Sends the request (retrying as [`crate::forward`] does) and relays the response.
     /// `Ok(keep_alive)` once a response was written (or writing it failed midway: `false`).
     #[allow(clippy::too_many_arguments)]
     async fn forward(
@@ -532,11 +531,11 @@ enum BodyRead {
 #[derive(Clone, Copy)]
 struct Writer<'a> {
     limit: std::time::Duration,
-    metrics: &'a crate::metrics::Metrics,
+    metrics: &'a crate::telemetry::metrics::Metrics,
 }
 
 impl<'a> Writer<'a> {
-    fn of(shared: &'a crate::proxy::Shared) -> Self {
+    fn of(shared: &'a crate::forward::Shared) -> Self {
         Writer {
             limit: shared.timeouts.client_write,
             metrics: &shared.metrics,
@@ -572,7 +571,7 @@ impl<'a> Writer<'a> {
 struct Release<'a> {
     up: Option<TcpStream>,
     /// The pool to return the connection to (`None`: it cannot take another request).
-    host: Option<&'a pool::Host>,
+    host: Option<&'a crate::upstream::raw::Host>,
     permit: Option<crate::gate::Permit>,
 }
 
@@ -775,7 +774,7 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
         return Plan::Handoff;
     };
     let path = target.split_once('?').map_or(target, |(p, _)| p);
-    if crate::limits::has_dot_segments(path.as_bytes()) {
+    if crate::route::checks::has_dot_segments(path.as_bytes()) {
         // hyper's path answers 400.
         return Plan::Handoff;
     }
@@ -826,7 +825,7 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
         head_len,
         body: body.unwrap_or(0) as usize,
         close,
-        idempotent: crate::proxy::idempotent(method),
+        idempotent: crate::forward::idempotent(method),
         head: method == "HEAD",
     })
 }
@@ -897,8 +896,8 @@ impl std::fmt::Display for Failure {
 
 /// One attempt: a request head to one endpoint, until its response head.
 struct Exchange<'a> {
-    pool: &'a pool::RawPool,
-    host: &'a pool::Host,
+    pool: &'a crate::upstream::raw::RawPool,
+    host: &'a crate::upstream::raw::Host,
     addr: SocketAddr,
     idempotent: bool,
     timeout: std::time::Duration,
@@ -1296,7 +1295,7 @@ async fn read_some(up: &mut TcpStream, resp: &mut Vec<u8>) -> Result<usize, ()> 
     }
 }
 
-/// Writes Reveille's own answer for `e` (the same as [`crate::proxy::error_response`]).
+/// Writes Reveille's own answer for `e` (the same as [`crate::forward::error_response`]).
 fn write_error(out: &mut Vec<u8>, e: &ProxyError, close: bool) {
     let status = e.status();
     let body = e.body();

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// The pause after a first failure.
 pub const FIRST_PAUSE: Duration = Duration::from_millis(5);

@@ -31,12 +31,11 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::accept::AcceptBackoff;
+use crate::listen::accept::AcceptBackoff;
 use crate::config::Tls;
-use crate::inbound::{drive, Inbound};
-use crate::proxy::{Proxy, Shared};
-use crate::scaler;
-use crate::server::Connections;
+use crate::listen::inbound::{drive, Inbound};
+use crate::forward::{Proxy, Shared};
+use crate::app::Connections;
 
 /// ALPN protocols offered, in order of preference.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -284,7 +283,7 @@ impl TlsListener {
     pub async fn bind(cfg: &Tls, backlog: u32) -> io::Result<TlsListener> {
         let pem = read_pem(&cfg.cert, &cfg.key).map_err(invalid)?;
         let ck = certified_key(&pem.cert, &pem.key).map_err(invalid)?;
-        let listener = crate::server::bind_listener(cfg.listen, backlog).map_err(|e| {
+        let listener = crate::app::bind_listener(cfg.listen, backlog).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("cannot listen on {} (tls.listen): {e}", cfg.listen),
@@ -362,7 +361,7 @@ async fn accept_tls(
                     continue;
                 }
             },
-            _ = scaler::stopped(&mut close) => break,
+            _ = crate::shutdown::stopped(&mut close) => break,
         };
         backoff.accepted();
         // Taken before the handshake, so a shutdown waits for connections still shaking hands.
@@ -445,7 +444,7 @@ async fn reload_loop(
     };
     loop {
         tokio::select! {
-            _ = scaler::stopped(&mut stop) => break,
+            _ = crate::shutdown::stopped(&mut stop) => break,
             _ = wake.notified(), if watcher.is_some() => {
                 // Wait for the files to go quiet: each further event restarts the wait, up to
                 // a bound (other files in the directory may never go quiet).
