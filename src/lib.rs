@@ -12,22 +12,22 @@
 //! times; [`config`], [`error`] and [`shutdown`] are at the bottom. [`demo`] is a small backend
 //! for trying it out.
 
-pub mod app;
+pub mod activate;
 pub mod admin;
+pub mod app;
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod forward;
+pub mod gate;
 pub mod keda;
 pub mod listen;
-pub mod forward;
-pub mod route;
 pub mod prewarm;
-pub mod activate;
-pub mod gate;
-pub mod cluster;
-pub mod upstream;
-pub mod telemetry;
-pub mod config;
-pub mod error;
+pub mod route;
 pub mod shutdown;
-pub mod demo;
+pub mod telemetry;
+pub mod upstream;
 
 pub use app::{start, Running};
 pub use config::Config;

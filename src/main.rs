@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use reveille::config::{Config, ConfigError};
 use reveille::activate::{launch, process};
+use reveille::config::{Config, ConfigError};
 use tracing::{error, info, warn};
 
 #[derive(Parser)]

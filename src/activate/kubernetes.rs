@@ -75,7 +75,7 @@ pub struct KubeContext {
 pub fn context(
     client: Client,
     coordination: Option<&crate::config::Coordination>,
-    static_peers: Arc<dyn crate::keda::PeerSource>,
+    static_peers: Arc<dyn crate::cluster::peers::PeerSource>,
     admin_port: u16,
     stop: &watch::Receiver<bool>,
     tasks: &mut Vec<JoinHandle<()>>,
@@ -88,23 +88,24 @@ pub fn context(
             leadership.clone(),
             stop.clone(),
         )));
-        let (peers, synced): (Arc<dyn crate::keda::PeerSource>, _) = match &c.peers_service {
-            Some(svc) => {
-                let kp = coordinate::KubePeers::start(
-                    client.clone(),
-                    &c.namespace,
-                    svc,
-                    c.pod_ip,
-                    admin_port,
-                );
-                let synced = kp.synced.clone();
-                (Arc::new(kp), synced)
-            }
-            None => (
-                static_peers,
-                Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            ),
-        };
+        let (peers, synced): (Arc<dyn crate::cluster::peers::PeerSource>, _) =
+            match &c.peers_service {
+                Some(svc) => {
+                    let kp = coordinate::KubePeers::start(
+                        client.clone(),
+                        &c.namespace,
+                        svc,
+                        c.pod_ip,
+                        admin_port,
+                    );
+                    let synced = kp.synced.clone();
+                    (Arc::new(kp), synced)
+                }
+                None => (
+                    static_peers,
+                    Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                ),
+            };
         Arc::new(Coordinator::new(leadership, peers, synced, c.peer_timeout))
     });
     KubeContext {

@@ -15,12 +15,12 @@
 //! backends' tasks run from launch until stopped (a Kubernetes service must follow its pods
 //! even while idle).
 
+pub mod group;
 pub mod kubernetes;
 pub mod launch;
 pub mod pidfile;
 pub mod process;
 pub mod r#static;
-pub mod group;
 
 use std::path::PathBuf;
 use std::sync::Arc;

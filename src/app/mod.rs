@@ -14,24 +14,23 @@ use std::time::Duration;
 
 pub mod crd;
 
-use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::listen::accept::AcceptBackoff;
+use crate::activate;
 use crate::admin::{self, AdminState};
 use crate::config::{Backend, Config};
 use crate::error::ProxyError;
+use crate::forward::Shared;
 use crate::gate::{Gate, HeldLimit};
-use crate::listen::inbound::Inbound;
 use crate::keda::{self, Cluster, Local, PeerSource, Scaler, ServiceTargets, StaticPeers};
-use crate::telemetry::metrics::Metrics;
-use crate::forward::{Proxy, Shared};
-use crate::activate;
-use crate::route::services::{Changes, Services};
+use crate::listen::inbound::Inbound;
 use crate::listen::tls::TlsListener;
+use crate::listen::{bind_listener, Connections};
+use crate::route::services::{Changes, Services};
+use crate::telemetry::metrics::Metrics;
 
 /// Extra time after the grace for the 503s of still-held requests to be written.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
@@ -282,7 +281,7 @@ pub async fn start_with(
         )
     });
 
-    let proxy_task = tokio::spawn(accept_proxy(
+    let proxy_task = tokio::spawn(crate::listen::serve_plain(
         proxy_listener,
         shared.clone(),
         inbound,
@@ -410,125 +409,4 @@ async fn process_state(config: &Config) -> io::Result<()> {
         info!(reaped, state_dir = %config.state_dir.display(), "terminated backends left running by a previous Reveille");
     }
     Ok(())
-}
-
-/// Binds a client-facing listener (plain or TLS) with `backlog`: the connections the kernel
-/// completes and keeps until they are accepted; it caps the value at `net.core.somaxconn`.
-///
-/// `TcpListener::bind` (tokio's, like std's) asks for 128. A burst of connections that arrives
-/// faster than the accept loop takes them (thousands during a cold start, on one worker) then
-/// overflows the accept queue: the kernel drops SYNs (the client retries after 1 s) and the
-/// last ACK of handshakes the client already considers complete; such a connection's request
-/// waits for retransmissions, and one whose retries all meet a full queue is reset.
-pub(crate) fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    // As `TcpListener::bind` does on Unix: a restart can bind while old connections linger.
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(backlog)
-}
-
-async fn accept_proxy(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    inbound: Arc<Inbound>,
-    close: watch::Receiver<bool>,
-    conns: Arc<Connections>,
-) {
-    let conn_close = close.clone();
-    let mut close = close;
-    let mut backoff = AcceptBackoff::new("proxy", shared.metrics.clone());
-    let serve = |stream: tokio::net::TcpStream, remote: SocketAddr| {
-        let Some(guard) = conns.try_open() else {
-            // Over the limit: close at once rather than let memory grow.
-            shared.metrics.reject_connection("max_connections");
-            return;
-        };
-        let _ = stream.set_nodelay(true);
-        let svc = Proxy::new(shared.clone(), remote, "http");
-        tokio::spawn(
-            inbound
-                .clone()
-                .serve_tcp(stream, svc, conn_close.clone(), guard),
-        );
-    };
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, remote)) => {
-                    backoff.accepted();
-                    serve(stream, remote);
-                }
-                // EMFILE and friends: back off instead of spinning.
-                Err(e) => backoff.failed(&e).await,
-            },
-            _ = crate::shutdown::stopped(&mut close) => break,
-        }
-    }
-    // Connections the kernel completed but we had not accepted yet carry requests too.
-    while let Some(Ok((stream, remote))) = listener.accept().now_or_never() {
-        serve(stream, remote);
-    }
-}
-
-/// Open client connections, plain and TLS: bounded by `limits.max_connections`, and waited
-/// for on shutdown.
-pub struct Connections {
-    max: usize,
-    open: std::sync::atomic::AtomicUsize,
-    closed: tokio::sync::Notify,
-}
-
-impl Connections {
-    /// At most `max` open connections.
-    pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(Connections {
-            max,
-            open: 0.into(),
-            closed: tokio::sync::Notify::new(),
-        })
-    }
-
-    /// Takes a connection slot, or `None` when all are taken.
-    pub fn try_open(self: &Arc<Self>) -> Option<ConnectionGuard> {
-        self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| ConnectionGuard(self.clone()))
-    }
-
-    /// Open connections now.
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
-    }
-
-    /// Resolves when no connection is open.
-    pub async fn drained(&self) {
-        loop {
-            let closed = self.closed.notified();
-            tokio::pin!(closed);
-            closed.as_mut().enable();
-            if self.open() == 0 {
-                return;
-            }
-            closed.await;
-        }
-    }
-}
-
-/// One open connection's slot; released on drop.
-pub struct ConnectionGuard(Arc<Connections>);
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.closed.notify_waiters();
-        }
-    }
 }

@@ -55,7 +55,6 @@ pub struct LocalCounts {
     pub services: BTreeMap<String, ServiceCounts>,
 }
 
-
 /// Largest peer answer read (a count per service is small).
 const MAX_BODY: usize = 1 << 20;
 

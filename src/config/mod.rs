@@ -1021,7 +1021,9 @@ fn validate_upstream_tls(
         },
     };
     let roots = match &raw.ca {
-        Some(ca) => crate::listen::tls::load_ca(ca).map_err(|why| (format!("{at}.upstream_tls.ca"), why)),
+        Some(ca) => {
+            crate::listen::tls::load_ca(ca).map_err(|why| (format!("{at}.upstream_tls.ca"), why))
+        }
         None => crate::listen::tls::system_roots().map_err(|why| {
             (
                 format!("{at}.upstream_tls.ca"),

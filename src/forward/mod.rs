@@ -25,9 +25,12 @@ use tracing::debug;
 use crate::config::Protocol;
 use crate::error::ProxyError;
 use crate::gate::{Acquired, Gate};
-use crate::telemetry::metrics::Metrics;
 use crate::route::services::Services;
-use crate::upstream::{self, BodySlot, Outgoing, ProxyBody, Upstreams};
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::{self, BodySlot, Outgoing, Upstreams};
+
+mod body;
+pub use body::ProxyBody;
 
 /// Header on responses to requests that were held during a cold start.
 pub const COLD_START_HEADER: &str = "x-reveille-cold-start";
@@ -301,7 +304,8 @@ impl Proxy {
                 idempotent && attempt < MAX_ATTEMPTS && (body_was_empty || slot.untouched());
             let err = match upstream
                 .send(
-                    permit.endpoint(),
+                    permit.endpoint().addr,
+                    &permit.endpoint().authority,
                     &mut out,
                     slot.body(),
                     timeout,

@@ -27,46 +27,10 @@ use tokio::time::Instant;
 use crate::config::Protocol;
 use crate::error::ProxyError;
 use crate::telemetry::metrics::ServiceMetrics;
-use crate::upstream::UpstreamClient;
 use crate::telemetry::wake::WakeTracker;
+use crate::upstream::UpstreamClient;
 
-/// A service's activation state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum State {
-    /// No backend running; the next request wakes it.
-    Idle = 0,
-    /// The backend is being started; requests are held.
-    Waking = 1,
-    /// At least one endpoint is ready.
-    Ready = 2,
-    /// Idle period passed; in-flight requests finish, then the backend stops.
-    Stopping = 3,
-}
-
-impl State {
-    /// Every state, for metrics.
-    pub const ALL: [State; 4] = [State::Idle, State::Waking, State::Ready, State::Stopping];
-
-    /// The state's name in metrics and the admin API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Idle => "idle",
-            State::Waking => "waking",
-            State::Ready => "ready",
-            State::Stopping => "stopping",
-        }
-    }
-
-    fn from_u8(v: u8) -> State {
-        match v {
-            1 => State::Waking,
-            2 => State::Ready,
-            3 => State::Stopping,
-            _ => State::Idle,
-        }
-    }
-}
+pub use crate::telemetry::State;
 
 /// A bound on held requests shared by every gate (a memory bound).
 #[derive(Debug)]

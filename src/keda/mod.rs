@@ -35,9 +35,9 @@ use tokio::sync::watch;
 use crate::listen::accept::AcceptBackoff;
 use crate::telemetry::metrics::Metrics;
 
+pub use crate::cluster::peers::{LocalCounts, PeerClient, PeerSource, ServiceCounts, StaticPeers};
 pub use cluster::{Cluster, Totals};
 pub use local::Local;
-pub use crate::cluster::peers::{LocalCounts, PeerClient, PeerSource, ServiceCounts, StaticPeers};
 pub use resolve::ServiceTargets;
 pub use scaler::Scaler;
 

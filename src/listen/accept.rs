@@ -8,7 +8,14 @@
 //! most once per [`LOG_EVERY`], with how many it did not say.
 
 use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::FutureExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 use tokio::time::Instant;
 use tracing::warn;
@@ -103,5 +110,124 @@ mod tests {
             text.contains("reveille_accept_errors_total{listener=\"admin\"} 11"),
             "{text}"
         );
+    }
+}
+
+/// Binds a client-facing listener (plain or TLS) with `backlog`: the connections the kernel
+/// completes and keeps until they are accepted; it caps the value at `net.core.somaxconn`.
+///
+/// `TcpListener::bind` (tokio's, like std's) asks for 128. A burst of connections that arrives
+/// faster than the accept loop takes them (thousands during a cold start, on one worker) then
+/// overflows the accept queue: the kernel drops SYNs (the client retries after 1 s) and the
+/// last ACK of handshakes the client already considers complete; such a connection's request
+/// waits for retransmissions, and one whose retries all meet a full queue is reset.
+pub(crate) fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does on Unix: a restart can bind while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// The accept loop of every client-facing listener, plain and TLS: takes a connection slot
+/// for each accepted connection (or closes it at once when [`Connections`] are all taken),
+/// hands it to `serve`, and backs off when `accept` fails. When `close` turns true it stops
+/// accepting, then takes what the kernel already completed (those connections carry requests
+/// too) before it returns.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    name: &'static str,
+    metrics: Metrics,
+    conns: Arc<Connections>,
+    mut close: watch::Receiver<bool>,
+    mut serve: impl FnMut(TcpStream, SocketAddr, ConnectionGuard),
+) {
+    let mut backoff = AcceptBackoff::new(name, metrics.clone());
+    let mut open = |stream: TcpStream, remote: SocketAddr| {
+        let Some(guard) = conns.try_open() else {
+            // Over the limit: close at once rather than let memory grow.
+            metrics.reject_connection("max_connections");
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        serve(stream, remote, guard);
+    };
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, remote)) => {
+                    backoff.accepted();
+                    open(stream, remote);
+                }
+                // EMFILE and friends: back off instead of spinning.
+                Err(e) => backoff.failed(&e).await,
+            },
+            _ = crate::shutdown::stopped(&mut close) => break,
+        }
+    }
+    while let Some(Ok((stream, remote))) = listener.accept().now_or_never() {
+        open(stream, remote);
+    }
+}
+
+/// Open client connections, plain and TLS: bounded by `limits.max_connections`, and waited
+/// for on shutdown.
+pub struct Connections {
+    max: usize,
+    open: std::sync::atomic::AtomicUsize,
+    closed: tokio::sync::Notify,
+}
+
+impl Connections {
+    /// At most `max` open connections.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Connections {
+            max,
+            open: 0.into(),
+            closed: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Takes a connection slot, or `None` when all are taken.
+    pub fn try_open(self: &Arc<Self>) -> Option<ConnectionGuard> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnectionGuard(self.clone()))
+    }
+
+    /// Open connections now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Resolves when no connection is open.
+    pub async fn drained(&self) {
+        loop {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.open() == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+/// One open connection's slot; released on drop.
+pub struct ConnectionGuard(Arc<Connections>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.closed.notify_waiters();
+        }
     }
 }

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use crate::forward::Proxy;
-use crate::upstream::ProxyBody;
+use crate::forward::ProxyBody;
 
 /// Milliseconds since a process-wide origin (so an instant fits an atomic); never 0.
 fn now_ms() -> u64 {

@@ -24,10 +24,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::Timeouts;
-use crate::route::checks::{MAX_HEADERS, MAX_HEADER_BYTES};
 use crate::forward::Proxy;
-use crate::app::ConnectionGuard;
-
+use crate::listen::ConnectionGuard;
+use crate::route::checks::{MAX_HEADERS, MAX_HEADER_BYTES};
 
 pub(crate) use super::activity::{Activity, Tracked, Watched};
 
@@ -83,7 +82,11 @@ impl Inbound {
     }
 
     /// The bounds [`drive`] keeps on a connection it serves.
-    fn bounds(&self, activity: Arc<Activity>, metrics: &crate::telemetry::metrics::Metrics) -> Bounds {
+    fn bounds(
+        &self,
+        activity: Arc<Activity>,
+        metrics: &crate::telemetry::metrics::Metrics,
+    ) -> Bounds {
         Bounds {
             activity,
             idle: self.client_idle,
@@ -148,7 +151,8 @@ impl Inbound {
             let conn = match first_bytes(&stream, &mut close, deadline).await {
                 Some(Protocol::Http2) => self.http2(stream, svc),
                 Some(Protocol::Http1) => {
-                    return crate::listen::fast::serve(self, stream, svc, close, guard, deadline).await
+                    return crate::listen::fast::serve(self, stream, svc, close, guard, deadline)
+                        .await
                 }
                 // Closed, failed or silent: nothing to answer.
                 None => return,
@@ -503,7 +507,7 @@ mod tests {
                 listener.accept().await.unwrap()
             });
         let inbound = Arc::new(Inbound::new(&cfg.timeouts));
-        let conns = crate::app::Connections::new(1);
+        let conns = crate::listen::Connections::new(1);
         let (_close, close) = watch::channel(false);
         let svc = Proxy::new(shared, remote, "http");
         let conn_size = std::mem::size_of::<Conn<TcpStream>>();

@@ -31,11 +31,10 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::listen::accept::AcceptBackoff;
+use super::accept::{accept_loop, Connections};
 use crate::config::Tls;
-use crate::listen::inbound::{drive, Inbound};
 use crate::forward::{Proxy, Shared};
-use crate::app::Connections;
+use crate::listen::inbound::{drive, Inbound};
 
 /// ALPN protocols offered, in order of preference.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -283,7 +282,7 @@ impl TlsListener {
     pub async fn bind(cfg: &Tls, backlog: u32) -> io::Result<TlsListener> {
         let pem = read_pem(&cfg.cert, &cfg.key).map_err(invalid)?;
         let ck = certified_key(&pem.cert, &pem.key).map_err(invalid)?;
-        let listener = crate::app::bind_listener(cfg.listen, backlog).map_err(|e| {
+        let listener = super::bind_listener(cfg.listen, backlog).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("cannot listen on {} (tls.listen): {e}", cfg.listen),
@@ -348,55 +347,50 @@ async fn accept_tls(
     shared: Arc<Shared>,
     inbound: Arc<Inbound>,
     handshake_timeout: Duration,
-    mut close: watch::Receiver<bool>,
+    close: watch::Receiver<bool>,
     conns: Arc<Connections>,
 ) {
-    let mut backoff = AcceptBackoff::new("tls", shared.metrics.clone());
-    loop {
-        let (stream, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    backoff.failed(&e).await;
-                    continue;
-                }
-            },
-            _ = crate::shutdown::stopped(&mut close) => break,
-        };
-        backoff.accepted();
-        // Taken before the handshake, so a shutdown waits for connections still shaking hands.
-        let Some(guard) = conns.try_open() else {
-            shared.metrics.reject_connection("max_connections");
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let close = close.clone();
-        let acceptor = acceptor.clone();
-        let shared = shared.clone();
-        let inbound = inbound.clone();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    debug!(%remote, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%remote, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-            let svc = Proxy::new(shared, remote, "https");
-            // ALPN decides: `h2` is HTTP/2, anything else (or none) HTTP/1.1.
-            let conn = if h2 {
-                inbound.http2(tls, svc)
-            } else {
-                inbound.http1(tls, svc)
-            };
-            drive(conn, close, guard).await;
-        });
-    }
+    let metrics = shared.metrics.clone();
+    let conn_close = close.clone();
+    // The slot is taken before the handshake, so a shutdown waits for connections still
+    // shaking hands.
+    accept_loop(
+        listener,
+        "tls",
+        metrics,
+        conns,
+        close,
+        |stream, remote, guard| {
+            let close = conn_close.clone();
+            let acceptor = acceptor.clone();
+            let shared = shared.clone();
+            let inbound = inbound.clone();
+            tokio::spawn(async move {
+                let tls =
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            debug!(%remote, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%remote, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+                let svc = Proxy::new(shared, remote, "https");
+                // ALPN decides: `h2` is HTTP/2, anything else (or none) HTTP/1.1.
+                let conn = if h2 {
+                    inbound.http2(tls, svc)
+                } else {
+                    inbound.http1(tls, svc)
+                };
+                drive(conn, close, guard).await;
+            });
+        },
+    )
+    .await;
 }
 
 /// Sets up a filesystem watch on the directories of `paths`; each change wakes `wake`.

@@ -17,13 +17,13 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tracing::info;
 
+use crate::activate::{self, Driver};
 use crate::config::{Service, Timeouts};
 use crate::error::ProxyError;
 use crate::gate::{Gate, GateSettings, HeldLimit};
-use crate::telemetry::metrics::Metrics;
 use crate::prewarm;
 use crate::route::router::Router;
-use crate::activate::{self, Driver};
+use crate::telemetry::metrics::Metrics;
 use crate::upstream;
 
 /// One service as routing and reporting see it.
@@ -377,10 +377,12 @@ fn install_dependencies(services: &[Arc<ServiceEntry>]) {
         match e.gate.wake_hook() {
             Some(h) if h.same(&deps) => {}
             _ if deps.is_empty() => e.gate.set_wake_hook(None),
-            _ => e.gate.set_wake_hook(Some(crate::activate::group::Dependencies::new(
-                deps,
-                e.spec.queue.timeout,
-            ))),
+            _ => e
+                .gate
+                .set_wake_hook(Some(crate::activate::group::Dependencies::new(
+                    deps,
+                    e.spec.queue.timeout,
+                ))),
         }
     }
 }

@@ -341,7 +341,7 @@ impl Metrics {
         let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} gauge");
         for g in &services {
             let (name, now) = (&g.label, g.state.load(Ordering::Relaxed));
-            for s in crate::gate::State::ALL {
+            for s in crate::telemetry::State::ALL {
                 let _ = writeln!(
                     out,
                     "{family}{{service=\"{name}\",state=\"{}\"}} {}",
@@ -551,7 +551,7 @@ impl ServiceMetrics {
     }
 
     /// Publishes the service's activation state.
-    pub fn state(&self, state: crate::gate::State) {
+    pub fn state(&self, state: crate::telemetry::State) {
         self.shared.state.store(state as u8, Ordering::Relaxed);
     }
 }
@@ -599,7 +599,7 @@ mod tests {
     fn an_idle_service_exports_its_gauges_and_no_histogram_series() {
         let m = Metrics::new();
         let s = m.service("idle");
-        s.state(crate::gate::State::Idle);
+        s.state(crate::telemetry::State::Idle);
         let text = m.render();
         for line in [
             "reveille_requests_held{service=\"idle\"} 0",
@@ -612,7 +612,7 @@ mod tests {
             assert!(text.contains(line), "missing {line} in {text}");
         }
         assert!(!text.contains("_bucket{"), "{text}");
-        s.state(crate::gate::State::Ready);
+        s.state(crate::telemetry::State::Ready);
         s.held_for(0.2);
         let text = m.render();
         assert!(text.contains("reveille_service_state{service=\"idle\",state=\"ready\"} 1"));

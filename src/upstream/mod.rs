@@ -30,8 +30,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
@@ -46,7 +44,6 @@ pub mod raw;
 pub use body::{BodySlot, RequestBody, READ_AHEAD};
 
 use crate::config::{Protocol, Timeouts, UpstreamTls};
-use crate::gate::{Endpoint, Permit};
 
 /// A pooled client to backends (one per cleartext protocol, one per TLS service).
 pub type UpstreamClient = Client<Connector, RequestBody>;
@@ -252,7 +249,10 @@ impl Upstreams {
         Upstreams {
             http1: Http1Pool::new(timeouts),
             h2c: pooled(connector, true, timeouts),
-            raw: crate::upstream::raw::RawPool::new(timeouts.upstream_connect, timeouts.upstream_idle),
+            raw: crate::upstream::raw::RawPool::new(
+                timeouts.upstream_connect,
+                timeouts.upstream_idle,
+            ),
         }
     }
 
@@ -328,7 +328,7 @@ struct Conn {
 
 impl Conn {
     /// Drives the connection; returns whether it has finished.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+    pub(crate) fn drive(&mut self, cx: &mut Context<'_>) -> bool {
         if let Some(io) = self.io.as_mut() {
             if io.driver.as_mut().poll(cx).is_ready() {
                 self.io = None;
@@ -386,12 +386,12 @@ pub struct Lease {
 }
 
 impl Lease {
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+    pub(crate) fn drive(&mut self, cx: &mut Context<'_>) -> bool {
         self.conn.drive(cx)
     }
 
     /// Returns the connection to the pool if it is ready for another request.
-    fn release(mut self) {
+    pub(crate) fn release(mut self) {
         // Settle the connection to idle, leaving no waker of this task behind: an idle
         // connection must not wake the last task that used it.
         let mut cx = Context::from_waker(std::task::Waker::noop());
@@ -904,11 +904,12 @@ pub enum Upstream<'a> {
 }
 
 impl Upstream<'_> {
-    /// Sends one attempt to `endpoint`. See [`Http1Pool::send`] for `keep_headers` (a hyper-util
+    /// Sends one attempt to `addr` (`authority` in the request URI). See [`Http1Pool::send`] for `keep_headers` (a hyper-util
     /// client always keeps them).
     pub async fn send(
         self,
-        endpoint: &Endpoint,
+        addr: SocketAddr,
+        authority: &http::uri::Authority,
         out: &mut Outgoing,
         body: RequestBody,
         timeout: Duration,
@@ -916,13 +917,13 @@ impl Upstream<'_> {
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
         match self {
             Upstream::Http1(pool) => pool
-                .send(endpoint.addr, out, body, timeout, keep_headers)
+                .send(addr, out, body, timeout, keep_headers)
                 .await
                 .map(|(resp, lease)| (resp, Some(lease))),
             Upstream::Client(client, protocol) => {
                 // The client takes the request whatever happens, and a failed connect is always
                 // retried: keep the headers.
-                let req = out.request(&endpoint.authority, protocol, body, true);
+                let req = out.request(authority, protocol, body, true);
                 match tokio::time::timeout(timeout, client.request(req)).await {
                     Ok(Ok(resp)) => Ok((resp, None)),
                     Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(e.into())),
@@ -930,111 +931,6 @@ impl Upstream<'_> {
                     Err(_) => Err(SendError::Timeout),
                 }
             }
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A response body: either the backend's stream (holding its endpoint slot until the end)
-    /// or a small body Reveille wrote itself.
-    #[project = ProxyBodyProj]
-    pub enum ProxyBody {
-        /// Streamed from the backend; with a pooled connection, the body drives it.
-        Upstream { #[pin] body: Incoming, permit: Option<Permit>, lease: Option<Lease> },
-        /// Written by Reveille.
-        Local { #[pin] body: Full<Bytes> },
-    }
-}
-
-impl ProxyBody {
-    /// A body Reveille writes itself.
-    pub fn local(b: impl Into<Bytes>) -> Self {
-        ProxyBody::Local {
-            body: Full::new(b.into()),
-        }
-    }
-
-    /// The backend's body, keeping `permit` until it ends; `lease` is the connection it comes
-    /// on when that is ours to drive, returned to the pool when the body ends.
-    pub fn upstream(body: Incoming, permit: Permit, mut lease: Option<Lease>) -> Self {
-        if body.is_end_stream() {
-            // Nothing more to read (HEAD, 204, 304, an empty body): the connection is free now
-            // (hyper may never poll an empty body).
-            if let Some(l) = lease.take() {
-                l.release();
-            }
-        }
-        ProxyBody::Upstream {
-            body,
-            permit: Some(permit),
-            lease,
-        }
-    }
-}
-
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.project() {
-            ProxyBodyProj::Upstream {
-                mut body,
-                permit,
-                lease,
-                ..
-            } => {
-                let mut r = body.as_mut().poll_frame(cx);
-                if r.is_pending() {
-                    if let Some(l) = lease.as_mut() {
-                        // Our connection: read on (this fills the body), then look again.
-                        l.drive(cx);
-                        r = body.as_mut().poll_frame(cx);
-                    }
-                }
-                match &r {
-                    Poll::Ready(Some(Err(_))) => {
-                        permit.take();
-                        lease.take();
-                    }
-                    // hyper stops polling a body once it says it has ended, so the end is
-                    // seen with the last frame too.
-                    Poll::Ready(None) | Poll::Ready(Some(Ok(_))) if body.is_end_stream() => {
-                        // Done: the endpoint slot is free for the next request now, not when
-                        // the connection gets around to dropping the body; the connection goes
-                        // back to the pool.
-                        permit.take();
-                        if let Some(l) = lease.take() {
-                            l.release();
-                        }
-                    }
-                    Poll::Ready(None) => {
-                        permit.take();
-                    }
-                    _ => {}
-                }
-                r
-            }
-            ProxyBodyProj::Local { body, .. } => {
-                body.poll_frame(cx).map_err(|never| match never {})
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
-            ProxyBody::Local { body, .. } => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Upstream { body, .. } => body.size_hint(),
-            ProxyBody::Local { body, .. } => body.size_hint(),
         }
     }
 }

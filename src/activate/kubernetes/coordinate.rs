@@ -25,8 +25,8 @@ use tracing::warn;
 
 use super::endpoints::collect_ready;
 use crate::cluster::lease::Leadership;
+use crate::cluster::peers::{PeerClient, PeerSource};
 use crate::config::PortRef;
-use crate::keda::{PeerClient, PeerSource};
 
 /// Why a scale-down must wait (a metric label).
 pub type Deferral = &'static str;

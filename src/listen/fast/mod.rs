@@ -28,7 +28,6 @@
 
 mod chunked;
 
-
 use std::future::Future;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -44,11 +43,11 @@ use tracing::debug;
 
 use crate::config::Protocol;
 use crate::error::ProxyError;
+use crate::forward::{acquire_following, next_attempt, retry_after, Proxy, COLD_START_HEADER};
 use crate::gate::{Acquired, Gate};
 use crate::listen::inbound::{drive, Inbound, OnlyWhenWoken, LAST_REQUEST_GRACE};
+use crate::listen::ConnectionGuard;
 use crate::route::checks::{MAX_HEADER_BYTES, MAX_URI_BYTES};
-use crate::forward::{acquire_following, next_attempt, retry_after, Proxy, COLD_START_HEADER};
-use crate::app::ConnectionGuard;
 
 /// First size of a connection's read buffer.
 const READ_BUF: usize = 4096;

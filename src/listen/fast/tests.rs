@@ -453,7 +453,7 @@ async fn a_connection_handed_to_hyper_keeps_nothing_of_the_fast_path() {
     let host = c.last_host.as_ref().expect("a backend was used").1.clone();
     let timeouts = crate::Config::parse(CONFIG).unwrap().timeouts;
     let inbound = Arc::new(Inbound::new(&timeouts));
-    let guard = crate::app::Connections::new(1).try_open().unwrap();
+    let guard = crate::listen::Connections::new(1).try_open().unwrap();
     tokio::spawn(handoff(inbound, c, guard));
     // hyper serves the connection now.
     peer.write_all(b"GET /hyper HTTP/1.1\r\nHost: web.test\r\n\r\n")
