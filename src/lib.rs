@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub(crate) mod fields;
 pub mod forward;
 pub mod gate;
 pub mod keda;

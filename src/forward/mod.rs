@@ -24,29 +24,30 @@ use tracing::debug;
 
 use crate::config::Protocol;
 use crate::error::ProxyError;
+use crate::fields;
 use crate::gate::{Acquired, Gate};
 use crate::route::services::Services;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::{self, BodySlot, Outgoing, Upstreams};
 
+pub(crate) mod answer;
 mod body;
+pub(crate) mod retry;
+
+pub use answer::error_response;
 pub use body::ProxyBody;
+pub(crate) use retry::idempotent;
+use retry::{Attempts, Failed};
 
 /// Header on responses to requests that were held during a cold start.
 pub const COLD_START_HEADER: &str = "x-reveille-cold-start";
-/// Attempts at most for one request (connect failures, safe retries).
-const MAX_ATTEMPTS: u32 = 5;
-/// First pause before a retry; doubles each time.
-const RETRY_BACKOFF: Duration = Duration::from_millis(10);
-/// How long an endpoint that refused a connection is skipped by the balancer.
-const PASSIVE_EJECTION: Duration = Duration::from_secs(1);
 
-static KNATIVE_REVISION: HeaderName = HeaderName::from_static("knative-serving-revision");
-static KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static("knative-serving-namespace");
-static K_ORIGINAL_HOST: HeaderName = HeaderName::from_static("k-original-host");
-static K_PROXY_REQUEST: HeaderName = HeaderName::from_static("k-proxy-request");
-static K_NETWORK_PROBE: HeaderName = HeaderName::from_static("k-network-probe");
-static K_NETWORK_HASH: HeaderName = HeaderName::from_static("k-network-hash");
+static KNATIVE_REVISION: HeaderName = HeaderName::from_static(fields::KNATIVE_REVISION);
+static KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static(fields::KNATIVE_NAMESPACE);
+static K_ORIGINAL_HOST: HeaderName = HeaderName::from_static(fields::K_ORIGINAL_HOST);
+static K_PROXY_REQUEST: HeaderName = HeaderName::from_static(fields::K_PROXY_REQUEST);
+static K_NETWORK_PROBE: HeaderName = HeaderName::from_static(fields::K_NETWORK_PROBE);
+static K_NETWORK_HASH: HeaderName = HeaderName::from_static(fields::K_NETWORK_HASH);
 
 /// State shared by every connection.
 pub struct Shared {
@@ -198,14 +199,17 @@ impl Proxy {
                 }
                 Err(e) => Err(e),
             };
-            let resp = resp.unwrap_or_else(|e| {
-                gate.metrics().rejected(e.kind());
-                debug!(service = %gate.name(), kind = e.kind(), "rejected: {e}");
-                error_response(&e)
-            });
-            gate.metrics()
-                .request(resp.status().as_u16(), arrived.elapsed().as_secs_f64());
-            resp
+            match resp {
+                Ok(resp) => {
+                    gate.metrics()
+                        .request(resp.status().as_u16(), arrived.elapsed().as_secs_f64());
+                    resp
+                }
+                Err(e) => {
+                    answer::rejected(&gate, &e, arrived);
+                    error_response(&e)
+                }
+            }
         }
     }
 
@@ -213,22 +217,14 @@ impl Proxy {
     /// request was routed as a Knative one (Reveille sets its own then), and with
     /// `drop_underscore_headers` every field whose name holds `_`.
     fn strip_client_fields(&self, h: &mut http::HeaderMap, knative: bool) {
-        if !knative {
-            for name in [
-                &KNATIVE_REVISION,
-                &KNATIVE_NAMESPACE,
-                &K_ORIGINAL_HOST,
-                &K_PROXY_REQUEST,
-            ] {
-                h.remove(name);
-            }
-        }
-        if self.shared.drop_underscore_headers && h.keys().any(|k| k.as_str().contains('_')) {
-            let names: Vec<HeaderName> = h
-                .keys()
-                .filter(|k| k.as_str().contains('_'))
-                .cloned()
-                .collect();
+        let underscores = self.shared.drop_underscore_headers;
+        let strip = |k: &HeaderName| {
+            (!knative && fields::of(k).knative())
+                || (underscores && fields::underscored(k.as_str().as_bytes()))
+        };
+        // Usually there is none: one pass over the names, a second only to collect.
+        if h.keys().any(strip) {
+            let names: Vec<HeaderName> = h.keys().filter(|k| strip(k)).cloned().collect();
             for name in names {
                 h.remove(name);
             }
@@ -293,56 +289,25 @@ impl Proxy {
                 service: gate.name().clone(),
             });
         };
-        let timeout = self.shared.response_timeout;
         let cold = acquired.cold && acquired.held_for.is_some();
-        let mut permit = acquired.permit;
-        let mut attempt = 1;
         let idempotent = idempotent(out.method().as_str());
-        let (mut resp, lease) = loop {
-            // The headers are copied only when a sent request may be sent again.
-            let keep_headers =
-                idempotent && attempt < MAX_ATTEMPTS && (body_was_empty || slot.untouched());
-            let err = match upstream
-                .send(
-                    permit.endpoint().addr,
-                    &permit.endpoint().authority,
-                    &mut out,
-                    slot.body(),
-                    timeout,
-                    keep_headers,
-                )
-                .await
-            {
-                Ok(answer) => break answer,
-                Err(upstream::SendError::Timeout) => {
-                    return Err(ProxyError::UpstreamTimeout {
-                        service: gate.name().clone(),
-                        after: timeout,
-                    })
-                }
-                Err(e) => match slot.fault() {
-                    // The client's body broke or stalled: its error, not the backend's (the
-                    // backend's request was cut with it).
-                    Some(fault) => return Err(fault),
-                    None => e,
-                },
-            };
-            // `keep_headers` already says idempotent, body unsent before, attempts left; the
-            // body must still be unsent after this attempt.
-            let resendable = keep_headers && (body_was_empty || slot.untouched());
-            debug!(service = %gate.name(), endpoint = %permit.endpoint().addr, attempt, error = %err, "upstream failed");
-            retry_after(
-                gate,
-                &permit,
-                attempt,
-                err.is_connect(),
-                resendable,
-                deadline,
-            )?;
-            drop(permit);
-            permit = next_attempt(gate, attempt, deadline).await?;
-            attempt += 1;
+        let mut attempts = HyperAttempts {
+            upstream,
+            out: &mut out,
+            slot: &slot,
+            body_was_empty,
+            idempotent,
+            timeout: self.shared.response_timeout,
+            kept: false,
         };
+        let ((mut resp, lease), permit) = retry::with_retries(
+            gate,
+            acquired.permit,
+            deadline,
+            self.shared.response_timeout,
+            &mut attempts,
+        )
+        .await?;
         if cold {
             resp.headers_mut()
                 .insert(COLD_START_HEADER, HeaderValue::from_static("true"));
@@ -366,44 +331,6 @@ impl Proxy {
             ProxyBody::upstream(body, permit, lease),
         ))
     }
-}
-
-/// The retry rule of both request paths, after attempt number `attempt` on `permit`'s endpoint
-/// failed: `Ok` when another attempt may follow — the connect failed (nothing was sent), or
-/// the request is `resendable` (idempotent, and its body can be sent again) — with attempts
-/// and time left; a refused endpoint is then skipped for [`PASSIVE_EJECTION`]. `Err`: the
-/// request's answer.
-pub(crate) fn retry_after(
-    gate: &Gate,
-    permit: &crate::gate::Permit,
-    attempt: u32,
-    connect: bool,
-    resendable: bool,
-    deadline: Instant,
-) -> Result<(), ProxyError> {
-    if !(connect || resendable) || attempt >= MAX_ATTEMPTS || Instant::now() >= deadline {
-        let service = gate.name().clone();
-        return Err(if connect {
-            ProxyError::UpstreamConnect { service }
-        } else {
-            ProxyError::Upstream { service }
-        });
-    }
-    if connect {
-        gate.eject(permit.endpoint(), PASSIVE_EJECTION);
-    }
-    Ok(())
-}
-
-/// The endpoint slot for the attempt after `attempt`: after the back-off (10 ms, doubling),
-/// holding again if no endpoint is ready, within the request's deadline.
-pub(crate) async fn next_attempt(
-    gate: &Arc<Gate>,
-    attempt: u32,
-    deadline: Instant,
-) -> Result<crate::gate::Permit, ProxyError> {
-    tokio::time::sleep(RETRY_BACKOFF * 2u32.pow(attempt - 1)).await;
-    Ok(gate.acquire_again(deadline).await?.permit)
 }
 
 /// [`Gate::acquire`], following the service to its new gate when a reload replaced it while
@@ -551,31 +478,55 @@ fn splice(
     Response::from_parts(parts, ProxyBody::local(""))
 }
 
-/// Whether a method may be sent twice without changing the outcome (RFC 9110 §9.2.2); for
-/// both request paths.
-pub(crate) fn idempotent(method: &str) -> bool {
-    matches!(
-        method,
-        "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
-    )
+/// hyper's path's attempts: each one sends the rewritten head and the body slot through the
+/// service's upstream (our HTTP/1.1 pool or a hyper-util client).
+struct HyperAttempts<'a> {
+    upstream: upstream::Upstream<'a>,
+    out: &'a mut Outgoing,
+    slot: &'a BodySlot,
+    body_was_empty: bool,
+    idempotent: bool,
+    timeout: Duration,
+    /// The last attempt kept the headers (it could be sent again).
+    kept: bool,
+}
+
+impl Attempts for HyperAttempts<'_> {
+    type Answer = (Response<Incoming>, Option<upstream::Lease>);
+
+    async fn attempt(
+        &mut self,
+        endpoint: &crate::gate::Endpoint,
+        more_allowed: bool,
+    ) -> Result<Self::Answer, Failed> {
+        // The headers are copied only when a sent request may be sent again.
+        self.kept =
+            self.idempotent && more_allowed && (self.body_was_empty || self.slot.untouched());
+        let sent = self
+            .upstream
+            .send(
+                endpoint.addr,
+                &endpoint.authority,
+                self.out,
+                self.slot.body(),
+                self.timeout,
+                self.kept,
+            )
+            .await;
+        sent.map_err(|e| match self.slot.fault() {
+            // The client's body broke or stalled: its error, not the backend's (the backend's
+            // request was cut with it).
+            Some(fault) if !matches!(e, upstream::SendError::Timeout) => Failed::Answer(fault),
+            _ => Failed::Transport(e),
+        })
+    }
+
+    fn resendable(&self) -> bool {
+        // The body must still be unsent after the attempt.
+        self.kept && (self.body_was_empty || self.slot.untouched())
+    }
 }
 
 fn truncate(host: &str) -> Box<str> {
     host.chars().take(256).collect::<String>().into()
-}
-
-/// The one place an error becomes a response: status, one-line body naming the service and the
-/// reason, and `Retry-After` where a retry makes sense.
-pub fn error_response(e: &ProxyError) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::local(e.body()));
-    *resp.status_mut() = e.status();
-    let h = resp.headers_mut();
-    for (name, value) in e.answer_fields() {
-        let value = HeaderValue::from_str(&value).expect("Reveille's own fields are plain ASCII");
-        h.insert(name, value);
-    }
-    if e.closes_connection() {
-        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    resp
 }

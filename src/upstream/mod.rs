@@ -274,10 +274,10 @@ impl Upstreams {
 }
 
 /// Idle connections kept per endpoint address at most.
-const MAX_IDLE_PER_ENDPOINT: usize = 1024;
+pub(crate) const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 /// Pooled connections tried per attempt before connecting anew (each one found closed or not
 /// ready hands the request back untouched).
-const STALE_TRIES: u32 = 4;
+pub(crate) const STALE_TRIES: u32 = 4;
 
 /// Why sending a request to a backend failed.
 #[derive(Debug)]
@@ -291,6 +291,11 @@ pub enum SendError {
 }
 
 impl SendError {
+    /// A failure after the request may have reached the backend, said in words.
+    pub(crate) fn failed(why: &'static str) -> Self {
+        SendError::Failed(why.into())
+    }
+
     /// Whether the failure was connecting (nothing sent).
     pub fn is_connect(&self) -> bool {
         matches!(self, SendError::Connect(_))
@@ -680,30 +685,16 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Whether `name` is hop-by-hop by itself (not by being listed in `Connection`).
+/// Whether `name` is hop-by-hop by itself (not by being listed in `Connection`): the rule in
+/// [`crate::fields`].
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHORIZATION
-        || name == header::PROXY_AUTHENTICATE
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
+    crate::fields::of(name).hop_by_hop()
 }
 
-/// Fields a `Connection` list cannot remove: `Host` (routing and the backend's virtual hosts
-/// depend on it; nginx and HAProxy keep it too), the body's framing, and the fields Reveille
-/// sets itself. Removing them is no client's choice.
+/// Fields a `Connection` list cannot remove (the rule in [`crate::fields`]): `Host`, the
+/// body's framing, and the fields Reveille sets itself.
 pub fn is_protected(name: &HeaderName) -> bool {
-    name == header::HOST
-        || name == header::CONTENT_LENGTH
-        || name == X_FORWARDED_FOR
-        || name == X_FORWARDED_HOST
-        || name == X_FORWARDED_PROTO
-        || name.as_str() == "k-original-host"
-        || name.as_str() == "k-proxy-request"
+    crate::fields::of(name).protected()
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`

@@ -16,9 +16,6 @@ use tokio::net::TcpStream;
 
 use crate::upstream::{connect_tcp, reap_period, Endpoints};
 
-/// Idle connections kept per endpoint address at most.
-const MAX_IDLE_PER_ENDPOINT: usize = 1024;
-
 struct Idle {
     stream: TcpStream,
     tick: u64,
@@ -48,7 +45,7 @@ impl Host {
         };
         let tick = pool.tick.load(Ordering::Relaxed);
         let mut idle = self.idle.lock();
-        if idle.len() < MAX_IDLE_PER_ENDPOINT {
+        if idle.len() < super::MAX_IDLE_PER_ENDPOINT {
             idle.push(Idle { stream, tick });
         }
     }

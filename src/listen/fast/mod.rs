@@ -39,15 +39,19 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
-use tracing::debug;
 
 use crate::config::Protocol;
 use crate::error::ProxyError;
-use crate::forward::{acquire_following, next_attempt, retry_after, Proxy, COLD_START_HEADER};
+use crate::fields::{self, Field};
+use crate::forward::answer::{self, put_date, put_field};
+use crate::forward::retry::{with_retries, Attempts, Failed};
+use crate::forward::{acquire_following, Proxy, COLD_START_HEADER};
+use crate::gate::Endpoint;
 use crate::gate::{Acquired, Gate};
 use crate::listen::inbound::{drive, Inbound, OnlyWhenWoken, LAST_REQUEST_GRACE};
 use crate::listen::ConnectionGuard;
 use crate::route::checks::{MAX_HEADER_BYTES, MAX_URI_BYTES};
+use crate::upstream::{SendError, STALE_TRIES};
 
 /// First size of a connection's read buffer.
 const READ_BUF: usize = 4096;
@@ -69,7 +73,6 @@ const RESPONSE_HEADERS: usize = 128;
 /// with its head); a larger one, or a chunked one, is streamed by hyper's path.
 const MAX_FAST_BODY: u64 = 64 * 1024;
 /// Pooled connections tried per attempt before connecting anew.
-const STALE_TRIES: u32 = 4;
 
 /// Serves a plain-TCP HTTP/1 connection: the fast path while its requests are common ones,
 /// then hyper for the rest of the connection. `deadline` bounds the wait for the first head.
@@ -346,12 +349,9 @@ impl Client {
         let keep = match result {
             Ok(keep) => keep,
             Err(e) => {
-                gate.metrics().rejected(e.kind());
-                debug!(service = %gate.name(), kind = e.kind(), "rejected: {e}");
-                gate.metrics()
-                    .request(e.status().as_u16(), arrived.elapsed().as_secs_f64());
+                answer::rejected(&gate, &e, arrived);
                 let close = close || e.closes_connection() || self.shutting_down();
-                write_error(&mut self.out, &e, close);
+                answer::error_head(&mut self.out, &e, close);
                 let written = Writer::of(&self.proxy.shared)
                     .put(&mut self.stream, &self.out)
                     .await
@@ -403,19 +403,9 @@ impl Client {
         BodyRead::Whole
     }
 
-    fn host(&mut self, addr: SocketAddr) -> Arc<crate::upstream::raw::Host> {
-        match &self.last_host {
-            Some((a, h)) if *a == addr => h.clone(),
-            _ => {
-                let h = self.proxy.shared.upstreams.raw.host(addr);
-                self.last_host = Some((addr, h.clone()));
-                h
-            }
-        }
-    }
-
-    /// Sends the request (retrying as [`crate::forward`] does) and relays the response.
-    /// `Ok(keep_alive)` once a response was written (or writing it failed midway: `false`).
+    /// Sends the request (by the one retry rule, [`crate::forward::retry`]) and relays the
+    /// response. `Ok(keep_alive)` once a response was written (or writing it failed midway:
+    /// `false`).
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &mut self,
@@ -428,66 +418,37 @@ impl Client {
         arrived: Instant,
     ) -> Result<bool, ProxyError> {
         let cold = acquired.cold && acquired.held_for.is_some();
-        let mut permit = acquired.permit;
         let timeout = self.proxy.shared.response_timeout;
         let close = close || self.shutting_down();
-        let ctx = ResponseCtx {
-            cold,
-            close,
-            head_method,
+        let mut attempts = FastAttempts {
+            pool: &self.proxy.shared.upstreams.raw,
+            last_host: &mut self.last_host,
+            timer: &mut self.resp_timer,
+            out: &mut self.out,
+            resp: &mut self.resp,
+            idempotent,
+            timeout,
+            ctx: ResponseCtx {
+                cold,
+                close,
+                head_method,
+            },
         };
-        let mut attempt = 1;
-        let (upstream, head, host) = loop {
-            let addr = permit.endpoint().addr;
-            let host = self.host(addr);
-            let timer = self
-                .resp_timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-            let exchange = Exchange {
-                pool: &self.proxy.shared.upstreams.raw,
-                host: &host,
-                addr,
-                idempotent,
-                timeout,
-                ctx,
-            };
-            let err = tokio::select! {
-                biased;
-                r = exchange.run(&mut self.out, &mut self.resp, timer) => match r {
-                    Ok((up, head)) => break (up, head, host),
-                    Err(Failure::Timeout) => {
-                        return Err(ProxyError::UpstreamTimeout {
-                            service: gate.name().clone(),
-                            after: timeout,
-                        })
-                    }
-                    Err(e) => e,
-                },
-                // The client left: nobody waits for the answer, the slot and the backend
-                // connection are freed now (as hyper's path does when its read sees the end).
-                () = client_gone(&self.stream, &mut self.buf) => return Ok(false),
-                // The shutdown grace ran out: an answer rather than a cut connection.
-                () = self.proxy.shared.in_flight_cut() => {
-                    return Err(ProxyError::ShuttingDown {
-                        service: gate.name().clone(),
-                    })
-                }
-            };
-            debug!(service = %gate.name(), endpoint = %addr, attempt, error = %err, "upstream failed");
-            // The body (if any) is kept whole in `out`: an idempotent request can be resent.
-            let connect = matches!(err, Failure::Connect(_));
-            retry_after(gate, &permit, attempt, connect, idempotent, deadline)?;
-            drop(permit);
-            // Boxed: retries are rare, their futures would grow every connection's task.
-            let again = Box::pin(next_attempt(gate, attempt, deadline));
-            permit = tokio::select! {
-                biased;
-                r = again => r?,
-                // Held again: a client that leaves leaves the queue.
-                () = client_gone(&self.stream, &mut self.buf) => return Ok(false),
-            };
-            attempt += 1;
+        let answer = tokio::select! {
+            biased;
+            r = with_retries(gate, acquired.permit, deadline, timeout, &mut attempts) => r?,
+            // The client left (while an attempt waited, or while held again for a retry):
+            // nobody waits for the answer, the slot and the backend connection are freed now
+            // (as hyper's path does when its read sees the end).
+            () = client_gone(&self.stream, &mut self.buf) => return Ok(false),
+            // The shutdown grace ran out: an answer rather than a cut connection.
+            () = self.proxy.shared.in_flight_cut() => {
+                return Err(ProxyError::ShuttingDown {
+                    service: gate.name().clone(),
+                })
+            }
         };
+        let ((upstream, head, host), permit) = answer;
         gate.metrics()
             .request(head.status, arrived.elapsed().as_secs_f64());
         let release = Release {
@@ -511,6 +472,64 @@ impl Client {
             // Midway: the client has part of a response; only closing tells it so.
             Err(()) => Ok(false),
         }
+    }
+}
+
+/// The fast path's attempts: the request head (and its small body) whole in `out`, written on
+/// a pooled or new connection of our own; the response head read into `resp` and rewritten
+/// into `out`.
+struct FastAttempts<'a> {
+    pool: &'a crate::upstream::raw::RawPool,
+    last_host: &'a mut Option<(SocketAddr, Arc<crate::upstream::raw::Host>)>,
+    timer: &'a mut Option<Pin<Box<Sleep>>>,
+    out: &'a mut Vec<u8>,
+    resp: &'a mut Vec<u8>,
+    idempotent: bool,
+    timeout: std::time::Duration,
+    ctx: ResponseCtx,
+}
+
+impl FastAttempts<'_> {
+    /// The pooled connections of `addr` (most requests go to the endpoint used last).
+    fn host(&mut self, addr: SocketAddr) -> Arc<crate::upstream::raw::Host> {
+        match &*self.last_host {
+            Some((a, h)) if *a == addr => h.clone(),
+            _ => {
+                let h = self.pool.host(addr);
+                *self.last_host = Some((addr, h.clone()));
+                h
+            }
+        }
+    }
+}
+
+impl Attempts for FastAttempts<'_> {
+    type Answer = (TcpStream, Head, Arc<crate::upstream::raw::Host>);
+
+    async fn attempt(&mut self, endpoint: &Endpoint, _more: bool) -> Result<Self::Answer, Failed> {
+        let addr = endpoint.addr;
+        let host = self.host(addr);
+        let timeout = self.timeout;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        let exchange = Exchange {
+            pool: self.pool,
+            host: &host,
+            addr,
+            idempotent: self.idempotent,
+            timeout,
+            ctx: self.ctx,
+        };
+        match exchange.run(self.out, self.resp, timer).await {
+            Ok((up, head)) => Ok((up, head, host)),
+            Err(e) => Err(Failed::Transport(e)),
+        }
+    }
+
+    fn resendable(&self) -> bool {
+        // The body is kept whole in `out`.
+        self.idempotent
     }
 }
 
@@ -652,49 +671,21 @@ struct Forward {
     head: bool,
 }
 
-/// Header fields the fast path treats specially.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Field {
-    Host,
-    ContentLength,
-    Connection,
-    XForwardedFor,
-    /// Replaced by this hop.
-    XForwardedOwn,
-    /// Hop-by-hop, dropped.
-    HopByHop,
-    TransferEncoding,
-    /// Hop-by-hop with framing or protocol meaning, or a Knative field: hyper's path handles it.
-    Special,
-    /// A name with `_`: dropped under `drop_underscore_headers`, else copied.
-    Underscore,
-    Other,
-}
-
-fn field(name: &[u8]) -> Field {
-    let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
-    match name.len() {
-        4 if is("host") => Field::Host,
-        14 if is("content-length") => Field::ContentLength,
-        10 if is("connection") => Field::Connection,
-        10 if is("keep-alive") => Field::HopByHop,
-        15 if is("x-forwarded-for") => Field::XForwardedFor,
-        15 if is("k-network-probe") => Field::Special,
-        16 if is("x-forwarded-host") => Field::XForwardedOwn,
-        16 if is("proxy-connection") => Field::HopByHop,
-        17 if is("x-forwarded-proto") => Field::XForwardedOwn,
-        17 if is("transfer-encoding") => Field::TransferEncoding,
-        18 if is("proxy-authenticate") => Field::HopByHop,
-        19 if is("proxy-authorization") => Field::HopByHop,
-        2 if is("te") => Field::Special,
-        6 if is("expect") => Field::Special,
-        7 if is("upgrade") || is("trailer") => Field::Special,
-        24 if is("knative-serving-revision") => Field::Special,
-        25 if is("knative-serving-namespace") => Field::Special,
-        15 if is("k-original-host") || is("k-proxy-request") => Field::Special,
-        _ if name.contains(&b'_') => Field::Underscore,
-        _ => Field::Other,
-    }
+/// Whether a request field leaves the request to hyper's path: framing or protocol meaning
+/// (`Transfer-Encoding`, `TE`, `Trailer`, `Upgrade`, `Expect`) or Knative's fields, which hyper's
+/// path strips or acts on.
+fn needs_hyper(f: Field) -> bool {
+    matches!(
+        f,
+        Field::TransferEncoding
+            | Field::Te
+            | Field::Trailer
+            | Field::Upgrade
+            | Field::Expect
+            | Field::KnativeRoute
+            | Field::KnativeSet
+            | Field::KnativeProbe
+    )
 }
 
 /// A header value `HeaderValue::to_str` accepts: visible ASCII, spaces and tabs.
@@ -740,7 +731,7 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
     // Each field's kind, found once for the checks and the rewrite.
     let mut kinds = [Field::Other; FAST_HEADERS];
     for (h, kind) in req.headers.iter().zip(kinds.iter_mut()) {
-        *kind = field(h.name.as_bytes());
+        *kind = fields::field(h.name.as_bytes());
         match *kind {
             Field::Host => {
                 if host.is_some() || !visible_ascii(h.value) {
@@ -754,18 +745,13 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
                 _ => return Plan::Handoff,
             },
             Field::Connection => {
-                for token in h.value.split(|b| *b == b',') {
-                    let token = token.trim_ascii();
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if !(token.is_empty() || token.eq_ignore_ascii_case(b"keep-alive")) {
-                        // Lists other fields as hop-by-hop (or asks for an upgrade).
-                        return Plan::Handoff;
-                    }
+                if !fields::plain_connection(h.value, &mut close) {
+                    // Lists other fields as hop-by-hop (or asks for an upgrade).
+                    return Plan::Handoff;
                 }
             }
             Field::XForwardedFor => xff = true,
-            Field::Special | Field::TransferEncoding => return Plan::Handoff,
+            f if needs_hyper(f) => return Plan::Handoff,
             _ => {}
         }
     }
@@ -798,10 +784,15 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let underscores = !proxy.shared.drop_underscore_headers;
     for (h, kind) in req.headers.iter().zip(kinds) {
-        if matches!(kind, Field::Host | Field::ContentLength | Field::Other)
-            || (underscores && kind == Field::Underscore)
-        {
-            put_field(out, h.name.as_bytes(), h.value);
+        let name = h.name.as_bytes();
+        let keep = match kind {
+            Field::Host | Field::ContentLength => true,
+            Field::Other => underscores || !fields::underscored(name),
+            // Hop-by-hop, or set by this hop below.
+            _ => false,
+        };
+        if keep {
+            put_field(out, name, h.value);
         }
     }
     put_field(out, b"x-forwarded-host", host.as_bytes());
@@ -832,13 +823,6 @@ fn plan(buf: &[u8], out: &mut Vec<u8>, proxy: &Proxy) -> Plan {
 /// Whether the fast path serves a service: cleartext HTTP/1.1 backends only.
 fn serves(settings: &crate::gate::GateSettings) -> bool {
     settings.protocol == Protocol::Http1 && settings.upstream.is_none()
-}
-
-fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// How a response body ends.
@@ -872,27 +856,6 @@ struct ResponseCtx {
     head_method: bool,
 }
 
-/// Why an attempt failed.
-#[derive(Debug)]
-enum Failure {
-    /// No connection: nothing was sent.
-    Connect(std::io::Error),
-    /// No response head within the response timeout.
-    Timeout,
-    /// The request may have reached the backend.
-    Failed(std::borrow::Cow<'static, str>),
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Connect(e) => write!(f, "connect: {e}"),
-            Failure::Timeout => f.write_str("no response in time"),
-            Failure::Failed(e) => f.write_str(e),
-        }
-    }
-}
-
 /// One attempt: a request head to one endpoint, until its response head.
 struct Exchange<'a> {
     pool: &'a crate::upstream::raw::RawPool,
@@ -912,7 +875,7 @@ impl Exchange<'_> {
         out: &mut Vec<u8>,
         resp: &mut Vec<u8>,
         timer: &mut Pin<Box<Sleep>>,
-    ) -> Result<(TcpStream, Head), Failure> {
+    ) -> Result<(TcpStream, Head), SendError> {
         let mut stale = 0;
         'conn: loop {
             let pooled = if stale < STALE_TRIES {
@@ -926,7 +889,7 @@ impl Exchange<'_> {
                 // Boxed: connecting is rare, and its future would grow every connection's task.
                 None => Box::pin(self.pool.connect(self.addr))
                     .await
-                    .map_err(Failure::Connect)?,
+                    .map_err(|e| SendError::Connect(e.into()))?,
             };
             // The response timeout covers writing the request too (a backend that does not
             // read would otherwise stall it).
@@ -934,14 +897,16 @@ impl Exchange<'_> {
             let written = tokio::select! {
                 biased;
                 r = up.write_all(out) => r,
-                () = timer.as_mut() => return Err(Failure::Timeout),
+                () = timer.as_mut() => return Err(SendError::Timeout),
             };
             if let Err(e) = written {
                 if reused && self.idempotent {
                     stale += 1;
                     continue;
                 }
-                return Err(Failure::Failed(format!("writing the request: {e}").into()));
+                return Err(SendError::Failed(
+                    format!("writing the request: {e}").into(),
+                ));
             }
             resp.clear();
             if resp.capacity() < RESPONSE_BUF {
@@ -954,7 +919,7 @@ impl Exchange<'_> {
                 let read = tokio::select! {
                     biased;
                     r = up.read_buf(resp) => r,
-                    () = timer.as_mut() => return Err(Failure::Timeout),
+                    () = timer.as_mut() => return Err(SendError::Timeout),
                 };
                 match read {
                     Ok(0) | Err(_) if resp.is_empty() && reused && self.idempotent => {
@@ -962,26 +927,28 @@ impl Exchange<'_> {
                         continue 'conn;
                     }
                     Ok(0) => {
-                        return Err(Failure::Failed(
-                            "the backend closed the connection before its response head".into(),
+                        return Err(SendError::failed(
+                            "the backend closed the connection before its response head",
                         ))
                     }
                     Err(e) => {
-                        return Err(Failure::Failed(format!("reading the response: {e}").into()))
+                        return Err(SendError::Failed(
+                            format!("reading the response: {e}").into(),
+                        ))
                     }
                     Ok(_) => {}
                 }
                 loop {
                     match response_head(resp, out, self.ctx) {
                         Parsed::Partial if resp.len() > MAX_RESPONSE_HEAD => {
-                            return Err(Failure::Failed("the response head is too large".into()))
+                            return Err(SendError::failed("the response head is too large"))
                         }
                         Parsed::Partial => break,
                         Parsed::Interim(n) => {
                             // 1xx (not 101): informational, not passed on (as hyper's client).
                             resp.drain(..n);
                         }
-                        Parsed::Invalid(why) => return Err(Failure::Failed(why.into())),
+                        Parsed::Invalid(why) => return Err(SendError::failed(why)),
                         Parsed::Complete(head) => return Ok((up, head)),
                     }
                 }
@@ -1033,7 +1000,7 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
     // Each field's kind, found once for both passes.
     let mut kinds = [Field::Other; RESPONSE_HEADERS];
     for (h, kind) in r.headers.iter().zip(kinds.iter_mut()) {
-        *kind = field(h.name.as_bytes());
+        *kind = fields::field(h.name.as_bytes());
         if *kind == Field::TransferEncoding {
             // The final coding decides (RFC 9112 §6.3).
             let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
@@ -1049,14 +1016,9 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
                 length = Some(n);
             }
         } else if *kind == Field::Connection {
-            for token in h.value.split(|b| *b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    reuse = false;
-                } else if !(token.is_empty() || token.eq_ignore_ascii_case(b"keep-alive")) {
-                    listed = true;
-                }
-            }
+            let mut close = false;
+            listed |= !fields::plain_connection(h.value, &mut close);
+            reuse &= !close;
         }
     }
     let framing = if ctx.head_method || status == 204 || status == 304 {
@@ -1105,19 +1067,11 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
         let name = h.name.as_bytes();
         dated |= name.len() == 4 && name.eq_ignore_ascii_case(b"date");
         let keep = match kind {
-            Field::Connection | Field::HopByHop | Field::TransferEncoding => false,
-            // Hop-by-hop ones only, as hyper's path (`Expect` and Knative's fields pass).
-            Field::Special
-                if [&b"te"[..], b"upgrade", b"trailer"]
-                    .iter()
-                    .any(|h| name.eq_ignore_ascii_case(h)) =>
-            {
-                false
-            }
+            k if k.hop_by_hop() => false,
             Field::ContentLength => chunked.is_none(),
             // Reveille's own cold-start field replaces one the backend sent.
             _ if ctx.cold && name.eq_ignore_ascii_case(COLD_START_HEADER.as_bytes()) => false,
-            _ => !listed.iter().any(|l| l.eq_ignore_ascii_case(name)),
+            k => k.protected() || !listed.iter().any(|l| l.eq_ignore_ascii_case(name)),
         };
         if keep {
             put_field(out, name, h.value);
@@ -1143,30 +1097,6 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
         framing,
         reuse,
     })
-}
-
-/// Appends a `date` field for now; the date is formatted once a second per thread (as hyper's
-/// server caches it), not per response.
-fn put_date(out: &mut Vec<u8>) {
-    use std::cell::Cell;
-    use std::io::Write;
-    use std::time::{SystemTime, UNIX_EPOCH};
-    /// An IMF-fixdate is 29 bytes.
-    type Date = [u8; 29];
-    thread_local! {
-        static DATE: Cell<(u64, Date)> = const { Cell::new((u64::MAX, [b' '; 29])) };
-    }
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let date = DATE.with(|cached| {
-        let (at, mut date) = cached.get();
-        if at != secs {
-            let _ = write!(&mut date[..], "{}", httpdate::HttpDate::from(now));
-            cached.set((secs, date));
-        }
-        date
-    });
-    put_field(out, b"date", &date);
 }
 
 fn parse_length(v: &[u8]) -> Option<u64> {
@@ -1292,28 +1222,6 @@ async fn read_some(up: &mut TcpStream, resp: &mut Vec<u8>) -> Result<usize, ()> 
         Ok(0) | Err(_) => Err(()),
         Ok(n) => Ok(n),
     }
-}
-
-/// Writes Reveille's own answer for `e` (the same as [`crate::forward::error_response`]).
-fn write_error(out: &mut Vec<u8>, e: &ProxyError, close: bool) {
-    let status = e.status();
-    let body = e.body();
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in e.answer_fields() {
-        put_field(out, name.as_bytes(), value.as_bytes());
-    }
-    put_field(out, b"content-length", body.len().to_string().as_bytes());
-    put_date(out);
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body.as_bytes());
 }
 
 /// A connection handed to hyper: the bytes already read come first.

@@ -1,4 +1,5 @@
 use super::*;
+use crate::forward::answer::error_head as write_error;
 
 const CONFIG: &str = "listen: 127.0.0.1:0
 admin: 127.0.0.1:0
@@ -722,8 +723,11 @@ fn the_fast_path_and_hyper_path_agree_on_hop_by_hop_fields() {
     ] {
         let header = http::HeaderName::from_static(name);
         let dropped_or_handed_off = !matches!(
-            field(name.to_ascii_uppercase().as_bytes()),
-            Field::Host | Field::ContentLength | Field::Other | Field::XForwardedFor
+            crate::fields::field(name.to_ascii_uppercase().as_bytes()),
+            crate::fields::Field::Host
+                | crate::fields::Field::ContentLength
+                | crate::fields::Field::Other
+                | crate::fields::Field::XForwardedFor
         ) && name != "expect";
         assert_eq!(
             dropped_or_handed_off,
