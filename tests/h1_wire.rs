@@ -618,3 +618,52 @@ async fn a_client_that_leaves_while_its_retry_is_held_leaves_the_queue() {
     .await;
     drop(q);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_short_or_badly_chunked_closes_the_client_and_is_counted_by_kind() {
+    let (backend, _) = scripted(Arc::new(|head, _| match path(head).as_str() {
+        // Promises 100 bytes, sends 5, closes.
+        "/short" => (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello".to_vec(),
+            true,
+        ),
+        // A chunk size that is not hex.
+        "/chunks" => (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+            true,
+        ),
+        p => (ok(p), false),
+    }))
+    .await;
+    let r = start(&config(backend)).await;
+    for (path, kind) in [("/short", "backend_gone"), ("/chunks", "bad_chunked")] {
+        let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: wire.test\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        // The client gets what came (for the broken framing found in the first read: nothing),
+        // then the connection closes: it cannot be told otherwise.
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got))
+            .await
+            .expect("the connection is closed")
+            .ok();
+        let text = String::from_utf8_lossy(&got);
+        if path == "/short" {
+            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{path}: {text}");
+            assert!(text.ends_with("hello"), "{path}: {text}");
+        } else {
+            assert!(!text.contains("hello"), "{path}: {text}");
+        }
+        let metrics = metrics_text(&client(), &r).await;
+        assert_eq!(
+            metric(
+                &metrics,
+                &format!("reveille_relay_errors_total{{kind=\"{kind}\"}}")
+            ),
+            Some(1.0),
+            "{path}: {metrics}"
+        );
+    }
+}

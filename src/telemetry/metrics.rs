@@ -97,6 +97,7 @@ pub struct Families {
     rollout_switches: IntCounterVec,
     rollout_rollbacks: IntCounterVec,
     accept_errors: IntCounterVec,
+    relay_errors: IntCounterVec,
     prewarm: prewarm::PrewarmMetrics,
 }
 
@@ -238,6 +239,11 @@ impl Metrics {
                 "Failed accepts (EMFILE, ENFILE, ENOBUFS, ...) by listener (proxy, tls, admin, keda); each is followed by a pause.",
                 &["listener"],
             ),
+            relay_errors: counter(
+                "reveille_relay_errors_total",
+                "Responses whose body relay on the HTTP/1.1 fast path broke midway, by kind (client_gone, client_failed, backend_gone, backend_failed, bad_chunked); the client's connection is closed.",
+                &["kind"],
+            ),
             prewarm: prewarm::PrewarmMetrics::new(&registry),
             registry,
         };
@@ -293,6 +299,11 @@ impl Metrics {
     /// Counts a connection closed at once by Reveille (e.g. over `limits.max_connections`).
     pub fn reject_connection(&self, reason: &str) {
         self.rejected.with_label_values(&["", reason]).inc();
+    }
+
+    /// Counts a response body relay that broke midway on the fast path, by `kind`.
+    pub fn relay_error(&self, kind: &'static str) {
+        self.relay_errors.with_label_values(&[kind]).inc();
     }
 
     /// Counts a failed `accept` on `listener` (`proxy`, `tls`, `admin`, `keda`).

@@ -52,6 +52,7 @@ use crate::listen::inbound::{drive, Inbound, OnlyWhenWoken, LAST_REQUEST_GRACE};
 use crate::listen::ConnectionGuard;
 use crate::route::checks::{MAX_HEADER_BYTES, MAX_URI_BYTES};
 use crate::upstream::{SendError, STALE_TRIES};
+use tracing::debug;
 
 /// First size of a connection's read buffer.
 const READ_BUF: usize = 4096;
@@ -470,7 +471,11 @@ impl Client {
         match relayed {
             Ok(()) => Ok(!close),
             // Midway: the client has part of a response; only closing tells it so.
-            Err(()) => Ok(false),
+            Err(e) => {
+                debug!(service = %gate.name(), kind = e.kind(), "response relay broke off: {e}");
+                self.proxy.shared.metrics.relay_error(e.kind());
+                Ok(false)
+            }
         }
     }
 }
@@ -560,25 +565,70 @@ impl<'a> Writer<'a> {
         }
     }
 
-    async fn put(self, client: &mut TcpStream, mut buf: &[u8]) -> Result<(), ()> {
+    async fn put(self, client: &mut TcpStream, mut buf: &[u8]) -> Result<(), RelayError> {
         while !buf.is_empty() {
             match client.try_write(buf) {
-                Ok(0) => return Err(()),
+                Ok(0) => return Err(RelayError::ClientGone),
                 Ok(n) => buf = &buf[n..],
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     match tokio::time::timeout(self.limit, client.writable()).await {
                         Ok(Ok(())) => {}
-                        Ok(Err(_)) => return Err(()),
+                        Ok(Err(e)) => return Err(RelayError::client(e)),
                         Err(_) => {
                             self.metrics.reject_connection("client_write_timeout");
-                            return Err(());
+                            return Err(RelayError::ClientFailed(ErrorKind::TimedOut));
                         }
                     }
                 }
-                Err(_) => return Err(()),
+                Err(e) => return Err(RelayError::client(e)),
             }
         }
         Ok(())
+    }
+}
+
+/// Why relaying a response body broke off midway (the client's connection is then closed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RelayError {
+    /// The client closed its connection.
+    ClientGone,
+    /// Writing to the client failed, or stalled past `timeouts.client_write`.
+    ClientFailed(ErrorKind),
+    /// The backend closed before the body ended.
+    BackendGone,
+    /// Reading from the backend failed.
+    BackendFailed(ErrorKind),
+    /// The backend's chunked framing is broken.
+    BadChunked,
+}
+
+impl RelayError {
+    fn client(e: std::io::Error) -> Self {
+        match e.kind() {
+            ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => RelayError::ClientGone,
+            k => RelayError::ClientFailed(k),
+        }
+    }
+
+    /// The metric label.
+    fn kind(self) -> &'static str {
+        match self {
+            RelayError::ClientGone => "client_gone",
+            RelayError::ClientFailed(_) => "client_failed",
+            RelayError::BackendGone => "backend_gone",
+            RelayError::BackendFailed(_) => "backend_failed",
+            RelayError::BadChunked => "bad_chunked",
+        }
+    }
+}
+
+impl std::fmt::Display for RelayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RelayError::ClientFailed(k) => write!(f, "writing to the client: {k}"),
+            RelayError::BackendFailed(k) => write!(f, "reading from the backend: {k}"),
+            e => f.write_str(e.kind()),
+        }
     }
 }
 
@@ -1119,7 +1169,7 @@ fn itoa3(status: u16) -> [u8; 3] {
 
 /// Writes the client's response head (in `out`) and passes the body on. `Ok(true)` when the
 /// body ended exactly where its framing says (the backend connection may be reused);
-/// `Err(())` when either side failed midway.
+/// `Err` when either side failed midway.
 async fn relay_body(
     client: &mut TcpStream,
     w: Writer<'_>,
@@ -1128,7 +1178,7 @@ async fn relay_body(
     out: &mut Vec<u8>,
     start: usize,
     framing: Framing,
-) -> Result<(), ()> {
+) -> Result<(), RelayError> {
     let first = &resp[start..];
     match framing {
         Framing::Empty => {
@@ -1158,7 +1208,7 @@ async fn relay_body(
         }
         Framing::Chunked => {
             let mut scanner = chunked::Scanner::default();
-            let end = scanner.feed(first).map_err(drop)?;
+            let end = scanner.feed(first).map_err(|_| RelayError::BadChunked)?;
             let upto = end.unwrap_or(first.len());
             out.extend_from_slice(&first[..upto]);
             if let Some(end) = end {
@@ -1168,7 +1218,10 @@ async fn relay_body(
             w.put(client, out).await?;
             loop {
                 let got = read_some(backend.up(), resp).await?;
-                match scanner.feed(&resp[..got]).map_err(drop)? {
+                match scanner
+                    .feed(&resp[..got])
+                    .map_err(|_| RelayError::BadChunked)?
+                {
                     Some(end) => {
                         backend.done(end == got);
                         return w.put(client, &resp[..end]).await;
@@ -1185,7 +1238,11 @@ async fn relay_body(
                 if resp.capacity() < RESPONSE_BUF {
                     resp.reserve(RESPONSE_BUF);
                 }
-                let got = backend.up().read_buf(resp).await.map_err(drop)?;
+                let got = backend
+                    .up()
+                    .read_buf(resp)
+                    .await
+                    .map_err(|e| RelayError::BackendFailed(e.kind()))?;
                 out.clear();
                 if got == 0 {
                     backend.done(false);
@@ -1210,7 +1267,7 @@ fn put_chunk(out: &mut Vec<u8>, data: &[u8]) {
 
 /// Reads the next piece of a body into `resp` (replacing what was there); the buffer grows
 /// while reads fill it, up to [`MAX_BODY_READ`]. An early end is an error.
-async fn read_some(up: &mut TcpStream, resp: &mut Vec<u8>) -> Result<usize, ()> {
+async fn read_some(up: &mut TcpStream, resp: &mut Vec<u8>) -> Result<usize, RelayError> {
     let full = resp.len() == resp.capacity();
     resp.clear();
     if full && resp.capacity() < MAX_BODY_READ {
@@ -1219,7 +1276,8 @@ async fn read_some(up: &mut TcpStream, resp: &mut Vec<u8>) -> Result<usize, ()> 
         resp.reserve(RESPONSE_BUF);
     }
     match up.read_buf(resp).await {
-        Ok(0) | Err(_) => Err(()),
+        Ok(0) => Err(RelayError::BackendGone),
+        Err(e) => Err(RelayError::BackendFailed(e.kind())),
         Ok(n) => Ok(n),
     }
 }
