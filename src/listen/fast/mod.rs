@@ -144,11 +144,17 @@ pub(crate) fn serve(
                     }
                 }
             };
-            c.buf.drain(..fwd.head_len);
             // A response sent while shutting down said `Connection: close`; otherwise the
             // client may still send a last request (the next wait is shortened to the grace).
-            if !c.request(fwd).await {
-                return;
+            match c.request(fwd).await {
+                Next::KeepAlive => {}
+                Next::Close => return,
+                Next::Handoff(head) => {
+                    // Held across a reload that made the service one hyper's path serves:
+                    // the request goes there as it came, and the connection with it.
+                    c.buf.splice(0..0, head);
+                    return handoff(inbound, c, guard).await;
+                }
             }
             // Between requests the connection may idle for `timeouts.client_idle`; pipelined
             // bytes already start the next head, bounded by `client_header`.
@@ -274,54 +280,57 @@ impl Client {
             }
     }
 
-    /// Holds and forwards one request and writes its response; `false` when the connection
-    /// must close.
-    async fn request(&mut self, fwd: Forward) -> bool {
+    /// Holds and forwards one request (its head first in `buf`) and writes its response.
+    async fn request(&mut self, fwd: Forward) -> Next {
         let arrived = Instant::now();
         let Forward {
             gate,
+            head_len,
             body,
             close,
             idempotent,
             head: head_method,
-            ..
         } = fwd;
         let mut gate = gate;
         let deadline = arrived + gate.settings().hold_timeout;
+        let mut held_head = None;
         let acquired = {
             let services = &self.proxy.shared.services;
             let acquiring = acquire_following(services, &mut gate, deadline);
             tokio::pin!(acquiring);
             let first = std::future::poll_fn(|cx| Poll::Ready(acquiring.as_mut().poll(cx))).await;
             match first {
-                Poll::Ready(r) => r,
+                Poll::Ready(r) => {
+                    self.buf.drain(..head_len);
+                    r
+                }
                 Poll::Pending => {
-                    // Held: the read buffer is not needed while waiting unless pipelined bytes
-                    // are in it, the response buffer (kept from an earlier request on this
-                    // connection) not at all.
+                    // Held: the head is kept aside (a reload may send the request to hyper's
+                    // path as it came); the read buffer is not needed while waiting unless
+                    // pipelined bytes are in it, the response buffer (kept from an earlier
+                    // request on this connection) not at all.
+                    let head: Vec<u8> = self.buf.drain(..head_len).collect();
                     if self.buf.is_empty() {
                         self.buf = Vec::new();
                     }
                     self.resp = Vec::new();
-                    tokio::select! {
+                    let r = tokio::select! {
                         biased;
                         r = &mut acquiring => r,
-                        () = client_gone(&self.stream, &mut self.buf) => return false,
-                    }
+                        () = client_gone(&self.stream, &mut self.buf) => return Next::Close,
+                    };
+                    held_head = Some(head);
+                    r
                 }
             }
         };
-        // A reload while held may have made the service one the fast path must not serve (h2c,
-        // TLS): its request is never sent as cleartext HTTP/1.1.
-        let acquired = acquired.and_then(|a| {
-            if serves(gate.settings()) {
-                Ok(a)
-            } else {
-                Err(ProxyError::ServiceRemoved {
-                    service: gate.name().clone(),
-                })
+        // A reload while held may have made the service one the fast path does not serve (h2c,
+        // TLS): hyper's path forwards it with the new protocol.
+        if let Some(head) = held_head {
+            if acquired.is_ok() && !serves(gate.settings()) {
+                return Next::Handoff(head);
             }
-        });
+        }
         let mut acquired = acquired;
         if acquired.is_ok() && body > 0 {
             // The body goes with the head, whole: read the rest of it now.
@@ -330,7 +339,7 @@ impl Client {
                     self.out.extend_from_slice(&self.buf[..body]);
                     self.buf.drain(..body);
                 }
-                BodyRead::Gone => return false,
+                BodyRead::Gone => return Next::Close,
                 BodyRead::Stalled => {
                     acquired = Err(ProxyError::BodyTimeout {
                         after: self.proxy.shared.timeouts.client_body,
@@ -366,7 +375,11 @@ impl Client {
             }
         };
         self.trim();
-        keep
+        if keep {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        }
     }
 
     /// Gives back what a large head, body or response grew the buffers to, so an idle
@@ -536,6 +549,16 @@ impl Attempts for FastAttempts<'_> {
         // The body is kept whole in `out`.
         self.idempotent
     }
+}
+
+/// What the connection does after a request.
+enum Next {
+    /// Reads the next request.
+    KeepAlive,
+    /// Closes.
+    Close,
+    /// Goes to hyper with this request head (then what is in the read buffer) first.
+    Handoff(Vec<u8>),
 }
 
 /// How reading a request body ended.
