@@ -57,6 +57,11 @@ pub struct Inbound {
 }
 
 impl Inbound {
+    /// `timeouts.client_header`: the bound on a request head, from its first byte.
+    pub(crate) fn client_header(&self) -> Duration {
+        self.client_header
+    }
+
     /// The settings for client connections under `timeouts`.
     pub fn new(timeouts: &Timeouts) -> Self {
         let mut h1 = http1::Builder::new();

@@ -380,13 +380,14 @@ async fn accept_tls(
                     };
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
                 let svc = Proxy::new(shared, remote, "https");
-                // ALPN decides: `h2` is HTTP/2, anything else (or none) HTTP/1.1.
-                let conn = if h2 {
-                    inbound.http2(tls, svc)
+                // ALPN decides: `h2` is HTTP/2, anything else (or none) HTTP/1.1, on the fast
+                // path as on a plain connection.
+                if h2 {
+                    drive(inbound.http2(tls, svc), close, guard).await;
                 } else {
-                    inbound.http1(tls, svc)
-                };
-                drive(conn, close, guard).await;
+                    let deadline = tokio::time::Instant::now() + inbound.client_header();
+                    crate::listen::fast::serve(inbound, tls, svc, close, guard, deadline).await;
+                }
             });
         },
     )

@@ -75,14 +75,19 @@ const RESPONSE_HEADERS: usize = 128;
 const MAX_FAST_BODY: u64 = 64 * 1024;
 /// Pooled connections tried per attempt before connecting anew.
 
-/// Serves a plain-TCP HTTP/1 connection: the fast path while its requests are common ones,
+/// What the fast path serves: a client's connection, plain TCP or TLS.
+pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> ClientIo for S {}
+
+/// Serves an HTTP/1 connection (plain, or TLS without `h2`): the fast path while its requests are common ones,
 /// then hyper for the rest of the connection. `deadline` bounds the wait for the first head.
 ///
 /// A plain `fn` returning an `async move` block (see [`Inbound::serve_tcp`]).
 #[allow(clippy::manual_async_fn)] // on purpose, see above
-pub(crate) fn serve(
+pub(crate) fn serve<S: ClientIo>(
     inbound: Arc<Inbound>,
-    stream: TcpStream,
+    stream: S,
     proxy: Proxy,
     close: watch::Receiver<bool>,
     guard: ConnectionGuard,
@@ -182,7 +187,7 @@ fn may_end_head(buf: &[u8], from: usize) -> bool {
 }
 
 /// Hands the connection to hyper, replaying the bytes read so far.
-async fn handoff(inbound: Arc<Inbound>, c: Client, guard: ConnectionGuard) {
+async fn handoff<S: ClientIo>(inbound: Arc<Inbound>, c: Client<S>, guard: ConnectionGuard) {
     let Client {
         stream,
         buf,
@@ -207,8 +212,8 @@ async fn handoff(inbound: Arc<Inbound>, c: Client, guard: ConnectionGuard) {
 }
 
 /// One client connection on the fast path.
-struct Client {
-    stream: TcpStream,
+struct Client<S> {
+    stream: S,
     /// Bytes read from the client and not yet used (a partial head, or pipelined requests).
     buf: Vec<u8>,
     /// The head being written: the backend's request head, then the client's response head.
@@ -228,14 +233,14 @@ struct Client {
     shutting: bool,
 }
 
-impl Client {
+impl<S: ClientIo> Client<S> {
     /// Reads more of a request head; `false` when the client closed, failed, or sent nothing
     /// in time (the deadline, shortened to [`LAST_REQUEST_GRACE`] when shutdown starts).
-    async fn read_more<S: Future<Output = ()>>(
+    async fn read_more<F: Future<Output = ()>>(
         &mut self,
         deadline: &mut Instant,
         armed: &mut bool,
-        mut stop: Pin<&mut OnlyWhenWoken<S>>,
+        mut stop: Pin<&mut OnlyWhenWoken<F>>,
     ) -> bool {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(self.buf.capacity().max(READ_BUF));
@@ -317,7 +322,7 @@ impl Client {
                     let r = tokio::select! {
                         biased;
                         r = &mut acquiring => r,
-                        () = client_gone(&self.stream, &mut self.buf) => return Next::Close,
+                        () = client_gone(&mut self.stream, &mut self.buf) => return Next::Close,
                     };
                     held_head = Some(head);
                     r
@@ -454,7 +459,7 @@ impl Client {
             // The client left (while an attempt waited, or while held again for a retry):
             // nobody waits for the answer, the slot and the backend connection are freed now
             // (as hyper's path does when its read sees the end).
-            () = client_gone(&self.stream, &mut self.buf) => return Ok(false),
+            () = client_gone(&mut self.stream, &mut self.buf) => return Ok(false),
             // The shutdown grace ran out: an answer rather than a cut connection.
             () = self.proxy.shared.in_flight_cut() => {
                 return Err(ProxyError::ShuttingDown {
@@ -588,25 +593,44 @@ impl<'a> Writer<'a> {
         }
     }
 
-    async fn put(self, client: &mut TcpStream, mut buf: &[u8]) -> Result<(), RelayError> {
+    /// Writes all of `buf`, then flushes (a TLS stream may keep records it could not write
+    /// yet). A write the socket takes at once costs no timer.
+    async fn put<S: ClientIo>(self, client: &mut S, mut buf: &[u8]) -> Result<(), RelayError> {
         while !buf.is_empty() {
-            match client.try_write(buf) {
-                Ok(0) => return Err(RelayError::ClientGone),
-                Ok(n) => buf = &buf[n..],
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    match tokio::time::timeout(self.limit, client.writable()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return Err(RelayError::client(e)),
-                        Err(_) => {
-                            self.metrics.reject_connection("client_write_timeout");
-                            return Err(RelayError::ClientFailed(ErrorKind::TimedOut));
-                        }
+            let n = self
+                .bounded(client, |c, cx| Pin::new(c).poll_write(cx, buf))
+                .await?;
+            if n == 0 {
+                return Err(RelayError::ClientGone);
+            }
+            buf = &buf[n..];
+        }
+        self.bounded(client, |c, cx| Pin::new(c).poll_flush(cx))
+            .await
+    }
+
+    /// One write step: tried at once, and only when the socket cannot take it, waited for
+    /// within `timeouts.client_write`.
+    async fn bounded<S: ClientIo, T>(
+        self,
+        client: &mut S,
+        mut step: impl FnMut(&mut S, &mut Context<'_>) -> Poll<std::io::Result<T>>,
+    ) -> Result<T, RelayError> {
+        let first = std::future::poll_fn(|cx| Poll::Ready(step(client, cx))).await;
+        let done = match first {
+            Poll::Ready(r) => r,
+            Poll::Pending => {
+                let wait = std::future::poll_fn(|cx| step(client, cx));
+                match tokio::time::timeout(self.limit, wait).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        self.metrics.reject_connection("client_write_timeout");
+                        return Err(RelayError::ClientFailed(ErrorKind::TimedOut));
                     }
                 }
-                Err(e) => return Err(RelayError::client(e)),
             }
-        }
-        Ok(())
+        };
+        done.map_err(RelayError::client)
     }
 }
 
@@ -683,7 +707,7 @@ impl Release<'_> {
 /// Ends our side of the connection and reads what the client still sends (a body nobody will
 /// use) until it closes, for at most a second and 256 KiB, so the close is not a reset that
 /// could destroy the answer just written.
-async fn linger(stream: &mut TcpStream) {
+async fn linger<S: ClientIo>(stream: &mut S) {
     let _ = stream.shutdown().await;
     // On the heap: this future is part of every connection's task.
     let mut sink = vec![0u8; 4096];
@@ -701,11 +725,8 @@ async fn linger(stream: &mut TcpStream) {
 
 /// Resolves when the client closes (or fails) while its request is held; pipelined bytes
 /// that arrive meanwhile are kept for later.
-async fn client_gone(stream: &TcpStream, buf: &mut Vec<u8>) {
+async fn client_gone<S: ClientIo>(stream: &mut S, buf: &mut Vec<u8>) {
     loop {
-        if stream.readable().await.is_err() {
-            return;
-        }
         if buf.len() >= MAX_HEADER_BYTES {
             // Enough queued; the rest waits in the socket.
             return std::future::pending().await;
@@ -713,11 +734,10 @@ async fn client_gone(stream: &TcpStream, buf: &mut Vec<u8>) {
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(READ_BUF);
         }
-        match stream.try_read_buf(buf) {
-            Ok(0) => return,
+        // Cancel-safe: a read that did not complete took nothing.
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return,
             Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(_) => return,
         }
     }
 }
@@ -1193,8 +1213,8 @@ fn itoa3(status: u16) -> [u8; 3] {
 /// Writes the client's response head (in `out`) and passes the body on. `Ok(true)` when the
 /// body ended exactly where its framing says (the backend connection may be reused);
 /// `Err` when either side failed midway.
-async fn relay_body(
-    client: &mut TcpStream,
+async fn relay_body<S: ClientIo>(
+    client: &mut S,
     w: Writer<'_>,
     mut backend: Release<'_>,
     resp: &mut Vec<u8>,
@@ -1306,13 +1326,13 @@ async fn read_some(up: &mut TcpStream, resp: &mut Vec<u8>) -> Result<usize, Rela
 }
 
 /// A connection handed to hyper: the bytes already read come first.
-struct Prefixed {
+struct Prefixed<S> {
     prefix: Vec<u8>,
     pos: usize,
-    inner: TcpStream,
+    inner: S,
 }
 
-impl AsyncRead for Prefixed {
+impl<S: ClientIo> AsyncRead for Prefixed<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1334,7 +1354,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<S: ClientIo> AsyncWrite for Prefixed<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

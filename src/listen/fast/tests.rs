@@ -368,7 +368,7 @@ async fn answering(len: usize) -> SocketAddr {
 }
 
 /// A fast-path connection (its Reveille end) to `web.test` at `backend`, and its client end.
-async fn connected(backend: SocketAddr) -> (Client, TcpStream, Proxy) {
+async fn connected(backend: SocketAddr) -> (Client<TcpStream>, TcpStream, Proxy) {
     let yaml = format!(
         "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: web\n    hosts: [web.test]\n    backend: {{ static: {{ addresses: [\"{backend}\"] }} }}\n"
     );
@@ -431,8 +431,9 @@ async fn an_idle_connection_keeps_no_large_buffers_after_large_transfers() {
         if i == 1 {
             peer.write_all(&vec![b'u'; body]).await.unwrap();
         }
+        c.buf.splice(0..0, head.bytes());
         let (kept, ()) = tokio::join!(c.request(f), drain_response(&mut peer, len));
-        assert!(kept);
+        assert!(matches!(kept, Next::KeepAlive));
         let (buf, out, resp) = (c.buf.capacity(), c.out.capacity(), c.resp.capacity());
         assert!(
             buf <= KEEP_BUF && out <= KEEP_BUF && resp <= KEEP_BUF,
@@ -449,8 +450,9 @@ async fn a_connection_handed_to_hyper_keeps_nothing_of_the_fast_path() {
     let Plan::Forward(f) = plan(head.as_bytes(), &mut c.out, &p) else {
         panic!("not forwarded");
     };
+    c.buf.extend_from_slice(head.as_bytes());
     let (kept, ()) = tokio::join!(c.request(f), drain_response(&mut peer, 5));
-    assert!(kept);
+    assert!(matches!(kept, Next::KeepAlive));
     let host = c.last_host.as_ref().expect("a backend was used").1.clone();
     let timeouts = crate::Config::parse(CONFIG).unwrap().timeouts;
     let inbound = Arc::new(Inbound::new(&timeouts));
