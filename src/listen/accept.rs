@@ -78,41 +78,6 @@ impl AcceptBackoff {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn emfile() -> io::Error {
-        io::Error::from_raw_os_error(24)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn pauses_double_up_to_a_second_and_a_success_resets_them() {
-        let metrics = Metrics::new();
-        let mut b = AcceptBackoff::new("admin", metrics.clone());
-        let mut pauses = Vec::new();
-        for _ in 0..10 {
-            let t = Instant::now();
-            b.failed(&emfile()).await;
-            pauses.push(t.elapsed().as_millis());
-        }
-        assert_eq!(
-            pauses,
-            [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000],
-            "pauses in ms"
-        );
-        b.accepted();
-        let t = Instant::now();
-        b.failed(&emfile()).await;
-        assert_eq!(t.elapsed(), FIRST_PAUSE);
-        let text = metrics.render();
-        assert!(
-            text.contains("reveille_accept_errors_total{listener=\"admin\"} 11"),
-            "{text}"
-        );
-    }
-}
-
 /// Binds a client-facing listener (plain or TLS) with `backlog`: the connections the kernel
 /// completes and keeps until they are accepted; it caps the value at `net.core.somaxconn`.
 ///
@@ -229,5 +194,40 @@ impl Drop for ConnectionGuard {
         if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.closed.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn emfile() -> io::Error {
+        io::Error::from_raw_os_error(24)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pauses_double_up_to_a_second_and_a_success_resets_them() {
+        let metrics = Metrics::new();
+        let mut b = AcceptBackoff::new("admin", metrics.clone());
+        let mut pauses = Vec::new();
+        for _ in 0..10 {
+            let t = Instant::now();
+            b.failed(&emfile()).await;
+            pauses.push(t.elapsed().as_millis());
+        }
+        assert_eq!(
+            pauses,
+            [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000],
+            "pauses in ms"
+        );
+        b.accepted();
+        let t = Instant::now();
+        b.failed(&emfile()).await;
+        assert_eq!(t.elapsed(), FIRST_PAUSE);
+        let text = metrics.render();
+        assert!(
+            text.contains("reveille_accept_errors_total{listener=\"admin\"} 11"),
+            "{text}"
+        );
     }
 }

@@ -82,7 +82,6 @@ const RESPONSE_HEADERS: usize = 128;
 /// Largest request body the fast path takes (read whole once the request may go, then sent
 /// with its head); a larger one, or a chunked one, is streamed by hyper's path.
 const MAX_FAST_BODY: u64 = 64 * 1024;
-/// Pooled connections tried per attempt before connecting anew.
 
 /// What the fast path serves: a client's connection, plain TCP or TLS.
 pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
