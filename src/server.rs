@@ -192,7 +192,15 @@ pub async fn start_with(
         .and_then(|k| k.coordinator.as_ref())
         .map(|c| c.peers())
         .unwrap_or(peers);
-    let prewarm = crate::prewarm::Context::open(&config).map_err(io::Error::other)?;
+    // On Kubernetes with `coordination:` the learned history is shared through a ConfigMap.
+    let prewarm = match (&kube, &config.coordination) {
+        (Some(k), Some(c)) if k.coordinator.is_some() => {
+            let coordinator = k.coordinator.clone().expect("checked");
+            let leader = Arc::new(move || coordinator.is_leader());
+            crate::prewarm::Context::open_shared(&config, k.client.clone(), c, leader).await
+        }
+        _ => crate::prewarm::Context::open(&config).map_err(io::Error::other)?,
+    };
     let services = Services::with_prewarm(
         metrics.clone(),
         HeldLimit::new(config.limits.max_held),
@@ -355,7 +363,7 @@ pub async fn start_with(
             let _ = tokio::time::timeout(FINAL_FLUSH, &mut drained).await;
         }
         task_services.stop_all().await;
-        task_services.prewarm_context().save();
+        task_services.prewarm_context().finish().await;
         let _ = stop_kube.send(true);
         for t in kube_tasks {
             let _ = t.await;
