@@ -449,3 +449,59 @@ async fn bounded<T>(call: impl std::future::Future<Output = kube::Result<T>>) ->
         .await
         .unwrap_or_else(|_| Err(kube::Error::Service("ConfigMap call timed out".into())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prewarm::delta::Journal;
+
+    fn cm(data: &[(&str, String)]) -> ConfigMap {
+        ConfigMap {
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_batch_the_configmap_shows_is_not_sent_again() {
+        let t: jiff::Timestamp = "2026-11-02T08:05:00Z".parse().unwrap();
+        let mut j = Journal::default();
+        j.delta.requests("orders", t, 3);
+        let sent = j.batch(1_000, 0).unwrap();
+        assert_eq!(sent.seq, 1_000);
+        // Recorded while the write was under way: not in that batch.
+        j.delta.requests("orders", t, 1);
+        assert_eq!(
+            j.batch(2_000, 1_000),
+            Some(sent.clone()),
+            "resent as it was"
+        );
+        let mut pending = sent.clone();
+        pending.seq = 1_000;
+        let doc = Doc::parse(Some(cm(&[
+            (FOLDED_KEY, r#"{"a":1000}"#.to_string()),
+            ("pending-b.json", to_json(&pending)),
+            ("pending-c.json", "not json".into()),
+        ])))
+        .unwrap();
+        assert!(doc.has("a", 1_000) && !doc.has("a", 1_001));
+        assert!(doc.has("b", 1_000) && !doc.has("b", 1_001));
+        assert!(!doc.has("c", 1));
+        assert_eq!(doc.pending.len(), 1, "an unreadable key is left out");
+        // The next batch carries a larger number even if the clock went back.
+        j.inflight = None;
+        assert_eq!(j.batch(500, 1_000).unwrap().seq, 1_001);
+    }
+
+    #[test]
+    fn a_corrupt_history_is_left_alone() {
+        let doc = Doc::parse(Some(cm(&[(HISTORY_KEY, "{".into())])));
+        assert!(matches!(doc, Err(SyncError::Corrupt(_))));
+        assert_eq!(key_part("reveille-5d8c-x2x9q"), "reveille-5d8c-x2x9q");
+        assert_eq!(key_part("a/b c"), "a_b_c");
+    }
+}
