@@ -56,6 +56,9 @@ pub struct Store {
     pub deliver: bool,
 }
 
+/// Another writer, run just before a write it races with.
+pub type Interloper = Box<dyn FnOnce(&FakeApi) + Send>;
+
 /// Counters and knobs the tests read and set.
 #[derive(Default)]
 pub struct Knobs {
@@ -75,7 +78,7 @@ pub struct Knobs {
     pub configmap_conflicts: AtomicUsize,
     /// Other writers: each runs just before the next ConfigMap write is handled (it lands
     /// between that writer's read and its write).
-    pub interlopers: Mutex<Vec<Box<dyn FnOnce(&FakeApi) + Send>>>,
+    pub interlopers: Mutex<Vec<Interloper>>,
 }
 
 /// The fake API server.
@@ -300,7 +303,7 @@ impl FakeApi {
                 (!queue.is_empty()).then(|| queue.remove(0))
             };
             if let Some(other) = next {
-                other(&*self);
+                other(&self);
             }
         }
         let resp = self.dispatch(method, plural, ns, name, sub, &query, &content_type, &body);
