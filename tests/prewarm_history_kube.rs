@@ -32,7 +32,7 @@ fn config(identity: &str) -> reveille::Config {
 
 async fn start_replica(cluster: &Cluster, identity: &str) -> Running {
     let client = cluster.api.client().await;
-    reveille::server::start_with_kube(config(identity), Some(client))
+    reveille::app::start_with_kube(config(identity), Some(client))
         .await
         .expect("start reveille")
 }

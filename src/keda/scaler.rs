@@ -19,7 +19,7 @@ use super::proto::{
     MetricValue, ScaledObjectRef,
 };
 use super::resolve::{resolve, Resolved, ServiceTargets};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 type StreamItem = Result<IsActiveResponse, Status>;
 
