@@ -43,6 +43,8 @@ pub(crate) const PENDING_PREFIX: &str = "pending-";
 const ATTEMPTS: usize = 5;
 /// Bound on one API call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on the last sync at shutdown.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// `folded.json` entries older than this are dropped (replicas long gone).
 const FOLDED_KEEP_MS: u64 = 30 * 24 * 3600 * 1000;
 
@@ -220,7 +222,12 @@ impl Shared {
     /// replica may still hold the Lease).
     pub(crate) async fn finish(&self) {
         let _ = self.stop.send(true);
-        self.sync().await;
+        if tokio::time::timeout(FINISH_TIMEOUT, self.sync())
+            .await
+            .is_err()
+        {
+            warn!(configmap = %self.name, "pre-warm history not handed over at shutdown (API server slow); the last observations are lost");
+        }
     }
 
     /// One sync: a few rounds while writes meet conflicts.
