@@ -156,7 +156,7 @@ async fn a_stream_follows_a_service_replaced_by_a_reload() {
     // A new backend (another port): the service gets a new gate, the stream was opened on the
     // old one and stays open.
     let second = reveille::Config::parse(&config(p2, "1s")).unwrap();
-    let before = r.gates[0].clone();
+    let before = r.gates()[0].clone();
     r.reload(&second, &first).await;
     let c = client();
     let proxy = r.proxy_addr;

@@ -172,7 +172,7 @@ async fn a_validated_version_takes_all_traffic_at_once_under_load() {
     assert_eq!(state["current_revision"], 2, "{state}");
     assert_eq!(state["in_progress"], false, "{state}");
     assert_eq!(state["result"]["passed"], true, "{state}");
-    assert!(!r.gates[0].rolling_out());
+    assert!(!r.gates()[0].rolling_out());
     stop_running(r).await;
 }
 
@@ -324,7 +324,7 @@ async fn no_scale_to_zero_and_keda_active_while_validating() {
         .unwrap();
     assert!(pushed.result, "StreamIsActive pushed active");
     wait_until("the rollout is in progress", LONG, || async {
-        r.gates[0].rolling_out()
+        r.gates()[0].rolling_out()
     })
     .await;
     assert!(is_active(&mut g, "web").await, "KEDA: active mid-rollout");
@@ -384,7 +384,7 @@ async fn a_rollout_at_zero_is_validated_at_once_with_at_zero_wake() {
     .await;
     // The wake-up patch and the rollout's own bookkeeping are two steps: wait for the second
     // (its pod does not exist yet, so nothing can have been validated meanwhile).
-    let gate = r.gates[0].clone();
+    let gate = r.gates()[0].clone();
     wait_until("in progress until validated", LONG, || {
         let g = gate.clone();
         async move { g.rolling_out() }
@@ -439,7 +439,7 @@ async fn a_rollout_at_zero_waits_for_the_next_wake_up_by_default() {
     sim.roll_to("v2", 2, 0, false, true).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(sim.replicas(), 0, "not woken without a request");
-    assert!(!r.gates[0].rolling_out());
+    assert!(!r.gates()[0].rolling_out());
     // A request wakes it; the new pod is validated before it gets the held request.
     let req = {
         let c = c.clone();

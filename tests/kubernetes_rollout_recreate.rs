@@ -88,13 +88,13 @@ async fn recreate_holds_requests_through_the_gap_and_never_mixes_versions() {
     })
     .await;
     wait_until("the old pods' requests finished", LONG, || async {
-        r.gates[0].in_flight() == 0
+        r.gates()[0].in_flight() == 0
     })
     .await;
     sim.remove_version("v1");
     let gap_began = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(r.gates[0].held() > 0, "requests in the gap are held");
+    assert!(r.gates()[0].held() > 0, "requests in the gap are held");
     let v2 = sim.roll_to("v2", 2, 1, false, true).await;
     let want = sim.addrs("v2");
     wait_until("routing to v2", LONG, || async { routed(&r) == want }).await;

@@ -128,7 +128,7 @@ async fn sequential_requests_reuse_one_backend_connection() {
         1,
         "one request at a time: one backend connection, reused"
     );
-    assert_eq!(r.gates[0].in_flight(), 0, "every slot released");
+    assert_eq!(r.gates()[0].in_flight(), 0, "every slot released");
     stop(r).await;
 }
 
@@ -208,7 +208,7 @@ async fn a_response_abandoned_half_read_closes_its_backend_connection() {
     assert_eq!(resp.status, 200);
     assert_eq!(counts.accepted.load(Ordering::SeqCst), 2, "not reused");
     wait_until("the slot released", Duration::from_secs(5), || {
-        let g = r.gates[0].clone();
+        let g = r.gates()[0].clone();
         async move { g.in_flight() == 0 }
     })
     .await;

@@ -15,7 +15,6 @@ use std::time::Duration;
 pub mod crd;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -45,19 +44,17 @@ pub struct Running {
     pub tls_addr: Option<SocketAddr>,
     /// Where the KEDA external scaler listens, if enabled (`keda.listen`).
     pub keda_addr: Option<SocketAddr>,
-    /// Every service's gate at start, in config order.
-    pub gates: Vec<Arc<Gate>>,
     services: Arc<Services>,
     local: Arc<Local>,
     keda_scaler: Scaler,
-    shutdown: watch::Sender<bool>,
+    shutdown: crate::shutdown::Trigger,
     task: JoinHandle<()>,
 }
 
 impl Running {
     /// Begins a graceful shutdown.
     pub fn shutdown(&self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.fire();
     }
 
     /// Applies a new configuration's services (see [`Services::apply`]): unchanged services
@@ -95,6 +92,11 @@ impl Running {
             changes,
             needs_restart,
         }
+    }
+
+    /// Every service's live gate, in config order (after a reload: the reloaded ones).
+    pub fn gates(&self) -> Vec<Arc<Gate>> {
+        self.services.load().gates()
     }
 
     /// The live services.
@@ -174,7 +176,7 @@ pub async fn start_with(
         ));
     }
     let metrics = Metrics::new();
-    let (stop_kube, stop_kube_rx) = watch::channel(false);
+    let (stop_kube, stop_kube_rx) = crate::shutdown::channel();
     let mut kube_tasks = Vec::new();
     let kube_client = kube.clone();
     let kube = kube.map(|client| {
@@ -274,8 +276,8 @@ pub async fn start_with(
     };
     info!(%proxy_addr, %admin_addr, ?tls_addr, ?keda_addr, services = config.services.len(), "reveille listening");
 
-    let (shutdown, mut shutdown_rx) = watch::channel(false);
-    let (close_listeners, close_rx) = watch::channel(false);
+    let (shutdown, mut shutdown_rx) = crate::shutdown::channel();
+    let (close_listeners, close_rx) = crate::shutdown::channel();
     let conns = Connections::new(config.limits.max_connections);
     let inbound = Arc::new(Inbound::new(&config.timeouts));
 
@@ -296,7 +298,7 @@ pub async fn start_with(
         close_rx,
         conns.clone(),
     ));
-    let (admin_stop, admin_stop_rx) = watch::channel(false);
+    let (admin_stop, admin_stop_rx) = crate::shutdown::channel();
     let sampler = tokio::spawn(local.clone().run_sampler(admin_stop_rx.clone()));
     if let (Some(client), Some(cfg)) = (crd_client, config.crd.clone()) {
         let (svcs, loc) = (services.clone(), local.clone());
@@ -333,11 +335,11 @@ pub async fn start_with(
     let task_services = services.clone();
     let task_shared = shared.clone();
     let task = tokio::spawn(async move {
-        crate::shutdown::stopped(&mut shutdown_rx).await;
+        shutdown_rx.fired().await;
         info!(delay = ?shutdown_cfg.delay, grace = ?shutdown_cfg.grace, "shutting down");
         admin_state.ready.store(false, Ordering::SeqCst);
         tokio::time::sleep(shutdown_cfg.delay).await;
-        let _ = close_listeners.send(true);
+        close_listeners.fire();
         let _ = proxy_task.await;
         if let Some(t) = tls_task {
             let _ = t.await;
@@ -365,11 +367,11 @@ pub async fn start_with(
         }
         task_services.stop_all().await;
         task_services.prewarm_context().finish().await;
-        let _ = stop_kube.send(true);
+        stop_kube.fire();
         for t in kube_tasks {
             let _ = t.await;
         }
-        let _ = admin_stop.send(true);
+        admin_stop.fire();
         let _ = admin_task.await;
         let _ = sampler.await;
         if let Some(t) = keda_task {
@@ -385,7 +387,6 @@ pub async fn start_with(
         admin_addr,
         tls_addr,
         keda_addr,
-        gates,
         shutdown,
         task,
     })

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 use tokio::time::Instant;
 use tracing::warn;
@@ -78,41 +77,6 @@ impl AcceptBackoff {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn emfile() -> io::Error {
-        io::Error::from_raw_os_error(24)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn pauses_double_up_to_a_second_and_a_success_resets_them() {
-        let metrics = Metrics::new();
-        let mut b = AcceptBackoff::new("admin", metrics.clone());
-        let mut pauses = Vec::new();
-        for _ in 0..10 {
-            let t = Instant::now();
-            b.failed(&emfile()).await;
-            pauses.push(t.elapsed().as_millis());
-        }
-        assert_eq!(
-            pauses,
-            [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000],
-            "pauses in ms"
-        );
-        b.accepted();
-        let t = Instant::now();
-        b.failed(&emfile()).await;
-        assert_eq!(t.elapsed(), FIRST_PAUSE);
-        let text = metrics.render();
-        assert!(
-            text.contains("reveille_accept_errors_total{listener=\"admin\"} 11"),
-            "{text}"
-        );
-    }
-}
-
 /// Binds a client-facing listener (plain or TLS) with `backlog`: the connections the kernel
 /// completes and keeps until they are accepted; it caps the value at `net.core.somaxconn`.
 ///
@@ -143,7 +107,7 @@ pub(crate) async fn accept_loop(
     name: &'static str,
     metrics: Metrics,
     conns: Arc<Connections>,
-    mut close: watch::Receiver<bool>,
+    mut close: crate::shutdown::Signal,
     mut serve: impl FnMut(TcpStream, SocketAddr, ConnectionGuard),
 ) {
     let mut backoff = AcceptBackoff::new(name, metrics.clone());
@@ -166,7 +130,7 @@ pub(crate) async fn accept_loop(
                 // EMFILE and friends: back off instead of spinning.
                 Err(e) => backoff.failed(&e).await,
             },
-            _ = crate::shutdown::stopped(&mut close) => break,
+            _ = close.fired() => break,
         }
     }
     while let Some(Ok((stream, remote))) = listener.accept().now_or_never() {
@@ -229,5 +193,40 @@ impl Drop for ConnectionGuard {
         if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.closed.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn emfile() -> io::Error {
+        io::Error::from_raw_os_error(24)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pauses_double_up_to_a_second_and_a_success_resets_them() {
+        let metrics = Metrics::new();
+        let mut b = AcceptBackoff::new("admin", metrics.clone());
+        let mut pauses = Vec::new();
+        for _ in 0..10 {
+            let t = Instant::now();
+            b.failed(&emfile()).await;
+            pauses.push(t.elapsed().as_millis());
+        }
+        assert_eq!(
+            pauses,
+            [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000],
+            "pauses in ms"
+        );
+        b.accepted();
+        let t = Instant::now();
+        b.failed(&emfile()).await;
+        assert_eq!(t.elapsed(), FIRST_PAUSE);
+        let text = metrics.render();
+        assert!(
+            text.contains("reveille_accept_errors_total{listener=\"admin\"} 11"),
+            "{text}"
+        );
     }
 }

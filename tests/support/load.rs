@@ -131,7 +131,7 @@ pub async fn backend_killed_during_drain(n: usize) -> Tally {
     ))
     .await;
     let addr = r.proxy_addr;
-    let gate = r.gates[0].clone();
+    let gate = r.gates()[0].clone();
     let run = tokio::spawn(burst(addr, "hello.test", n, |i| {
         format!("/_demo/sleep?ms={}", 5 + i % 10)
     }));

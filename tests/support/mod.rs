@@ -87,7 +87,7 @@ pub async fn stop(r: Running) {
 
 /// The first service's routed endpoint addresses, sorted.
 pub fn routed(r: &Running) -> Vec<SocketAddr> {
-    let mut v: Vec<SocketAddr> = r.gates[0].endpoints().iter().map(|e| e.addr).collect();
+    let mut v: Vec<SocketAddr> = r.gates()[0].endpoints().iter().map(|e| e.addr).collect();
     v.sort();
     v
 }

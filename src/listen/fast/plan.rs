@@ -86,12 +86,8 @@ fn check_fields<'h>(headers: &[httparse::Header<'h>], kinds: &mut [Field]) -> Op
                 // Several, invalid or large: hyper's path judges or streams it.
                 _ => return None,
             },
-            Field::Connection => {
-                if !fields::plain_connection(h.value, &mut c.close) {
-                    // Lists other fields as hop-by-hop (or asks for an upgrade).
-                    return None;
-                }
-            }
+            // Lists other fields as hop-by-hop (or asks for an upgrade).
+            Field::Connection if !fields::plain_connection(h.value, &mut c.close) => return None,
             Field::XForwardedFor => c.xff = true,
             f if needs_hyper(f) => return None,
             _ => {}
