@@ -195,15 +195,7 @@ pub async fn start_with(
         .and_then(|k| k.coordinator.as_ref())
         .map(|c| c.peers())
         .unwrap_or(peers);
-    // On Kubernetes with `coordination:` the learned history is shared through a ConfigMap.
-    let prewarm = match (&kube, &config.coordination) {
-        (Some(k), Some(c)) if k.coordinator.is_some() => {
-            let coordinator = k.coordinator.clone().expect("checked");
-            let leader = Arc::new(move || coordinator.is_leader());
-            crate::prewarm::Context::open_shared(&config, k.client.clone(), c, leader).await
-        }
-        _ => crate::prewarm::Context::open(&config).map_err(io::Error::other)?,
-    };
+    let prewarm = prewarm_context(&config, kube.as_ref()).await?;
     let services = Services::with_prewarm(
         metrics.clone(),
         HeldLimit::new(config.limits.max_held),
@@ -390,6 +382,22 @@ pub async fn start_with(
         shutdown,
         task,
     })
+}
+
+/// The pre-warm context: on Kubernetes with `coordination:` the learned history is shared
+/// through a ConfigMap; otherwise it is the file in `state_dir`.
+async fn prewarm_context(
+    config: &Config,
+    kube: Option<&activate::kubernetes::KubeContext>,
+) -> io::Result<crate::prewarm::Context> {
+    match (kube, &config.coordination) {
+        (Some(k), Some(c)) if k.coordinator.is_some() => {
+            let coordinator = k.coordinator.clone().expect("checked");
+            let leader = Arc::new(move || coordinator.is_leader());
+            Ok(crate::prewarm::Context::open_shared(config, k.client.clone(), c, leader).await)
+        }
+        _ => crate::prewarm::Context::open(config).map_err(io::Error::other),
+    }
 }
 
 /// Before any process backend starts: `state_dir` must be usable when a process service
