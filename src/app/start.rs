@@ -100,7 +100,7 @@ impl Core {
             .and_then(|k| k.coordinator.as_ref())
             .map(|c| c.peers())
             .unwrap_or(peers);
-        let prewarm = crate::prewarm::Context::open(config).map_err(io::Error::other)?;
+        let prewarm = prewarm_context(config, kube.as_ref()).await?;
         let services = Services::with_prewarm(
             metrics.clone(),
             HeldLimit::new(config.limits.max_held),
@@ -319,7 +319,7 @@ impl Tasks {
             let _ = tokio::time::timeout(FINAL_FLUSH, &mut drained).await;
         }
         self.core.services.stop_all().await;
-        self.core.services.prewarm_context().save();
+        self.core.services.prewarm_context().finish().await;
         self.core.stop_kube.fire();
         for t in self.core.kube_tasks {
             let _ = t.await;
@@ -331,5 +331,21 @@ impl Tasks {
             let _ = t.await;
         }
         info!("shutdown complete");
+    }
+}
+
+/// The pre-warm context: on Kubernetes with `coordination:` the learned history is shared
+/// through a ConfigMap; otherwise it is the file in `state_dir`.
+async fn prewarm_context(
+    config: &Config,
+    kube: Option<&activate::kubernetes::KubeContext>,
+) -> io::Result<crate::prewarm::Context> {
+    match (kube, &config.coordination) {
+        (Some(k), Some(c)) if k.coordinator.is_some() => {
+            let coordinator = k.coordinator.clone().expect("checked");
+            let leader = Arc::new(move || coordinator.is_leader());
+            Ok(crate::prewarm::Context::open_shared(config, k.client.clone(), c, leader).await)
+        }
+        _ => crate::prewarm::Context::open(config).map_err(io::Error::other),
     }
 }
