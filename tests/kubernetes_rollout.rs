@@ -566,6 +566,11 @@ async fn the_running_step_is_reported_as_it_starts() {
     );
     let want = sim.addrs("v2");
     wait_until("routing to v2", LONG, || async { routed(&r) == want }).await;
+    // The new endpoints are routed during the switch; the report follows once it is over.
+    wait_until("the rollout reported done", LONG, || async {
+        rollout_state(&c, &r).await["in_progress"] == false
+    })
+    .await;
     let state = rollout_state(&c, &r).await;
     assert!(state["step"].is_null(), "{state}");
     assert_eq!(state["validating"], serde_json::json!({}), "{state}");
