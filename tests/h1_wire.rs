@@ -227,8 +227,13 @@ async fn a_pooled_connection_the_backend_closed_is_not_used_even_for_a_post() {
         .await
         .unwrap();
     assert_eq!(read_response(&mut c, &mut rb).await.1, "/first ");
-    // Let the backend's close arrive at Reveille's idle connection.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The backend's close has reached Reveille's idle connection (CLOSE_WAIT on its side).
+    wait_until(
+        "the backend's close reached Reveille's pooled connection",
+        Duration::from_secs(10),
+        || async { close_arrived_from(backend) },
+    )
+    .await;
     c.write_all(b"POST /post HTTP/1.1\r\nHost: wire.test\r\nContent-Length: 3\r\n\r\nabc")
         .await
         .unwrap();

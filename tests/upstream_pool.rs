@@ -142,7 +142,17 @@ async fn connections_the_backend_closed_while_idle_are_not_used() {
         let method = if i % 2 == 0 { "GET" } else { "POST" };
         let resp = send(&c, r.proxy_addr, method, "pool.test", "/", "body").await;
         assert_eq!(resp.status, 200, "{method} #{i}: {resp:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The backend closes the connection (100 ms after accepting it), and the close reaches
+        // Reveille's idle connection before the next request is sent.
+        wait_until(
+            "the backend's close reached Reveille's idle connection",
+            Duration::from_secs(10),
+            || {
+                let counts = counts.clone();
+                async move { counts.closed.load(Ordering::SeqCst) == i + 1 && close_arrived_from(addr) }
+            },
+        )
+        .await;
     }
     assert_eq!(
         counts.requests.load(Ordering::SeqCst),
