@@ -498,3 +498,94 @@ fn bad_certificates_are_config_errors_naming_the_field() {
     let cfg = reveille::Config::parse(&yaml).expect("good TLS config");
     assert_eq!(cfg.tls.unwrap().cert, cert);
 }
+
+/// What one TLS request during the shutdown got.
+#[derive(Debug, PartialEq)]
+enum Got {
+    /// The connection was refused (the listener had closed): nothing was accepted.
+    Refused,
+    Status(u16),
+    /// Accepted (TCP), then no answer.
+    Lost(String),
+}
+
+async fn one_tls(tls: TlsConnector, addr: std::net::SocketAddr, path: String) -> Got {
+    let Ok(tcp) = TcpStream::connect(addr).await else {
+        return Got::Refused;
+    };
+    let name = ServerName::try_from("hello.test").unwrap();
+    let run = async {
+        let s = tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let (mut send, conn) = http1::handshake(TokioIo::new(s))
+            .await
+            .map_err(|e| format!("http: {e}"))?;
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header("host", "hello.test")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        Ok::<u16, String>(resp.status().as_u16())
+    };
+    match tokio::time::timeout(Duration::from_secs(60), run).await {
+        Ok(Ok(status)) => Got::Status(status),
+        Ok(Err(e)) => Got::Lost(e),
+        Err(_) => Got::Lost("no answer in 60 s".into()),
+    }
+}
+
+/// The plain listener's shutdown test (`tests/faults.rs`), on the TLS listener: a burst held
+/// during a cold start, the shutdown halfway through it. Every connection the kernel accepted
+/// (including those still in the backlog when the listener closed) is answered; later ones are
+/// refused; none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_a_tls_burst_loses_nothing() {
+    const N: usize = 100;
+    let dir = tempdir("burst");
+    let c = make_cert(&["hello.test"]);
+    let (cert, key) = write_pair(&dir, &c);
+    let mut yaml = process_config(free_port(), "500ms", &[]).replace(
+        "services:",
+        "shutdown: { delay: 0s, grace: 30s }\nservices:",
+    );
+    yaml.push_str(&format!(
+        "tls:\n  listen: 127.0.0.1:0\n  cert: {}\n  key: {}\n",
+        cert.display(),
+        key.display()
+    ));
+    let r = start(&yaml).await;
+    let addr = r.tls_addr.unwrap();
+    let tls = connector(&[&c], &[b"http/1.1"]);
+    let mut tasks = Vec::with_capacity(N);
+    for i in 0..N {
+        if i == N / 2 {
+            r.shutdown();
+        }
+        tasks.push(tokio::spawn(one_tls(tls.clone(), addr, format!("/t/{i}"))));
+        if i % 10 == 9 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut got = Vec::with_capacity(N);
+    for t in tasks {
+        got.push(t.await.unwrap());
+    }
+    let lost: Vec<&Got> = got.iter().filter(|g| matches!(g, Got::Lost(_))).collect();
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    let ok = got.iter().filter(|g| **g == Got::Status(200)).count();
+    let refused = got.iter().filter(|g| **g == Got::Refused).count();
+    assert_eq!(ok + refused, N, "{got:?}");
+    assert!(
+        ok >= N / 2,
+        "everything before the shutdown was answered: {got:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(60), r.wait())
+        .await
+        .expect("shutdown completes");
+}
