@@ -13,6 +13,8 @@ use std::time::Duration;
 
 pub mod crd;
 mod start;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use start::start_with;
 

@@ -481,19 +481,12 @@ mod tests {
     }
 
     fn shared() -> (crate::Config, Arc<crate::forward::Shared>) {
-        let cfg = crate::Config::parse(
+        let state = crate::app::testing::TestState::new(
             "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: a\n    hosts: [a]\n    backend: { static: { addresses: [\"127.0.0.1:1\"] } }\n",
         )
-        .unwrap();
-        let metrics = crate::telemetry::metrics::Metrics::new();
-        let services = crate::route::services::Services::new(
-            metrics.clone(),
-            crate::gate::HeldLimit::new(1),
-            None,
-            cfg.timeouts,
-        );
-        let shared = Arc::new(crate::forward::Shared::new(services, metrics, &cfg));
-        (cfg, shared)
+        .max_held(1);
+        let shared = state.shared_empty();
+        (state.config, shared)
     }
 
     /// The connection task is most of what a held request costs: the connection must be stored

@@ -419,7 +419,7 @@ mod tests {
     }
 
     fn services(cfg: &Config) -> Arc<Services> {
-        Services::new(Metrics::new(), HeldLimit::new(100), None, cfg.timeouts)
+        crate::app::testing::TestState::of(cfg.clone()).services()
     }
 
     async fn running(s: &Services, name: &str) -> bool {

@@ -15,16 +15,10 @@ services:
 
 /// The state every connection shares, for the services of `yaml`.
 async fn shared(yaml: &str) -> Arc<crate::forward::Shared> {
-    let cfg = crate::Config::parse(yaml).unwrap();
-    let metrics = crate::telemetry::metrics::Metrics::new();
-    let services = crate::route::services::Services::new(
-        metrics.clone(),
-        crate::gate::HeldLimit::new(10),
-        None,
-        cfg.timeouts,
-    );
-    services.apply(&cfg.services).await;
-    Arc::new(crate::forward::Shared::new(services, metrics, &cfg))
+    crate::app::testing::TestState::new(yaml)
+        .max_held(10)
+        .shared()
+        .await
 }
 
 async fn proxy() -> Proxy {
