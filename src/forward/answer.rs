@@ -15,7 +15,7 @@ use crate::gate::Gate;
 
 /// Reveille's answer as a `Response` (hyper's path): the connection closes where
 /// [`ProxyError::closes_connection`] says.
-pub fn error_response(e: &ProxyError) -> Response<ProxyBody> {
+pub(crate) fn error_response(e: &ProxyError) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::local(e.body()));
     *resp.status_mut() = e.status();
     let h = resp.headers_mut();

@@ -17,7 +17,7 @@ pin_project_lite::pin_project! {
     /// A response body: either the backend's stream (holding its endpoint slot until the end)
     /// or a small body Reveille wrote itself.
     #[project = ProxyBodyProj]
-    pub enum ProxyBody {
+    pub(crate) enum ProxyBody {
         /// Streamed from the backend; with a pooled connection, the body drives it.
         Upstream { #[pin] body: Incoming, permit: Option<Permit>, lease: Option<Lease> },
         /// Written by Reveille.
@@ -27,7 +27,7 @@ pin_project_lite::pin_project! {
 
 impl ProxyBody {
     /// A body Reveille writes itself.
-    pub fn local(b: impl Into<Bytes>) -> Self {
+    pub(crate) fn local(b: impl Into<Bytes>) -> Self {
         ProxyBody::Local {
             body: Full::new(b.into()),
         }
@@ -35,7 +35,7 @@ impl ProxyBody {
 
     /// The backend's body, keeping `permit` until it ends; `lease` is the connection it comes
     /// on when that is ours to drive, returned to the pool when the body ends.
-    pub fn upstream(body: Incoming, permit: Permit, mut lease: Option<Lease>) -> Self {
+    pub(crate) fn upstream(body: Incoming, permit: Permit, mut lease: Option<Lease>) -> Self {
         if body.is_end_stream() {
             // Nothing more to read (HEAD, 204, 304, an empty body): the connection is free now
             // (hyper may never poll an empty body).

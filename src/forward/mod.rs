@@ -34,13 +34,13 @@ pub(crate) mod answer;
 mod body;
 pub(crate) mod retry;
 
-pub use answer::error_response;
-pub use body::ProxyBody;
+pub(crate) use answer::error_response;
+pub(crate) use body::ProxyBody;
 pub(crate) use retry::idempotent;
 use retry::{Attempts, Failed};
 
 /// Header on responses to requests that were held during a cold start.
-pub const COLD_START_HEADER: &str = "x-reveille-cold-start";
+pub(crate) const COLD_START_HEADER: &str = "x-reveille-cold-start";
 
 static KNATIVE_REVISION: HeaderName = HeaderName::from_static(fields::KNATIVE_REVISION);
 static KNATIVE_NAMESPACE: HeaderName = HeaderName::from_static(fields::KNATIVE_NAMESPACE);
@@ -50,19 +50,19 @@ static K_NETWORK_PROBE: HeaderName = HeaderName::from_static(fields::K_NETWORK_P
 static K_NETWORK_HASH: HeaderName = HeaderName::from_static(fields::K_NETWORK_HASH);
 
 /// State shared by every connection.
-pub struct Shared {
+pub(crate) struct Shared {
     /// The live services and their routing table; swapped whole on reload.
-    pub services: Arc<Services>,
+    pub(crate) services: Arc<Services>,
     /// The pooled upstream clients.
-    pub upstreams: Upstreams,
+    pub(crate) upstreams: Upstreams,
     /// Bound on waiting for a backend's response headers.
-    pub response_timeout: Duration,
+    pub(crate) response_timeout: Duration,
     /// All metrics.
-    pub metrics: Metrics,
+    pub(crate) metrics: Metrics,
     /// The client-side timeouts (idle, write, body progress) and the upstream ones.
-    pub timeouts: crate::config::Timeouts,
+    pub(crate) timeouts: crate::config::Timeouts,
     /// Request fields with `_` in their name are dropped ([`crate::Config::drop_underscore_headers`]).
-    pub drop_underscore_headers: bool,
+    pub(crate) drop_underscore_headers: bool,
     /// Turned true when `shutdown.grace` has run out: requests still waiting for a backend's
     /// answer are answered `503 shutting_down` instead of being cut when the process exits.
     in_flight_stop: crate::shutdown::Trigger,
@@ -70,7 +70,7 @@ pub struct Shared {
 
 impl Shared {
     /// The state every connection shares, for `config`'s settings.
-    pub fn new(services: Arc<Services>, metrics: Metrics, config: &crate::Config) -> Self {
+    pub(crate) fn new(services: Arc<Services>, metrics: Metrics, config: &crate::Config) -> Self {
         Shared {
             services,
             upstreams: Upstreams::new(&config.timeouts),
@@ -84,7 +84,7 @@ impl Shared {
 
     /// The shutdown grace has run out: every request still waiting for a backend's response
     /// head gets `503 shutting_down` now.
-    pub fn cut_in_flight(&self) {
+    pub(crate) fn cut_in_flight(&self) {
         self.in_flight_stop.fire();
     }
 
@@ -96,7 +96,7 @@ impl Shared {
 
 /// The per-connection hyper service.
 #[derive(Clone)]
-pub struct Proxy {
+pub(crate) struct Proxy {
     pub(crate) shared: Arc<Shared>,
     /// The client's address as an `X-Forwarded-For` value, made once per connection.
     pub(crate) client_ip: HeaderValue,
@@ -105,7 +105,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// A service for one client connection; `proto` is `http` or `https`.
-    pub fn new(shared: Arc<Shared>, remote: SocketAddr, proto: &'static str) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, remote: SocketAddr, proto: &'static str) -> Self {
         Proxy {
             shared,
             client_ip: upstream::client_ip(remote),

@@ -22,9 +22,9 @@ use tracing::warn;
 use crate::telemetry::metrics::Metrics;
 
 /// The pause after a first failure.
-pub const FIRST_PAUSE: Duration = Duration::from_millis(5);
+pub(crate) const FIRST_PAUSE: Duration = Duration::from_millis(5);
 /// The longest pause between two tries.
-pub const MAX_PAUSE: Duration = Duration::from_secs(1);
+pub(crate) const MAX_PAUSE: Duration = Duration::from_secs(1);
 /// At most one log line per listener this often.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -140,7 +140,7 @@ pub(crate) async fn accept_loop(
 
 /// Open client connections, plain and TLS: bounded by `limits.max_connections`, and waited
 /// for on shutdown.
-pub struct Connections {
+pub(crate) struct Connections {
     max: usize,
     open: std::sync::atomic::AtomicUsize,
     closed: tokio::sync::Notify,
@@ -148,7 +148,7 @@ pub struct Connections {
 
 impl Connections {
     /// At most `max` open connections.
-    pub fn new(max: usize) -> Arc<Self> {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
         Arc::new(Connections {
             max,
             open: 0.into(),
@@ -157,7 +157,7 @@ impl Connections {
     }
 
     /// Takes a connection slot, or `None` when all are taken.
-    pub fn try_open(self: &Arc<Self>) -> Option<ConnectionGuard> {
+    pub(crate) fn try_open(self: &Arc<Self>) -> Option<ConnectionGuard> {
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.max).then_some(n + 1)
@@ -167,12 +167,12 @@ impl Connections {
     }
 
     /// Open connections now.
-    pub fn open(&self) -> usize {
+    pub(crate) fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }
 
     /// Resolves when no connection is open.
-    pub async fn drained(&self) {
+    pub(crate) async fn drained(&self) {
         loop {
             let closed = self.closed.notified();
             tokio::pin!(closed);
@@ -186,7 +186,7 @@ impl Connections {
 }
 
 /// One open connection's slot; released on drop.
-pub struct ConnectionGuard(Arc<Connections>);
+pub(crate) struct ConnectionGuard(Arc<Connections>);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {

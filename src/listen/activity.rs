@@ -33,7 +33,7 @@ fn now_ms() -> u64 {
 
 /// One connection's activity, shared by its service (requests) and its IO (writes).
 #[derive(Debug)]
-pub struct Activity {
+pub(crate) struct Activity {
     open: AtomicUsize,
     /// When `open` last went to 0 (ms, [`now_ms`]).
     idle_since: AtomicU64,
@@ -87,7 +87,7 @@ impl Activity {
 
 /// A request in progress on a connection (see [`Activity::begin`]).
 #[derive(Debug)]
-pub struct InProgress(Arc<Activity>);
+pub(crate) struct InProgress(Arc<Activity>);
 
 impl Drop for InProgress {
     fn drop(&mut self) {
@@ -99,7 +99,7 @@ impl Drop for InProgress {
 
 pin_project_lite::pin_project! {
     /// A client connection's IO, noting when its writes wait.
-    pub struct Watched<I> {
+    pub(crate) struct Watched<I> {
         #[pin]
         inner: I,
         activity: Arc<Activity>,
@@ -164,7 +164,7 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
 /// The proxy service of one hyper-served connection, counting its requests in progress: from
 /// the head until the response body is done with (dropped by hyper).
 #[derive(Clone)]
-pub struct Tracked {
+pub(crate) struct Tracked {
     proxy: Proxy,
     activity: Arc<Activity>,
 }
@@ -190,7 +190,7 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
 
 pin_project_lite::pin_project! {
     /// [`Tracked`]'s future: the proxy's, then its response body keeps the request counted.
-    pub struct TrackedFuture {
+    pub(crate) struct TrackedFuture {
         #[pin]
         inner: <Proxy as hyper::service::Service<Request<Incoming>>>::Future,
         request: Option<InProgress>,
@@ -217,7 +217,7 @@ impl Future for TrackedFuture {
 
 pin_project_lite::pin_project! {
     /// A response body that keeps its request counted as in progress until it is dropped.
-    pub struct TrackedBody {
+    pub(crate) struct TrackedBody {
         #[pin]
         body: ProxyBody,
         _request: Option<InProgress>,

@@ -47,7 +47,7 @@ const PEEK_RETRY: Duration = Duration::from_millis(5);
 
 /// The HTTP/1 and HTTP/2 server settings for client connections.
 #[derive(Clone)]
-pub struct Inbound {
+pub(crate) struct Inbound {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     client_header: Duration,
@@ -62,7 +62,7 @@ impl Inbound {
     }
 
     /// The settings for client connections under `timeouts`.
-    pub fn new(timeouts: &Timeouts) -> Self {
+    pub(crate) fn new(timeouts: &Timeouts) -> Self {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
             .header_read_timeout(timeouts.client_header)
@@ -100,7 +100,7 @@ impl Inbound {
     }
 
     /// Serves `io` as HTTP/1.1 (upgrades allowed).
-    pub fn http1<I>(&self, io: I, svc: Proxy) -> Conn<I>
+    pub(crate) fn http1<I>(&self, io: I, svc: Proxy) -> Conn<I>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -117,7 +117,7 @@ impl Inbound {
     }
 
     /// Serves `io` as HTTP/2.
-    pub fn http2<I>(&self, io: I, svc: Proxy) -> Conn<I>
+    pub(crate) fn http2<I>(&self, io: I, svc: Proxy) -> Conn<I>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -226,7 +226,7 @@ fn decide(first: &[u8]) -> Decision {
 }
 
 /// What [`drive`] watches on a connection: its activity and the bounds on it.
-pub struct Bounds {
+pub(crate) struct Bounds {
     activity: Arc<Activity>,
     idle: Duration,
     write: Duration,
@@ -255,7 +255,7 @@ type Io<I> = TokioIo<Watched<I>>;
 pin_project! {
     /// One client connection served by hyper, HTTP/1 or HTTP/2, with a graceful shutdown.
     #[project = ConnProj]
-    pub enum Conn<I> {
+    pub(crate) enum Conn<I> {
         /// HTTP/1.1, upgrades allowed.
         Http1 {
             #[pin] conn: http1::UpgradeableConnection<Io<I>, Tracked>,
@@ -275,7 +275,7 @@ where
 {
     /// Starts a graceful shutdown: HTTP/1 closes once the request in progress is answered,
     /// HTTP/2 sends GOAWAY and closes once its streams are done. Keep polling until it ends.
-    pub fn graceful_shutdown(self: Pin<&mut Self>) {
+    pub(crate) fn graceful_shutdown(self: Pin<&mut Self>) {
         match self.project() {
             ConnProj::Http1 { conn, .. } => conn.graceful_shutdown(),
             ConnProj::Http2 { conn, .. } => conn.as_mut().graceful_shutdown(),

@@ -6,7 +6,7 @@ pub(crate) mod accept;
 pub(crate) mod activity;
 pub(crate) mod fast;
 pub(crate) mod inbound;
-pub mod tls;
+pub(crate) mod tls;
 
 use std::sync::Arc;
 

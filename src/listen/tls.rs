@@ -37,18 +37,18 @@ use crate::forward::{Proxy, Shared};
 use crate::listen::inbound::{drive, Inbound};
 
 /// ALPN protocols offered, in order of preference.
-pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+pub(crate) const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 /// Quiet time after a file event before the files are read, so a cert and key written one
 /// after the other are picked up together.
-pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(250);
+pub(crate) const RELOAD_DEBOUNCE: Duration = Duration::from_millis(250);
 /// Longest a reload waits for quiet after the first event.
-pub const RELOAD_MAX_DELAY: Duration = Duration::from_secs(5);
+pub(crate) const RELOAD_MAX_DELAY: Duration = Duration::from_secs(5);
 /// How often the files are compared when no filesystem watch could be set up.
-pub const RELOAD_POLL_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const RELOAD_POLL_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Which of the two files a problem is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsFile {
+pub(crate) enum TlsFile {
     /// The certificate chain (`tls.cert`).
     Cert,
     /// The private key (`tls.key`).
@@ -57,7 +57,7 @@ pub enum TlsFile {
 
 impl TlsFile {
     /// The config field naming this file.
-    pub fn field(self) -> &'static str {
+    pub(crate) fn field(self) -> &'static str {
         match self {
             TlsFile::Cert => "tls.cert",
             TlsFile::Key => "tls.key",
@@ -67,11 +67,11 @@ impl TlsFile {
 
 /// Why a certificate or key could not be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsProblem {
+pub(crate) struct TlsProblem {
     /// The file at fault.
-    pub file: TlsFile,
+    pub(crate) file: TlsFile,
     /// What is wrong with it.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 impl std::fmt::Display for TlsProblem {
@@ -94,7 +94,7 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 
 /// Reads a PEM bundle of CA certificates to trust for backends (`upstream_tls.ca`). Every
 /// certificate in it must be a usable trust anchor.
-pub fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -119,7 +119,7 @@ pub fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 /// The system's trusted roots (`upstream_tls` without `ca`); an error when there are none.
-pub fn system_roots() -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn system_roots() -> Result<Vec<CertificateDer<'static>>, String> {
     let found = rustls_native_certs::load_native_certs();
     let mut store = rustls::RootCertStore::empty();
     let certs: Vec<_> = found
@@ -181,7 +181,10 @@ fn parse_key(pem: &[u8]) -> Result<Arc<dyn SigningKey>, TlsProblem> {
 
 /// Builds a certificate chain and signing key from PEM text, checking that the key belongs to
 /// the first certificate. Every problem found is returned, each against its file.
-pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, Vec<TlsProblem>> {
+pub(crate) fn certified_key(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<CertifiedKey, Vec<TlsProblem>> {
     let (chain, signer) = match (parse_chain(cert_pem), parse_key(key_pem)) {
         (Ok(chain), Ok(signer)) => (chain, signer),
         (c, k) => return Err([c.err(), k.err()].into_iter().flatten().collect()),
@@ -201,7 +204,7 @@ pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, Ve
 }
 
 /// Reads and checks a certificate and key file pair; every problem found is returned.
-pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, Vec<TlsProblem>> {
+pub(crate) fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, Vec<TlsProblem>> {
     let read = |file, path: &Path| {
         std::fs::read(path)
             .map_err(|e| problem(file, format!("cannot read {}: {e}", path.display())))
@@ -227,26 +230,21 @@ pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, Vec<TlsProblem>> {
 
 /// The certificate handed to new handshakes; swapped whole on reload.
 #[derive(Debug)]
-pub struct CertStore {
+pub(crate) struct CertStore {
     current: ArcSwap<CertifiedKey>,
 }
 
 impl CertStore {
     /// A store serving `key` until it is replaced.
-    pub fn new(key: CertifiedKey) -> Self {
+    pub(crate) fn new(key: CertifiedKey) -> Self {
         CertStore {
             current: ArcSwap::from_pointee(key),
         }
     }
 
     /// Replaces the certificate for handshakes from now on.
-    pub fn replace(&self, key: CertifiedKey) {
+    pub(crate) fn replace(&self, key: CertifiedKey) {
         self.current.store(Arc::new(key));
-    }
-
-    /// The certificate served now.
-    pub fn current(&self) -> Arc<CertifiedKey> {
-        self.current.load_full()
     }
 }
 
@@ -257,7 +255,7 @@ impl ResolvesServerCert for CertStore {
 }
 
 /// The rustls server settings: certificates from `store`, ALPN `h2` then `http/1.1`.
-pub fn server_config(store: Arc<CertStore>) -> Arc<ServerConfig> {
+pub(crate) fn server_config(store: Arc<CertStore>) -> Arc<ServerConfig> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("the ring provider supports the default protocol versions")
@@ -268,7 +266,7 @@ pub fn server_config(store: Arc<CertStore>) -> Arc<ServerConfig> {
 }
 
 /// A bound TLS listener with its certificate loaded, not yet serving.
-pub struct TlsListener {
+pub(crate) struct TlsListener {
     listener: TcpListener,
     store: Arc<CertStore>,
     pem: Pem,
@@ -279,7 +277,7 @@ pub struct TlsListener {
 impl TlsListener {
     /// Loads the certificate and key and binds `tls.listen` with the listen `backlog`
     /// (`limits.listen_backlog`).
-    pub async fn bind(cfg: &Tls, backlog: u32) -> io::Result<TlsListener> {
+    pub(crate) async fn bind(cfg: &Tls, backlog: u32) -> io::Result<TlsListener> {
         let pem = read_pem(&cfg.cert, &cfg.key).map_err(invalid)?;
         let ck = certified_key(&pem.cert, &pem.key).map_err(invalid)?;
         let listener = super::bind_listener(cfg.listen, backlog).map_err(|e| {
@@ -298,7 +296,7 @@ impl TlsListener {
     }
 
     /// Where it listens.
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 

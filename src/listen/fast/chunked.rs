@@ -34,11 +34,11 @@ enum State {
 
 /// The framing is broken: the connection cannot be trusted any more.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Malformed;
+pub(crate) struct Malformed;
 
 /// Scans a chunked body fed in pieces.
 #[derive(Debug, Clone)]
-pub struct Scanner {
+pub(crate) struct Scanner {
     state: State,
     size: u64,
 }
@@ -54,7 +54,7 @@ impl Default for Scanner {
 
 impl Scanner {
     /// Takes the next bytes of the body; `Some(n)` when the body ends after `data[..n]`.
-    pub fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, Malformed> {
+    pub(crate) fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, Malformed> {
         let mut i = 0;
         while i < data.len() {
             let b = data[i];
