@@ -83,7 +83,6 @@ pub struct ServiceKeda {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct RawKeda {
     listen: Option<SocketAddr>,
     #[serde(default)]
@@ -95,7 +94,6 @@ pub(super) struct RawKeda {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct RawServiceKeda {
     #[serde(default)]
     metric: ScalingMetric,
