@@ -5,8 +5,8 @@
 //! gate, driver and held requests.
 //!
 //! An object is validated by the same code as the file (each object alone), and its problems are
-//! reported on the object as a `Ready=False` condition with reason `Invalid`, field paths under
-//! `spec.`; a valid object gets `Ready=True`. An invalid object never stops anything else.
+//! reported on the object as a `Ready=False` condition with reason `Invalid`, each naming a
+//! field of the object (`spec.hosts[0]`, `metadata.name`); a valid object gets `Ready=True`. An invalid object never stops anything else.
 //! The service's name is `<namespace>-<name>`.
 
 use std::sync::Arc;
@@ -196,7 +196,7 @@ pub struct StatusCondition {
     pub status: String,
     /// `Valid` or `Invalid`.
     pub reason: String,
-    /// The problems, one per line, with field paths under `spec.`.
+    /// The problems, one per line, each with the path of the field at fault (`spec.hosts`).
     pub message: String,
     /// The object's `metadata.generation` this was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
