@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 mod keda;
 pub use keda::*;
+mod expected;
 mod json_path;
 mod kubernetes;
 mod limits;

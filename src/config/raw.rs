@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
+
+use super::expected::{fields_at, Step};
 
 use super::{keda, kubernetes, prewarm, rollout, Problem, Protocol};
 
@@ -18,12 +21,14 @@ use super::{keda, kubernetes, prewarm, rollout, Problem, Protocol};
 /// fields found so far come back with that problem, in the error.
 pub(super) fn read<'de, T, D>(de: D, prefix: &str) -> Result<(T, Vec<Problem>), Vec<Problem>>
 where
-    T: Deserialize<'de>,
+    T: DeserializeOwned,
     D: Deserializer<'de>,
 {
     let mut unknown = Vec::new();
     let result = {
-        let mut note = |path: serde_ignored::Path<'_>| unknown.push(unknown_field(prefix, &path));
+        let mut note = |path: serde_ignored::Path<'_>| {
+            unknown.push(unknown_field(prefix, &path, fields_at::<T>));
+        };
         serde_path_to_error::deserialize(serde_ignored::Deserializer::new(de, &mut note))
     };
     match result {
@@ -54,31 +59,47 @@ fn join(prefix: &str, path: &str) -> String {
     }
 }
 
-/// The problem for a field no shape knows, at `path` (`services[0].idle_timout`).
-fn unknown_field(prefix: &str, path: &serde_ignored::Path<'_>) -> Problem {
-    fn write(path: &serde_ignored::Path<'_>, out: &mut String) {
+/// The problem for a field no shape knows, at `path` (`services[0].idle_timout`), with the
+/// fields the shape there does know (`expected` finds them).
+fn unknown_field(
+    prefix: &str,
+    path: &serde_ignored::Path<'_>,
+    expected: fn(&[Step]) -> Option<&'static [&'static str]>,
+) -> Problem {
+    fn steps(path: &serde_ignored::Path<'_>, out: &mut Vec<Step>) {
         match path {
             serde_ignored::Path::Root => {}
             serde_ignored::Path::Seq { parent, index } => {
-                write(parent, out);
-                out.push_str(&format!("[{index}]"));
+                steps(parent, out);
+                out.push(Step::Index(*index));
             }
             serde_ignored::Path::Map { parent, key } => {
-                write(parent, out);
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                out.push_str(key);
+                steps(parent, out);
+                out.push(Step::Key(key.clone()));
             }
             serde_ignored::Path::Some { parent }
             | serde_ignored::Path::NewtypeStruct { parent }
-            | serde_ignored::Path::NewtypeVariant { parent } => write(parent, out),
+            | serde_ignored::Path::NewtypeVariant { parent } => steps(parent, out),
         }
     }
+    let mut all = Vec::new();
+    steps(path, &mut all);
     let mut at = prefix.to_string();
-    write(path, &mut at);
-    let reason = match path {
-        serde_ignored::Path::Map { key, .. } => format!("unknown field `{key}`"),
+    for step in &all {
+        match step {
+            Step::Index(i) => at.push_str(&format!("[{i}]")),
+            Step::Key(k) if at.is_empty() => at.push_str(k),
+            Step::Key(k) => at.push_str(&format!(".{k}")),
+        }
+    }
+    let reason = match all.split_last() {
+        Some((Step::Key(key), parent)) => match expected(parent) {
+            Some(fields) => {
+                <serde::de::value::Error as serde::de::Error>::unknown_field(key, fields)
+                    .to_string()
+            }
+            None => format!("unknown field `{key}`"),
+        },
         _ => "unexpected value".to_string(),
     };
     Problem { path: at, reason }

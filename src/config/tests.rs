@@ -293,7 +293,10 @@ fn unknown_fields_are_reported_with_every_other_problem() {
     assert_eq!(
         e,
         vec![
-            "services[0].idle_timout: unknown field `idle_timout`",
+            "services[0].idle_timout: unknown field `idle_timout`, expected one of `name`, \
+             `namespace`, `protocol`, `upstream_tls`, `hosts`, `path_prefix`, `backend`, `queue`, \
+             `idle_timeout`, `concurrency`, `keda`, `rollout`, `knative`, `upgrades`, `prewarm`, \
+             `depends_on`",
             "services[0].queue.capacity: must be at least 1",
         ]
     );
@@ -345,6 +348,19 @@ services:
         ],
         "{e:#?}"
     );
+    // Each names what the shape there accepts.
+    assert!(
+        e.iter().any(|l| l
+            == "services[1].prewarm.schedule[0].dayz: unknown field `dayz`, expected one of \
+                `days`, `start`, `end`, `timezone`"),
+        "{e:#?}"
+    );
+    assert!(
+        e.iter().any(|l| l
+            == "services[0].backend.extra: unknown field `extra`, expected one of `process`, \
+                `static`, `kubernetes`"),
+        "{e:#?}"
+    );
     // Validation still ran: its problems follow the unknown fields.
     assert!(
         e.iter()
@@ -363,7 +379,10 @@ fn a_value_of_the_wrong_type_stops_the_read_with_the_unknown_fields_before_it() 
         "services:\n  - name: a\n    hosts: [a]\n    idle_timout: 3s\n    backend: { static: { addresses: [127.0.0.1:1] } }\n    queue: { capacity: many }\n",
     );
     assert_eq!(e.len(), 2, "{e:#?}");
-    assert_eq!(e[0], "services[0].idle_timout: unknown field `idle_timout`");
+    assert!(
+        e[0].starts_with("services[0].idle_timout: unknown field `idle_timout`, expected"),
+        "{e:#?}"
+    );
     assert!(e[1].starts_with("services[0].queue.capacity: "), "{e:#?}");
 }
 
