@@ -22,7 +22,7 @@ pub const DEFAULT_TARGET_CONCURRENCY: f64 = 100.0;
 pub const DEFAULT_TARGET_RATE: f64 = 100.0;
 
 /// KEDA integration and replica aggregation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keda {
     /// The external scaler gRPC listener; `None`: not served.
     pub listen: Option<SocketAddr>,

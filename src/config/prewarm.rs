@@ -85,6 +85,8 @@ impl PartialEq for ScheduledWindow {
     }
 }
 
+impl Eq for ScheduledWindow {}
+
 pub(super) fn validate(p: &mut Problems, at: &str, raw: RawPrewarm) -> Prewarm {
     let lead = match raw.lead.as_deref().map(str::trim) {
         None | Some("auto") => Lead::Auto,

@@ -123,14 +123,42 @@ impl<'de> Deserialize<'de> for HumanDuration {
 }
 
 /// `admin:` as an address, or `{ listen: ADDR, token_file: FILE }`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub(super) enum RawAdmin {
     Addr(SocketAddr),
-    Full {
-        listen: Option<SocketAddr>,
-        token_file: Option<PathBuf>,
-    },
+    Full(RawAdminFull),
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct RawAdminFull {
+    pub(super) listen: Option<SocketAddr>,
+    pub(super) token_file: Option<PathBuf>,
+}
+
+/// By hand rather than `untagged`: the map form is read through the same map access, so its
+/// unknown fields are noted like any other (an untagged enum buffers the value first, and
+/// what it ignores goes unseen).
+impl<'de> Deserialize<'de> for RawAdmin {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Admin;
+        impl<'de> serde::de::Visitor<'de> for Admin {
+            type Value = RawAdmin;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an address like 127.0.0.1:9090, or { listen, token_file }")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawAdmin, E> {
+                s.parse().map(RawAdmin::Addr).map_err(E::custom)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawAdmin, A::Error> {
+                let map = serde::de::value::MapAccessDeserializer::new(map);
+                RawAdminFull::deserialize(map).map(RawAdmin::Full)
+            }
+        }
+        d.deserialize_any(Admin)
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -283,6 +283,16 @@ fn admin_is_an_address_or_listen_with_a_token_file() {
         "admin: {{ listen: 127.0.0.1:9292, token_file: '' }}\n{svc}"
     ));
     assert!(e.iter().any(|e| e.starts_with("admin.token_file")), "{e:?}");
+    let e = errs(&format!(
+        "admin: {{ listen: 127.0.0.1:9292, tokn_file: x }}\n{svc}"
+    ));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("admin.tokn_file: unknown field `tokn_file`"),
+        "{e:?}"
+    );
+    let e = errs(&format!("admin: 127.0.0.1\n{svc}"));
+    assert!(e[0].starts_with("admin: invalid socket address"), "{e:?}");
 }
 
 #[test]

@@ -80,7 +80,7 @@ fn validate_listeners(
     let (admin, admin_token_file) = match admin {
         None => (None, None),
         Some(RawAdmin::Addr(a)) => (Some(a), None),
-        Some(RawAdmin::Full { listen, token_file }) => (listen, token_file),
+        Some(RawAdmin::Full(full)) => (full.listen, full.token_file),
     };
     let admin = admin.unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("constant"));
     if admin_token_file
