@@ -37,7 +37,6 @@ pub use problem::{ConfigError, Problem};
 pub use raw::HumanDuration;
 #[cfg(test)]
 use service::expand_env;
-pub use service::ServicePaths;
 
 pub use json_path::JsonPath;
 pub use kubernetes::{
@@ -394,7 +393,13 @@ impl Config {
             raw::read::<raw::RawService, _>(serde_json::Value::Object(fields), "spec")
                 .map_err(|problems| ConfigError { problems })?;
         let mut p = Problems(Vec::new());
-        let service = service::validate(&mut p, &ServicePaths::object(), raw, &|_| None, false);
+        let service = service::validate(
+            &mut p,
+            &service::ServicePaths::object(),
+            raw,
+            &|_| None,
+            false,
+        );
         problems.extend(p.0);
         if problems.is_empty() {
             Ok(service)

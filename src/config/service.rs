@@ -16,18 +16,18 @@ use super::{
 /// How one service's fields are named in problems: under `services[2]` in a file; under
 /// `spec`, with the name and namespace from `metadata`, for a Kubernetes object.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServicePaths {
+pub(super) struct ServicePaths {
     /// Prefix of the service's own fields (`services[2]`, `spec`).
-    pub at: String,
+    pub(super) at: String,
     /// Where the name comes from (`services[2].name`, `metadata.name`).
-    pub name: String,
+    pub(super) name: String,
     /// Where the namespace comes from (`services[2].namespace`, `metadata.namespace`).
-    pub namespace: String,
+    pub(super) namespace: String,
 }
 
 impl ServicePaths {
     /// The `i`th service of a file.
-    pub fn in_file(i: usize) -> ServicePaths {
+    pub(super) fn in_file(i: usize) -> ServicePaths {
         let at = format!("services[{i}]");
         ServicePaths {
             name: format!("{at}.name"),
@@ -37,7 +37,7 @@ impl ServicePaths {
     }
 
     /// A Kubernetes object: `spec.…` and `metadata.name`, `metadata.namespace`.
-    pub fn object() -> ServicePaths {
+    pub(super) fn object() -> ServicePaths {
         ServicePaths {
             at: "spec".into(),
             name: "metadata.name".into(),
