@@ -11,7 +11,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use futures_util::FutureExt;
 use reveille::config::Protocol;
 use reveille::gate::{Gate, GateSettings, HeldLimit};
-use reveille::metrics::Metrics;
+use reveille::telemetry::metrics::Metrics;
 use tokio::runtime::Runtime;
 use tokio::time::Instant;
 

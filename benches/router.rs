@@ -5,7 +5,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use reveille::router::Router;
+use reveille::route::router::Router;
 
 const SERVICES: usize = 10_000;
 

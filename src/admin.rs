@@ -19,8 +19,8 @@ use tokio::sync::Semaphore;
 pub mod control;
 
 use crate::keda::Cluster;
-use crate::metrics::Metrics;
-use crate::services::Services;
+use crate::route::services::Services;
+use crate::telemetry::metrics::Metrics;
 
 mod listener;
 

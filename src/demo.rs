@@ -66,6 +66,54 @@ pub async fn run(opts: DemoOptions) -> std::io::Result<()> {
     }
 }
 
+/// Switches to the protocol asked for and echoes what comes on the upgraded connection.
+fn upgrade_echo(mut req: Request<Incoming>) -> Response<DemoBody> {
+    let proto = req.headers()[http::header::UPGRADE].clone();
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(io) = on.await {
+            let (mut r, mut w) = tokio::io::split(TokioIo::new(io));
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+    let mut r = Response::new(full(""));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    r.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    r.headers_mut().insert(http::header::UPGRADE, proto);
+    r
+}
+
+/// The greeting, with what the backend saw of the proxy's fields echoed back as `x-demo-*`.
+fn hello(
+    req: &Request<Incoming>,
+    name: &str,
+    method: &http::Method,
+    path: &str,
+) -> Response<DemoBody> {
+    let field = |n: &str| req.headers().get(n).cloned();
+    let mut r = Response::new(full(format!(
+        "hello from {name} (pid {}): {method} {path}\n",
+        std::process::id()
+    )));
+    let h = r.headers_mut();
+    h.insert("x-demo-pid", std::process::id().into());
+    let copies = [
+        ("host", "x-demo-host"),
+        ("x-forwarded-for", "x-demo-forwarded-for"),
+        ("x-forwarded-proto", "x-demo-forwarded-proto"),
+        ("x-demo-echo", "x-demo-echo"),
+    ];
+    for (from, to) in copies {
+        if let Some(v) = field(from) {
+            h.insert(to, v);
+        }
+    }
+    r
+}
+
 fn full(s: impl Into<Bytes>) -> DemoBody {
     Full::new(s.into()).map_err(|never| match never {}).boxed()
 }
@@ -105,23 +153,7 @@ async fn answer(
             Response::new(full(text))
         }
         "/_demo/upgrade" if req.headers().contains_key(http::header::UPGRADE) => {
-            let proto = req.headers()[http::header::UPGRADE].clone();
-            let mut req = req;
-            let on = hyper::upgrade::on(&mut req);
-            tokio::spawn(async move {
-                if let Ok(io) = on.await {
-                    let (mut r, mut w) = tokio::io::split(TokioIo::new(io));
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                }
-            });
-            let mut r = Response::new(full(""));
-            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            r.headers_mut().insert(
-                http::header::CONNECTION,
-                http::HeaderValue::from_static("upgrade"),
-            );
-            r.headers_mut().insert(http::header::UPGRADE, proto);
-            return Ok(r);
+            return Ok(upgrade_echo(req));
         }
         "/_demo/exit" => {
             tokio::spawn(async {
@@ -130,41 +162,7 @@ async fn answer(
             });
             Response::new(full("exiting\n"))
         }
-        _ => {
-            let host = req
-                .headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            let xff = req
-                .headers()
-                .get("x-forwarded-for")
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            let proto = req.headers().get("x-forwarded-proto").cloned();
-            let echo = req.headers().get("x-demo-echo").cloned();
-            let mut r = Response::new(full(format!(
-                "hello from {name} (pid {}): {method} {path}\n",
-                std::process::id()
-            )));
-            let h = r.headers_mut();
-            h.insert("x-demo-pid", std::process::id().into());
-            if let Ok(v) = host.parse() {
-                h.insert("x-demo-host", v);
-            }
-            if let Ok(v) = xff.parse() {
-                h.insert("x-demo-forwarded-for", v);
-            }
-            if let Some(v) = proto {
-                h.insert("x-demo-forwarded-proto", v);
-            }
-            if let Some(v) = echo {
-                h.insert("x-demo-echo", v);
-            }
-            r
-        }
+        _ => hello(&req, &name, &method, &path),
     };
     let mut resp = resp;
     if resp.status() == StatusCode::OK {

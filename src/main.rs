@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use reveille::activate::{launch, process};
 use reveille::config::{Config, ConfigError};
-use reveille::scaler::{launch, process};
 use tracing::{error, info, warn};
 
 #[derive(Parser)]
@@ -183,7 +183,7 @@ fn report(path: &std::path::Path, e: &ConfigError) {
 }
 
 fn main() -> ExitCode {
-    // A process backend being started (see `reveille::scaler::launch`): nothing else to do.
+    // A process backend being started (see `reveille::activate::launch`): nothing else to do.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == launch::SUBCOMMAND) {
         return launch::run(&args[2..]);
@@ -201,7 +201,7 @@ fn main() -> ExitCode {
             token_file,
         } => rollout_command(action, &service, admin, token_file),
         Cmd::Crd => {
-            print!("{}", reveille::crd::crd_yaml());
+            print!("{}", reveille::app::crd::crd_yaml());
             ExitCode::SUCCESS
         }
         Cmd::Prewarm { cmd } => prewarm(cmd),

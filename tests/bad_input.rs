@@ -7,7 +7,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use reveille::limits::{MAX_HEADERS, MAX_HEADER_BYTES, MAX_URI_BYTES};
+use reveille::route::checks::{MAX_HEADERS, MAX_HEADER_BYTES, MAX_URI_BYTES};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -242,7 +242,7 @@ fn the_committed_crd_matches_the_types() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base/crd.yaml");
     let committed = std::fs::read_to_string(&path).unwrap();
     assert!(
-        committed == reveille::crd::crd_yaml(),
+        committed == reveille::app::crd::crd_yaml(),
         "deploy/base/crd.yaml is out of date: run `cargo run -- crd > deploy/base/crd.yaml`"
     );
 }

@@ -447,21 +447,27 @@ async fn a_client_that_leaves_while_its_request_is_forwarded_frees_the_slot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_held_across_a_reload_to_h2c_is_never_sent_as_http1() {
+async fn a_request_held_across_a_reload_to_h2c_is_forwarded_over_h2c() {
     let (a, stalled, _) = stalling().await;
-    // The new backend records whatever reaches it, then closes.
+    // The new backend speaks h2c only, and says which version and path it got.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let b = listener.local_addr().unwrap();
-    let got: Arc<Mutex<Vec<u8>>> = Arc::default();
-    let log = got.clone();
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let mut buf = [0u8; 4096];
-            if let Ok(Ok(n)) =
-                tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await
-            {
-                log.lock().extend_from_slice(&buf[..n]);
-            }
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let text = format!("{:?} {}", req.version(), req.uri().path());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(text)),
+                        ))
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+            });
         }
     });
     let hold = ["concurrency: 1", "queue: { capacity: 10, timeout: 30s }"];
@@ -489,20 +495,22 @@ async fn a_request_held_across_a_reload_to_h2c_is_never_sent_as_http1() {
         async move { g.held() == 1 }
     })
     .await;
-    // The service now speaks h2c: the held request follows it to its new gate.
+    // The service now speaks h2c: the held request follows it to its new gate, and goes on
+    // with the new protocol (never as HTTP/1.1 to an h2c backend, never a false 503).
     let mut with_h2c = hold.to_vec();
     with_h2c.push("protocol: h2c");
     let second = reveille::Config::parse(&config_with(b, &with_h2c)).unwrap();
     let out = r.reload(&second, &first).await;
     assert_eq!(out.changes.replaced, vec!["wire".to_string()]);
     let mut rb = Vec::new();
-    let (head, _) = read_response(&mut c, &mut rb).await;
-    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
-    let sent = String::from_utf8_lossy(&got.lock()).to_string();
-    assert!(
-        !sent.contains("HTTP/1.1"),
-        "an h2c backend got HTTP/1.1: {sent:?}"
-    );
+    let (head, body) = read_response(&mut c, &mut rb).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert_eq!(body, "HTTP/2.0 /held");
+    // The connection stays usable, now on hyper's path.
+    c.write_all(b"GET /next HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut c, &mut rb).await.1, "HTTP/2.0 /next");
     drop(busy);
 }
 
@@ -617,4 +625,53 @@ async fn a_client_that_leaves_while_its_retry_is_held_leaves_the_queue() {
     })
     .await;
     drop(q);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_short_or_badly_chunked_closes_the_client_and_is_counted_by_kind() {
+    let (backend, _) = scripted(Arc::new(|head, _| match path(head).as_str() {
+        // Promises 100 bytes, sends 5, closes.
+        "/short" => (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello".to_vec(),
+            true,
+        ),
+        // A chunk size that is not hex.
+        "/chunks" => (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+            true,
+        ),
+        p => (ok(p), false),
+    }))
+    .await;
+    let r = start(&config(backend)).await;
+    for (path, kind) in [("/short", "backend_gone"), ("/chunks", "bad_chunked")] {
+        let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: wire.test\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        // The client gets what came (for the broken framing found in the first read: nothing),
+        // then the connection closes: it cannot be told otherwise.
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got))
+            .await
+            .expect("the connection is closed")
+            .ok();
+        let text = String::from_utf8_lossy(&got);
+        if path == "/short" {
+            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{path}: {text}");
+            assert!(text.ends_with("hello"), "{path}: {text}");
+        } else {
+            assert!(!text.contains("hello"), "{path}: {text}");
+        }
+        let metrics = metrics_text(&client(), &r).await;
+        assert_eq!(
+            metric(
+                &metrics,
+                &format!("reveille_relay_errors_total{{kind=\"{kind}\"}}")
+            ),
+            Some(1.0),
+            "{path}: {metrics}"
+        );
+    }
 }

@@ -35,7 +35,7 @@ fn config(backend_extra: &str, extra: &[&str]) -> reveille::Config {
 
 async fn start_reveille(cluster: &Cluster, cfg: reveille::Config) -> Running {
     let client = cluster.api.client().await;
-    reveille::server::start_with_kube(cfg, Some(client))
+    reveille::app::start_with_kube(cfg, Some(client))
         .await
         .expect("start reveille")
 }

@@ -58,7 +58,7 @@ async fn objects_add_change_and_remove_services_live() {
     let cfg = reveille::Config::parse("listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ncrd: {}\n")
         .expect("a config with only `crd:` is valid");
     let kube = cluster.api.client().await;
-    let r = reveille::server::start_with_kube(cfg, Some(kube))
+    let r = reveille::app::start_with_kube(cfg, Some(kube))
         .await
         .unwrap();
     let c = client();

@@ -31,7 +31,7 @@ fn config(rollout_extra: &str, extra: &str) -> reveille::Config {
 
 async fn start_reveille(sim: &Rollout, cfg: reveille::Config) -> Running {
     let client = sim.api.client().await;
-    reveille::server::start_with_kube(cfg, Some(client))
+    reveille::app::start_with_kube(cfg, Some(client))
         .await
         .expect("start reveille")
 }

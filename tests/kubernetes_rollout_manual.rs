@@ -41,7 +41,7 @@ async fn a_candidate_waits_for_promote_or_abort_with_the_token() {
         "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0, token_file: {} }}\nservices:\n  - name: web\n    hosts: [web.test]\n    backend:\n      kubernetes: {{ namespace: {NS}, deployment: web, service: web, port: http }}\n    rollout: {{ validation: [ {{ path: /healthz }} ], quiesce: 1s, promotion: manual, candidate_header: x-reveille-version, on_failure: rollback }}\n",
         file.display()
     );
-    let r = reveille::server::start_with_kube(
+    let r = reveille::app::start_with_kube(
         reveille::Config::parse(&yaml).unwrap(),
         Some(sim.api.client().await),
     )

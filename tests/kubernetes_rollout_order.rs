@@ -53,7 +53,7 @@ async fn a_follower_waits_for_its_leader_and_names_it() {
     api.roll_to("v1", 1, 1, true, true).await;
     worker.roll_to("v1", 1, 1, true, true).await;
     let client = api.api.client().await;
-    let r = reveille::server::start_with_kube(config(), Some(client))
+    let r = reveille::app::start_with_kube(config(), Some(client))
         .await
         .expect("start reveille");
     let (api_v1, worker_v1) = (api.addrs("v1"), worker.addrs("v1"));

@@ -67,7 +67,7 @@ async fn recreate_holds_requests_through_the_gap_and_never_mixes_versions() {
     let yaml = format!(
         "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: web\n    hosts: [web.test]\n    backend:\n      kubernetes: {{ namespace: {NS}, deployment: web, service: web, port: http }}\n    queue: {{ capacity: 1000, timeout: 30s }}\n    rollout: {{ validation: [ {{ path: /healthz }}, {{ method: POST, path: /validate }} ], quiesce: 5s, overlap: none }}\n"
     );
-    let r = reveille::server::start_with_kube(
+    let r = reveille::app::start_with_kube(
         reveille::Config::parse(&yaml).unwrap(),
         Some(sim.api.client().await),
     )

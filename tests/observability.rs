@@ -143,9 +143,9 @@ async fn catalogue_dashboard_and_keda_examples_match_reveille() {
         );
     }
     // Families without a series yet are not exported; they must still be defined.
-    // The metrics module: src/metrics.rs and its submodules (src/metrics/*.rs).
-    let mut source = read("src/metrics.rs");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/metrics");
+    // The metrics module: src/telemetry/metrics.rs and its submodules (src/telemetry/metrics/*.rs).
+    let mut source = read("src/telemetry/metrics.rs");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/telemetry/metrics");
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for e in entries.flatten() {
             source.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
@@ -154,7 +154,7 @@ async fn catalogue_dashboard_and_keda_examples_match_reveille() {
     for name in documented.keys() {
         assert!(
             source.contains(&format!("\"{name}\"")),
-            "{name} is in docs/metrics.md but not defined in src/metrics.rs"
+            "{name} is in docs/metrics.md but not defined in src/telemetry/metrics.rs"
         );
     }
     assert!(exported.len() >= 15, "{exported:?}");

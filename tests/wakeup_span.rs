@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use reveille::metrics::Metrics;
-use reveille::wake::{Phase, WakeTracker};
+use reveille::telemetry::metrics::Metrics;
+use reveille::telemetry::wake::{Phase, WakeTracker};
 
 /// Log output captured in memory.
 #[derive(Clone, Default)]

@@ -15,8 +15,8 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use parking_lot::Mutex;
 
-use crate::scaler::kubernetes::rollout::board::{Command, CommandError};
-use crate::services::Services;
+use crate::activate::kubernetes::rollout::board::{Command, CommandError};
+use crate::route::services::Services;
 
 /// Longest token accepted from the file or a request, in bytes.
 const MAX_TOKEN: usize = 4096;

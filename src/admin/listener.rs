@@ -7,7 +7,7 @@
 //! - A connection must complete its first request head within `timeouts.client_header`; after
 //!   an answer it may stay idle `timeouts.client_idle`, and a head once begun must be complete
 //!   within `timeouts.client_header`. Then it is closed.
-//! - `accept` failures back off ([`crate::accept`]).
+//! - `accept` failures back off ([`crate::listen::accept`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::AdminState;
-use crate::accept::AcceptBackoff;
+use crate::listen::accept::AcceptBackoff;
 
 /// The admin listener's bounds (from `limits` and `timeouts`).
 #[derive(Debug, Clone, Copy)]
@@ -56,7 +56,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = crate::scaler::stopped(&mut stop) => return,
+            _ = crate::shutdown::stopped(&mut stop) => return,
         };
         backoff.accepted();
         let Ok(slot) = slots.clone().try_acquire_owned() else {

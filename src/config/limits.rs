@@ -1,6 +1,6 @@
 //! Fixed bounds on what a client may send. They are not settings (no field of the file changes
 //! them) but they belong with the configuration: the listeners give them to hyper, the request
-//! checks in `crate::limits` enforce them, and errors quote them.
+//! checks in `crate::route::checks` enforce them, and errors quote them.
 
 /// Largest request head (request line and headers) read from a client, in bytes; larger gets
 /// `431`. Bounds HTTP/1's read buffer and HTTP/2's header list.

@@ -1,7 +1,7 @@
 //! Reading TLS material from PEM files: the inbound listener's certificate chain and key
 //! (`tls.cert`, `tls.key`) and the CA bundles trusted for backends (`upstream_tls.ca`, or the
 //! system's roots). Config validation loads them so a bad file is reported by `reveille check`;
-//! the listener and the upstream connector use the same functions (re-exported by `crate::tls`).
+//! the listener and the upstream connector use the same functions (re-exported by `crate::listen::tls`).
 
 use std::path::Path;
 use std::sync::Arc;

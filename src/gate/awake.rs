@@ -1,6 +1,6 @@
 //! Keeping a service up without a request (pre-warm windows, awake dependents) and the hook
 //! that wakes a service's dependencies first: the gate's side of [`crate::prewarm`] and
-//! [`crate::group`].
+//! [`crate::activate::group`].
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use super::Gate;
 use crate::error::ProxyError;
 
 /// What must happen before a service is woken and after it stopped: its dependencies are
-/// woken first and let go after (see [`crate::group`]).
+/// woken first and let go after (see [`crate::activate::group`]).
 pub trait WakeHook: Send + Sync {
     /// Resolves once the service may be woken; `Err(reason)` when it may not.
     fn before_wake(&self) -> futures_util::future::BoxFuture<'_, Result<(), String>>;

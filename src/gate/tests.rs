@@ -1,7 +1,7 @@
 //! Gate tests on tokio's paused clock.
 
 use super::*;
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 fn gate(capacity: usize, concurrency: Option<usize>) -> Arc<Gate> {
     gate_with_limit(capacity, concurrency, HeldLimit::new(1000))

@@ -23,10 +23,11 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::local::{Local, LocalCounts};
-use super::peers::{PeerClient, PeerSource};
+use super::local::Local;
+use crate::cluster::peers::LocalCounts;
+use crate::cluster::peers::{PeerClient, PeerSource};
 use crate::config::Keda;
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// How long one long-poll of a peer waits for a change before asking again.
 pub const LONG_POLL: Duration = Duration::from_secs(20);

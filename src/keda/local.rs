@@ -10,49 +10,15 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
+
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::cluster::peers::{LocalCounts, ServiceCounts};
 use crate::gate::Gate;
 
 /// How often the request totals are sampled for the rate.
 pub const RATE_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
-
-/// One service's counts on one replica (the peer wire format).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct ServiceCounts {
-    /// Requests held now.
-    pub held: u64,
-    /// Requests in flight now.
-    pub in_flight: u64,
-    /// Requests since the replica started.
-    pub requests_total: u64,
-    /// Requests per second over the rate window.
-    pub rate: f64,
-    /// Times the hold queue went from empty to non-empty (monotonic; a change means a request
-    /// was held since the last look).
-    #[serde(default)]
-    pub holds_total: u64,
-    /// Milliseconds since a request last arrived or finished (scale-down decisions need every
-    /// replica idle). Absent from older replicas.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_for_ms: Option<u64>,
-    /// A controlled rollout is validating or switching here (the service counts as active).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub rolling_out: bool,
-    /// A pre-warm window (or an awake dependent) keeps the service up here: it counts as
-    /// active, with one replica's worth of demand.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub kept_awake: bool,
-}
-
-/// Every service's counts on one replica (the body of admin `/api/local`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct LocalCounts {
-    /// By service name.
-    pub services: BTreeMap<String, ServiceCounts>,
-}
 
 /// Request totals sampled over a window; the rate is the growth across it. Equal samples in a
 /// row are kept as one run (first and last time seen), so an idle service, the common case
@@ -205,7 +171,7 @@ impl Local {
         loop {
             tokio::select! {
                 _ = tick.tick() => self.sample(),
-                _ = crate::scaler::stopped(&mut stop) => return,
+                _ = crate::shutdown::stopped(&mut stop) => return,
             }
         }
     }

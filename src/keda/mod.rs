@@ -15,7 +15,7 @@
 
 pub mod cluster;
 pub mod local;
-pub mod peers;
+
 pub mod resolve;
 pub mod scaler;
 
@@ -32,12 +32,12 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::accept::AcceptBackoff;
-use crate::metrics::Metrics;
+use crate::listen::accept::AcceptBackoff;
+use crate::telemetry::metrics::Metrics;
 
+pub use crate::cluster::peers::{LocalCounts, PeerClient, PeerSource, ServiceCounts, StaticPeers};
 pub use cluster::{Cluster, Totals};
-pub use local::{Local, LocalCounts, ServiceCounts};
-pub use peers::{PeerClient, PeerSource, StaticPeers};
+pub use local::Local;
 pub use resolve::ServiceTargets;
 pub use scaler::Scaler;
 
@@ -67,7 +67,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = crate::scaler::stopped(&mut stop) => return,
+            _ = crate::shutdown::stopped(&mut stop) => return,
         };
         backoff.accepted();
         let _ = stream.set_nodelay(true);
@@ -78,7 +78,7 @@ pub async fn serve(
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
-                _ = crate::scaler::stopped(&mut stop) => {
+                _ = crate::shutdown::stopped(&mut stop) => {
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
                 }

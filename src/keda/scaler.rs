@@ -19,7 +19,7 @@ use super::proto::{
     MetricValue, ScaledObjectRef,
 };
 use super::resolve::{resolve, Resolved, ServiceTargets};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 type StreamItem = Result<IsActiveResponse, Status>;
 
@@ -96,100 +96,25 @@ impl ExternalScaler for Scaler {
         let service: Arc<str> = r.service.into();
         let streams = StreamGuard::new(&self.metrics);
 
-        // Events: a request held here or on a peer pushes `true` at once.
-        let events_tx = tx.clone();
-        let cluster = self.cluster.clone();
-        let metrics = self.metrics.clone();
-        let name = service.clone();
-        let mut held = gate.subscribe_held();
-        let mut reloads = cluster.local().subscribe();
         // Dropped when the event task ends (the service is gone): the interval task follows,
         // and the stream closes.
-        let (events_done, mut events_ended) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _streams = streams;
-            let _events_done = events_done;
-            let mut gate = gate;
-            let (peer_tx, mut peer_rx) = mpsc::channel(4);
-            let mut peers = cluster.watch_peers(&name, peer_tx);
-            held.borrow_and_update();
-            reloads.borrow_and_update();
-            let mut seen = gate.holds_total();
-            let mut resync = tokio::time::interval(PEER_RESYNC);
-            loop {
-                let push = tokio::select! {
-                    _ = events_tx.closed() => return,
-                    _ = reloads.changed() => {
-                        reloads.borrow_and_update();
-                        // A reload replaced the service's gate: follow the new one. Removed:
-                        // end the stream, so KEDA's reopen gets "not configured".
-                        match cluster.local().gate(&name) {
-                            Some(g) if Arc::ptr_eq(&g, &gate) => false,
-                            Some(g) => {
-                                held = g.subscribe_held();
-                                held.borrow_and_update();
-                                seen = g.holds_total();
-                                let push = g.held() > 0;
-                                gate = g;
-                                push
-                            }
-                            None => return,
-                        }
-                    }
-                    changed = held.changed() => {
-                        if changed.is_err() {
-                            return; // the service is gone
-                        }
-                        held.borrow_and_update();
-                        // A new hold since the last look, even if already released again.
-                        let holds = gate.holds_total();
-                        let push = holds != seen || gate.rolling_out() || gate.kept_awake();
-                        seen = holds;
-                        push
-                    }
-                    Some(()) = peer_rx.recv() => true,
-                    _ = resync.tick() => {
-                        peers.sync();
-                        false
-                    }
-                };
-                if push {
-                    metrics.keda_push(&name, "event", true);
-                    if events_tx
-                        .send(Ok(IsActiveResponse { result: true }))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-        });
-
-        // The current state now and every interval (KEDA ignores `false`, but it tells a
-        // watching human, and `true` again while traffic lasts).
-        let cluster = self.cluster.clone();
-        let metrics = self.metrics.clone();
-        let interval = self.interval;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            loop {
-                tokio::select! {
-                    _ = tx.closed() => return,
-                    _ = &mut events_ended => return,
-                    _ = tick.tick() => {}
-                }
-                let active = cluster.totals(&service).await.is_some_and(|t| t.active());
-                metrics.keda_push(&service, "interval", active);
-                if tx
-                    .send(Ok(IsActiveResponse { result: active }))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        });
+        let (events_done, events_ended) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(push_events(
+            gate,
+            self.cluster.clone(),
+            self.metrics.clone(),
+            service.clone(),
+            tx.clone(),
+            (streams, events_done),
+        ));
+        tokio::spawn(push_state(
+            self.cluster.clone(),
+            self.metrics.clone(),
+            service,
+            self.interval,
+            tx,
+            events_ended,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -234,6 +159,106 @@ impl ExternalScaler for Scaler {
 
 /// How often a stream's peer watch follows changes of the peer list.
 const PEER_RESYNC: Duration = Duration::from_secs(10);
+
+/// Pushes `true` on each event: a request held here or on a peer (a new hold since the last
+/// look), a rollout, a pre-warm window. Follows the service's gate across reloads; ends when
+/// the service is gone or the stream is closed (`_guards` go with it).
+async fn push_events(
+    gate: Arc<crate::gate::Gate>,
+    cluster: Arc<Cluster>,
+    metrics: Metrics,
+    name: Arc<str>,
+    events_tx: mpsc::Sender<StreamItem>,
+    _guards: (StreamGuard, tokio::sync::oneshot::Sender<()>),
+) {
+    let mut gate = gate;
+    let mut held = gate.subscribe_held();
+    let mut reloads = cluster.local().subscribe();
+    let (peer_tx, mut peer_rx) = mpsc::channel(4);
+    let mut peers = cluster.watch_peers(&name, peer_tx);
+    held.borrow_and_update();
+    reloads.borrow_and_update();
+    let mut seen = gate.holds_total();
+    let mut resync = tokio::time::interval(PEER_RESYNC);
+    loop {
+        let push = tokio::select! {
+            _ = events_tx.closed() => return,
+            _ = reloads.changed() => {
+                reloads.borrow_and_update();
+                // A reload replaced the service's gate: follow the new one. Removed:
+                // end the stream, so KEDA's reopen gets "not configured".
+                match cluster.local().gate(&name) {
+                    Some(g) if Arc::ptr_eq(&g, &gate) => false,
+                    Some(g) => {
+                        held = g.subscribe_held();
+                        held.borrow_and_update();
+                        seen = g.holds_total();
+                        let push = g.held() > 0;
+                        gate = g;
+                        push
+                    }
+                    None => return,
+                }
+            }
+            changed = held.changed() => {
+                if changed.is_err() {
+                    return; // the service is gone
+                }
+                held.borrow_and_update();
+                // A new hold since the last look, even if already released again.
+                let holds = gate.holds_total();
+                let push = holds != seen || gate.rolling_out() || gate.kept_awake();
+                seen = holds;
+                push
+            }
+            Some(()) = peer_rx.recv() => true,
+            _ = resync.tick() => {
+                peers.sync();
+                false
+            }
+        };
+        if push {
+            metrics.keda_push(&name, "event", true);
+            if events_tx
+                .send(Ok(IsActiveResponse { result: true }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// Pushes the current state now and every `interval` (KEDA ignores `false`, but it tells a
+/// watching human, and `true` again while traffic lasts), until the stream or the event task
+/// ends.
+async fn push_state(
+    cluster: Arc<Cluster>,
+    metrics: Metrics,
+    service: Arc<str>,
+    interval: Duration,
+    tx: mpsc::Sender<StreamItem>,
+    mut events_ended: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = &mut events_ended => return,
+            _ = tick.tick() => {}
+        }
+        let active = cluster.totals(&service).await.is_some_and(|t| t.active());
+        metrics.keda_push(&service, "interval", active);
+        if tx
+            .send(Ok(IsActiveResponse { result: active }))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
 
 /// Counts an open stream in `reveille_keda_streams` until dropped.
 struct StreamGuard(prometheus::IntGauge);

@@ -17,7 +17,7 @@ use super::store::Store;
 use super::{lead, Context, Source, HORIZON, MAX_SLEEP};
 use crate::config::Prewarm;
 use crate::gate::{AwakeGuard, Gate};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// How often a learning service's request count is sampled.
 pub const SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);

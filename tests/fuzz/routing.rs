@@ -2,7 +2,7 @@
 
 use proptest::prelude::*;
 use proptest::sample::select;
-use reveille::router::Router;
+use reveille::route::router::Router;
 
 use crate::cfg;
 
