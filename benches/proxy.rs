@@ -54,7 +54,7 @@ async fn setup() -> (SocketAddr, SocketAddr, reveille::Running) {
     let config = Config::parse(&yaml).expect("bench config");
     let running = reveille::start(config).await.expect("reveille starts");
     // The static driver publishes the endpoint from its own task.
-    while running.gates[0].endpoints().is_empty() {
+    while running.gates()[0].endpoints().is_empty() {
         tokio::task::yield_now().await;
     }
     (origin, running.proxy_addr, running)

@@ -160,7 +160,7 @@ services:
     let running = reveille::start(Config::parse(&yaml).expect("config"))
         .await
         .expect("start");
-    let gate = running.gates[0].clone();
+    let gate = running.gates()[0].clone();
     let client = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
         .build_http::<Empty<Bytes>>();
@@ -224,7 +224,7 @@ async fn watch(runs: usize) -> serde_json::Value {
     let running = reveille::start(Config::parse(yaml).expect("config"))
         .await
         .expect("start");
-    let gate = running.gates[0].clone();
+    let gate = running.gates()[0].clone();
     while gate.state() != State::Ready {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }

@@ -11,7 +11,12 @@ CLK_TCK = 100  # /proc/PID/stat ticks per second on Linux
 raw_path, out, machine, command = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 rows = [json.loads(l) for l in open(raw_path) if l.strip()]
 TARGETS = ["direct", "reveille", "nginx", "haproxy"]
-PROTOS = ["http1", "h2c"]
+PROTOS = ["http1", "h2c", "https"]
+TITLES = {
+    "http1": "HTTP/1.1 keep-alive (wrk)",
+    "h2c": "HTTP/2 h2c prior knowledge (h2load)",
+    "https": "HTTP/1.1 over TLS 1.3, keep-alive (wrk)",
+}
 
 warm = {}
 for proto in PROTOS:
@@ -53,7 +58,7 @@ for proto in PROTOS:
         continue
     w = warm[proto]
     ng = w.get("nginx", {}).get("median")
-    md.append(f"## Warm path, {'HTTP/1.1 keep-alive (wrk)' if proto == 'http1' else 'HTTP/2 h2c prior knowledge (h2load)'}\n")
+    md.append(f"## Warm path, {TITLES[proto]}\n")
     md.append("| target | req/s | vs nginx | p50 ms | p99 ms | p99.9 ms | proxy CPU s / 100k req | CPU vs nginx | errors | load avg |")
     md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for t in TARGETS:
@@ -110,7 +115,7 @@ for proto in PROTOS:
         continue
     w = warm[proto]
     ts = [t for t in TARGETS if t in w]
-    svg.append(f'<text x="{PAD}" y="{y0 + 12}" font-weight="bold">{"HTTP/1.1 keep-alive (wrk)" if proto == "http1" else "HTTP/2 h2c (h2load)"}: '
+    svg.append(f'<text x="{PAD}" y="{y0 + 12}" font-weight="bold">{TITLES[proto]}: '
                f'throughput (bars, left) and latency p50 ○ / p99 ● / p99.9 ◆ (right, log ms)</text>')
     top, bottom = y0 + 30, y0 + PH - 50
     left_w = (W - 2 * PAD) / 2

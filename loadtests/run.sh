@@ -12,7 +12,8 @@
 # one cold start, and the memory of 10k services. Every load is bounded in time and count.
 #
 # Output: loadtests/results/<stamp>.json (every figure), <stamp>.md (tables), <stamp>.svg
-# (plot), and copies named latest.*.
+# (plot), and copies named latest.*. HTTP/1.1 over TLS (TLS 1.3, keep-alive, the same
+# self-signed certificate) is measured for Reveille and nginx with wrk too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -34,6 +35,7 @@ SKIP_COLD=${SKIP_COLD:-0}
 
 ORIGIN_PORT=18000 REVEILLE_PORT=18001 REVEILLE_ADMIN=18091
 NGINX_PORT=18002 NGINX_H2_PORT=18004 HAPROXY_PORT=18003 HAPROXY_H2_PORT=18005
+REVEILLE_TLS_PORT=18006 NGINX_TLS_PORT=18007
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need wrk || ! need h2load || ! need nginx || ! need haproxy; then
@@ -90,9 +92,14 @@ if [ "$SKIP_WARM" != 1 ]; then
   bg taskset -c "$LOAD_CPU" "$BIN/examples/origin" --listen 127.0.0.1:$ORIGIN_PORT --threads 1
   wait_port $ORIGIN_PORT
 
+  # One certificate for both TLS listeners (P-256, TLS 1.3 only on each side).
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj "/CN=bench.local" -addext "subjectAltName=DNS:bench.local,IP:127.0.0.1" \
+    -keyout "$TMP/tls.key" -out "$TMP/tls.crt" 2>/dev/null
   cat >"$TMP/reveille.yaml" <<YAML
 listen: 127.0.0.1:$REVEILLE_PORT
 admin: 127.0.0.1:$REVEILLE_ADMIN
+tls: { listen: 127.0.0.1:$REVEILLE_TLS_PORT, cert: $TMP/tls.crt, key: $TMP/tls.key }
 services:
   - name: bench
     hosts: [bench.local, 127.0.0.1]
@@ -104,6 +111,8 @@ YAML
 
   # (no worker_cpu_affinity: taskset keeps the workers on the proxy CPU)
   nginx_conf "$TMP/nginx.conf" "$TMP/nginx" $ORIGIN_PORT $NGINX_PORT $NGINX_H2_PORT "worker_processes $WORKERS;"
+  # The same proxying, on a TLS 1.3 listener with the shared certificate.
+  sed -i "s|    listen 127.0.0.1:$NGINX_H2_PORT http2;|&\n    listen 127.0.0.1:$NGINX_TLS_PORT ssl;\n    ssl_certificate $TMP/tls.crt;\n    ssl_certificate_key $TMP/tls.key;\n    ssl_protocols TLSv1.3;|" "$TMP/nginx.conf"
   bg taskset -c "$PROXY_CPU" nginx -c "$TMP/nginx.conf" -e "$TMP/nginx/error.log"
 
   cat >"$TMP/haproxy.cfg" <<HAPROXY
@@ -127,7 +136,7 @@ backend origin
   server o1 127.0.0.1:$ORIGIN_PORT
 HAPROXY
   bg taskset -c "$PROXY_CPU" haproxy -f "$TMP/haproxy.cfg"
-  for p in $REVEILLE_PORT $NGINX_PORT $NGINX_H2_PORT $HAPROXY_PORT $HAPROXY_H2_PORT; do wait_port "$p"; done
+  for p in $REVEILLE_PORT $REVEILLE_TLS_PORT $NGINX_PORT $NGINX_H2_PORT $NGINX_TLS_PORT $HAPROXY_PORT $HAPROXY_H2_PORT; do wait_port "$p"; done
   sleep 0.5
   # The real servers are the children of the `timeout` wrappers (taskset execs into them).
   ORIGIN_PID=$(server_pid "${PIDS[0]}")
@@ -167,6 +176,18 @@ HAPROXY
       rm -f "$TMP/h2-$name-$round.log"
       echo "{\"round\":$round,\"target\":\"$name\",\"proto\":\"h2c\",\"conns\":$CONNS,\"streams\":$H2_STREAMS,\"cpu_ticks\":$((c1 - c0)),\"load\":\"$load\",\"h2load\":$summary}" >>"$RAW"
       echo "round $round $name h2c: $summary cpu_ticks=$((c1 - c0)) load=$load" >&2
+    done
+    # HTTP/1.1 over TLS 1.3, keep-alive: Reveille and nginx, the same certificate.
+    for t in "reveille $REVEILLE_TLS_PORT $REVEILLE_PID" "nginx $NGINX_TLS_PORT $NGINX_PID"; do
+      read -r name port pid <<<"$t"
+      timeout 30 taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s "https://127.0.0.1:$port/" >/dev/null
+      load=$(cut -d' ' -f1-3 /proc/loadavg)
+      c0=$(cpu_ticks "$pid")
+      line=$(timeout $((DURATION + 30)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" \
+        -s loadtests/wrk-report.lua "https://127.0.0.1:$port/" | grep '^WRKJSON' | cut -d' ' -f2-)
+      c1=$(cpu_ticks "$pid")
+      echo "{\"round\":$round,\"target\":\"$name\",\"proto\":\"https\",\"conns\":$CONNS,\"cpu_ticks\":$((c1 - c0)),\"load\":\"$load\",\"wrk\":$line}" >>"$RAW"
+      echo "round $round $name https: $line cpu_ticks=$((c1 - c0)) load=$load" >&2
     done
   done
   cleanup

@@ -135,7 +135,7 @@ async fn hold_deadline_answers_504_naming_the_service() {
         "reveille: service \"hello\": no ready backend within the hold timeout of 300ms\n"
     );
     assert_eq!(resp.header("x-reveille-error"), Some("hold_timeout"));
-    assert_eq!(r.gates[0].held(), 0);
+    assert_eq!(r.gates()[0].held(), 0);
     stop(r).await;
 }
 
@@ -148,7 +148,7 @@ async fn a_client_that_leaves_frees_its_slot_and_never_reaches_the_backend() {
         &["queue: { capacity: 1, timeout: 30s }"],
     ))
     .await;
-    let gate = r.gates[0].clone();
+    let gate = r.gates()[0].clone();
     let mut raw = tokio::net::TcpStream::connect(r.proxy_addr).await.unwrap();
     raw.write_all(b"GET /gone HTTP/1.1\r\nHost: hello.test\r\n\r\n")
         .await
@@ -182,7 +182,7 @@ async fn held_requests_are_forwarded_in_arrival_order() {
         &["concurrency: 1", "queue: { capacity: 100, timeout: 30s }"],
     ))
     .await;
-    let gate = r.gates[0].clone();
+    let gate = r.gates()[0].clone();
     let c = client();
     let mut tasks = Vec::new();
     for i in 0..20 {
@@ -211,7 +211,7 @@ async fn held_requests_are_forwarded_in_arrival_order() {
 async fn idle_backend_is_stopped_and_woken_again() {
     let port = free_port();
     let r = start(&process_config(port, "0s", &["idle_timeout: 300ms"])).await;
-    let gate = r.gates[0].clone();
+    let gate = r.gates()[0].clone();
     let c = client();
     let first = get(&c, r.proxy_addr, "hello.test", "/one").await;
     assert_eq!(first.status, 200);
@@ -244,7 +244,7 @@ async fn idle_backend_is_stopped_and_woken_again() {
 async fn a_backend_that_crashes_while_warm_is_noticed_and_restarted() {
     let port = free_port();
     let r = start(&process_config(port, "0s", &[])).await;
-    let gate = r.gates[0].clone();
+    let gate = r.gates()[0].clone();
     let c = client();
     let first = get(&c, r.proxy_addr, "hello.test", "/a").await;
     let pid1 = first.header("x-demo-pid").unwrap().to_string();
@@ -390,7 +390,7 @@ async fn unknown_host_is_404_and_missing_host_is_400() {
     assert!(out.starts_with("HTTP/1.0 400"), "{out}");
     assert!(out.contains("no Host header"), "{out}");
     // Neither woke the service.
-    assert_eq!(r.gates[0].state(), State::Idle);
+    assert_eq!(r.gates()[0].state(), State::Idle);
     stop(r).await;
 }
 
@@ -451,7 +451,7 @@ async fn held_requests_past_the_shutdown_grace_get_503_and_the_backend_is_stoppe
         "shutdown: { delay: 0s, grace: 500ms }\nservices:",
     );
     let r = start(&yaml).await;
-    let gate = r.gates[0].clone();
+    let gate = r.gates()[0].clone();
     let c = client();
     let mut tasks = Vec::new();
     for i in 0..5 {
@@ -467,7 +467,11 @@ async fn held_requests_past_the_shutdown_grace_get_503_and_the_backend_is_stoppe
     })
     .await;
     let listen = format!("127.0.0.1:{port}");
-    assert_eq!(pids_with_arg(&listen).len(), 1, "the backend is starting");
+    wait_until("the backend to be starting", Duration::from_secs(10), || {
+        let n = pids_with_arg(&listen).len();
+        async move { n == 1 }
+    })
+    .await;
     let t0 = std::time::Instant::now();
     r.shutdown();
     for t in tasks {

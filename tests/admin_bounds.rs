@@ -194,8 +194,9 @@ async fn long_polls_over_the_cap_get_503_at_once_and_slots_come_back() {
     wait_until("both slots taken", Duration::from_secs(5), || polling(2.0)).await;
     let t = Instant::now();
     let over = get(&c, admin, "admin", long).await;
+    // At once, not after the poll's 3 s (generous for a loaded machine).
     assert!(
-        t.elapsed() < Duration::from_millis(500),
+        t.elapsed() < Duration::from_secs(2),
         "503 came after {:?}",
         t.elapsed()
     );

@@ -356,3 +356,57 @@ fn rollout_rbac_grants_exactly_what_rollouts_use() {
             && s(d, &["roleRef", "name"]) == Some("reveille-rollout")
     }));
 }
+
+#[test]
+fn the_prewarm_history_configmap_is_granted_in_reveilles_namespace() {
+    let docs = documents();
+    let (_, role) = docs
+        .iter()
+        .find(|(_, d)| {
+            s(d, &["kind"]) == Some("Role") && s(d, &["metadata", "name"]) == Some("reveille-self")
+        })
+        .expect("Role reveille-self");
+    let (_, cm) = docs
+        .iter()
+        .find(|(_, d)| {
+            s(d, &["kind"]) == Some("ConfigMap")
+                && s(d, &["metadata", "name"]) == Some("reveille-config")
+        })
+        .expect("ConfigMap reveille-config");
+    let cfg: Value = serde_norway::from_str(cm["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    let lease = cfg["coordination"]["lease"].as_str().unwrap();
+    let history = format!("{lease}-prewarm-history");
+    let mut granted: Vec<String> = Vec::new();
+    for r in role["rules"].as_array().unwrap() {
+        let names: Vec<&str> = r["resourceNames"]
+            .as_array()
+            .map(|a| a.iter().map(|n| n.as_str().unwrap()).collect())
+            .unwrap_or_default();
+        for res in r["resources"].as_array().unwrap() {
+            for v in r["verbs"].as_array().unwrap() {
+                granted.push(format!(
+                    "{} {} {}",
+                    res.as_str().unwrap(),
+                    v.as_str().unwrap(),
+                    names.join(",")
+                ));
+            }
+        }
+    }
+    for want in [
+        "configmaps create ".to_string(),
+        format!("configmaps get {history}"),
+        format!("configmaps update {history}"),
+        format!("configmaps patch {history}"),
+    ] {
+        assert!(granted.contains(&want), "{want:?} not in {granted:#?}");
+    }
+    assert_eq!(
+        granted
+            .iter()
+            .filter(|g| g.starts_with("configmaps "))
+            .count(),
+        4,
+        "{granted:#?}"
+    );
+}

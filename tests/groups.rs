@@ -77,7 +77,7 @@ async fn a_group_starts_in_order_and_stops_dependents_first() {
         service("db", pd, &demo_command(pd, "300ms"), ""),
     );
     let r = start(&yaml).await;
-    let (seen, watcher) = watch(r.gates.clone());
+    let (seen, watcher) = watch(r.gates());
     let c = client();
     let resp = get(&c, r.proxy_addr, "api.test", "/hello").await;
     assert_eq!(resp.status, 200, "{resp:?}");
@@ -130,6 +130,10 @@ async fn a_dependency_that_fails_answers_the_held_requests_502_naming_it() {
         "{}",
         resp.body
     );
-    assert_eq!(r.gates[0].last_activation(), None, "api was started anyway");
+    assert_eq!(
+        r.gates()[0].last_activation(),
+        None,
+        "api was started anyway"
+    );
     stop(r).await;
 }

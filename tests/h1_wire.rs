@@ -227,8 +227,13 @@ async fn a_pooled_connection_the_backend_closed_is_not_used_even_for_a_post() {
         .await
         .unwrap();
     assert_eq!(read_response(&mut c, &mut rb).await.1, "/first ");
-    // Let the backend's close arrive at Reveille's idle connection.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The backend's close has reached Reveille's idle connection (CLOSE_WAIT on its side).
+    wait_until(
+        "the backend's close reached Reveille's pooled connection",
+        Duration::from_secs(10),
+        || async { close_arrived_from(backend) },
+    )
+    .await;
     c.write_all(b"POST /post HTTP/1.1\r\nHost: wire.test\r\nContent-Length: 3\r\n\r\nabc")
         .await
         .unwrap();
@@ -410,7 +415,7 @@ fn config_with(backend: SocketAddr, extra: &[&str]) -> String {
 async fn a_client_that_leaves_while_its_request_is_forwarded_frees_the_slot() {
     let (backend, stalled, closed) = stalling().await;
     let r = start(&config_with(backend, &["concurrency: 1"])).await;
-    let gate = r.gates[0].clone();
+    let gate = r.gates()[0].clone();
     let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
     c.write_all(b"GET /slow HTTP/1.1\r\nHost: wire.test\r\n\r\n")
         .await
@@ -474,7 +479,7 @@ async fn a_request_held_across_a_reload_to_h2c_is_forwarded_over_h2c() {
     let first_yaml = config_with(a, &hold);
     let first = reveille::Config::parse(&first_yaml).unwrap();
     let r = start(&first_yaml).await;
-    let gate = r.gates[0].clone();
+    let gate = r.gates()[0].clone();
     // The one slot is taken by a request the backend never answers...
     let mut busy = TcpStream::connect(r.proxy_addr).await.unwrap();
     busy.write_all(b"GET /slow HTTP/1.1\r\nHost: wire.test\r\n\r\n")
@@ -578,7 +583,7 @@ async fn a_client_that_leaves_while_its_retry_is_held_leaves_the_queue() {
         &["concurrency: 1", "queue: { capacity: 10, timeout: 30s }"],
     ))
     .await;
-    let gate = r.gates[0].clone();
+    let gate = r.gates()[0].clone();
     let reached = |p: &'static str| {
         let seen = seen.clone();
         move || {

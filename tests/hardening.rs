@@ -22,6 +22,8 @@ struct Seen {
     body: Vec<u8>,
     /// The body ended where its framing said.
     complete: bool,
+    /// The connection ended before the body did.
+    cut: bool,
 }
 
 /// A backend that records every request and answers `ok` (or, for `/big`, 64 MiB; for an
@@ -75,6 +77,7 @@ impl Recorder {
                     head: head.clone(),
                     body: Vec::new(),
                     complete: false,
+                    cut: false,
                 });
                 seen.len() - 1
             };
@@ -88,7 +91,10 @@ impl Recorder {
                 Some(Some(n)) => read_exact(&mut s, &mut buf, n).await,
                 Some(None) => read_chunked(&mut s, &mut buf).await,
             };
-            let Some(body) = body else { return };
+            let Some(body) = body else {
+                self.seen.lock()[idx].cut = true;
+                return;
+            };
             {
                 let mut seen = self.seen.lock();
                 seen[idx].body = body;
@@ -473,16 +479,17 @@ async fn a_chunked_body_that_breaks_while_streaming_is_400_and_cut_at_the_backen
     s.write_all(b"zz\r\n").await.unwrap();
     let resp = read_response(&mut s).await;
     assert!(status(&resp).starts_with("HTTP/1.1 400"), "{resp}");
+    // The backend's connection ends before the body does (after that, the request can no
+    // longer be completed).
     wait_until(
         "the backend's request is cut",
         Duration::from_secs(10),
         || {
             let seen = public.seen();
-            async move { !seen[0].complete }
+            async move { seen[0].cut || seen[0].complete }
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         !public.seen()[0].complete,
         "the backend got a whole request"
@@ -520,14 +527,23 @@ async fn stalled_bodies_are_408_on_both_paths() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_is_closed_and_frees_its_slot() {
     // `public` has concurrency 1: a stuck reader would keep every other request waiting.
-    let (r, _public, _) = setup("timeouts: { client_write: 500ms }", &[]).await;
+    let (r, public, _) = setup("timeouts: { client_write: 500ms }", &[]).await;
     let mut stuck = TcpStream::connect(r.proxy_addr).await.unwrap();
     stuck
         .write_all(b"GET /big HTTP/1.1\r\nHost: public.test\r\n\r\n")
         .await
         .unwrap();
-    // Let the response fill the socket buffers.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The stuck request takes the only slot first (its response then fills the socket
+    // buffers).
+    wait_until(
+        "the stuck request at the backend",
+        Duration::from_secs(10),
+        || {
+            let n = public.seen().len();
+            async move { n == 1 }
+        },
+    )
+    .await;
     let c = client();
     let started = std::time::Instant::now();
     let resp = tokio::time::timeout(

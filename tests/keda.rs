@@ -60,7 +60,11 @@ async fn stream_pushes_true_on_the_first_held_request() {
         .unwrap();
     assert!(!first.result, "nothing held yet");
 
-    // One request, held while the backend starts: `true` must follow within 100 ms.
+    // One request, held while the backend starts: `true` must follow at once, pushed on the
+    // held event. The bound is generous (a loaded CI machine): it only has to tell a push from
+    // the periodic state (1 h here; KEDA's own polling is 30 s) and from a push that waited
+    // for the wake-up (the backend takes 1.5 s; the held-state checks below catch that too).
+    // The figure itself is measured by `cargo bench --bench keda` (docs/performance.md).
     let c = client();
     let proxy = r.proxy_addr;
     let sent = Instant::now();
@@ -73,10 +77,7 @@ async fn stream_pushes_true_on_the_first_held_request() {
     let latency = sent.elapsed();
     assert!(pushed.result);
     eprintln!("push latency (request sent -> true received): {latency:?}");
-    assert!(
-        latency < Duration::from_millis(100),
-        "pushed after {latency:?}"
-    );
+    assert!(latency < Duration::from_secs(1), "pushed after {latency:?}");
 
     // While held: active, concurrency 1 (also through the metrics-api JSON).
     assert!(is_active(&mut g, "hello").await);
@@ -156,7 +157,7 @@ async fn a_stream_follows_a_service_replaced_by_a_reload() {
     // A new backend (another port): the service gets a new gate, the stream was opened on the
     // old one and stays open.
     let second = reveille::Config::parse(&config(p2, "1s")).unwrap();
-    let before = r.gates[0].clone();
+    let before = r.gates()[0].clone();
     r.reload(&second, &first).await;
     let c = client();
     let proxy = r.proxy_addr;
@@ -252,7 +253,15 @@ async fn peer_long_poll_answers_when_a_request_is_held() {
             .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The long-poll is waiting (counted by the gauge) rather than answered.
+    wait_until("the long-poll waiting", Duration::from_secs(10), || {
+        let c = c.clone();
+        async move {
+            let m = get(&c, admin, "a", "/metrics").await.body;
+            metric(&m, "reveille_admin_long_polls") == Some(1.0)
+        }
+    })
+    .await;
     assert!(!poll.is_finished(), "nothing held yet: the long-poll waits");
     let sent = Instant::now();
     let proxy = r.proxy_addr;

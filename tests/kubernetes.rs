@@ -332,7 +332,7 @@ async fn keda_mode_never_patches_and_only_waits_for_endpoints() {
         let addr = r.proxy_addr;
         tokio::spawn(async move { get(&c, addr, "orders.test", "/held").await })
     };
-    wait_until("request held", LONG, || async { r.gates[0].held() == 1 }).await;
+    wait_until("request held", LONG, || async { r.gates()[0].held() == 1 }).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         cluster.replicas(NS, "order-sync"),
@@ -556,7 +556,7 @@ async fn keda_sums_cover_the_replicas_found_through_the_admin_service() {
         }
     })
     .await;
-    assert_eq!(a.gates[0].held(), 0);
+    assert_eq!(a.gates()[0].held(), 0);
     assert_eq!(held.await.unwrap().status, 200);
     stop(a).await;
     stop(b).await;

@@ -59,27 +59,47 @@ struct Sample {
     version: String,
 }
 
-/// `workers` clients sending one request after another until `stop`.
+/// Answers so far, by answering version (an error's body for an answer that is not a
+/// version's): what the test waits on while the load runs.
+#[derive(Default)]
+struct Tally(parking_lot::Mutex<std::collections::HashMap<String, usize>>);
+
+impl Tally {
+    fn of(&self, version: &str) -> usize {
+        self.0.lock().get(version).copied().unwrap_or(0)
+    }
+
+    fn total(&self) -> usize {
+        self.0.lock().values().sum()
+    }
+}
+
+/// `workers` clients sending one request after another until `stop`, counting the answers in
+/// `tally` as they come.
 fn load(
     r: &Running,
     workers: usize,
     stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
 ) -> Vec<tokio::task::JoinHandle<Vec<Sample>>> {
     (0..workers)
         .map(|w| {
             let c = client();
             let addr = r.proxy_addr;
             let stop = stop.clone();
+            let tally = tally.clone();
             tokio::spawn(async move {
                 let mut out = Vec::new();
                 while !stop.load(Ordering::SeqCst) {
                     // One slow client, so a switch always finds old requests in flight.
                     let ms = if w == 0 { 150 } else { 5 + w * 7 };
                     let resp = get(&c, addr, "web.test", &format!("/work?ms={ms}")).await;
+                    let version = resp.body.trim_start_matches("version=").to_string();
+                    *tally.0.lock().entry(version.clone()).or_default() += 1;
                     out.push(Sample {
                         end: Instant::now(),
                         status: resp.status.as_u16(),
-                        version: resp.body.trim_start_matches("version=").to_string(),
+                        version,
                     });
                 }
                 out
@@ -93,8 +113,12 @@ async fn a_validated_version_takes_all_traffic_at_once_under_load() {
     let (sim, r) = serving_v1(config("", "")).await;
     let c = client();
     let stop = Arc::new(AtomicBool::new(false));
-    let workers = load(&r, 4, stop.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tally = Arc::new(Tally::default());
+    let workers = load(&r, 4, stop.clone(), tally.clone());
+    wait_until("the load answered by v1", LONG, || async {
+        tally.of("v1") > 20
+    })
+    .await;
 
     let v2 = sim.roll_to("v2", 2, 2, false, true).await;
     let want = sim.addrs("v2");
@@ -120,10 +144,21 @@ async fn a_validated_version_takes_all_traffic_at_once_under_load() {
         2,
         "{reqs:?}"
     );
-    // The Deployment controller removes the old pods once the new ones are ready.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The switch is over (the rollout no longer in progress) and v2 answers the load.
+    wait_until("the rollout done and v2 answering", LONG, || async {
+        rollout_state(&c, &r).await["in_progress"] == false && tally.of("v2") > 20
+    })
+    .await;
+    // The Deployment controller removes the old pods once the new ones are ready; the load
+    // goes on a while after.
     sim.remove_version("v1");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = tally.total();
+    wait_until(
+        "the load answered after the old pods left",
+        LONG,
+        || async { tally.total() > before + 20 },
+    )
+    .await;
     stop.store(true, Ordering::SeqCst);
     let mut samples = Vec::new();
     for w in workers {
@@ -172,7 +207,7 @@ async fn a_validated_version_takes_all_traffic_at_once_under_load() {
     assert_eq!(state["current_revision"], 2, "{state}");
     assert_eq!(state["in_progress"], false, "{state}");
     assert_eq!(state["result"]["passed"], true, "{state}");
-    assert!(!r.gates[0].rolling_out());
+    assert!(!r.gates()[0].rolling_out());
     stop_running(r).await;
 }
 
@@ -324,7 +359,7 @@ async fn no_scale_to_zero_and_keda_active_while_validating() {
         .unwrap();
     assert!(pushed.result, "StreamIsActive pushed active");
     wait_until("the rollout is in progress", LONG, || async {
-        r.gates[0].rolling_out()
+        r.gates()[0].rolling_out()
     })
     .await;
     assert!(is_active(&mut g, "web").await, "KEDA: active mid-rollout");
@@ -384,7 +419,7 @@ async fn a_rollout_at_zero_is_validated_at_once_with_at_zero_wake() {
     .await;
     // The wake-up patch and the rollout's own bookkeeping are two steps: wait for the second
     // (its pod does not exist yet, so nothing can have been validated meanwhile).
-    let gate = r.gates[0].clone();
+    let gate = r.gates()[0].clone();
     wait_until("in progress until validated", LONG, || {
         let g = gate.clone();
         async move { g.rolling_out() }
@@ -439,7 +474,7 @@ async fn a_rollout_at_zero_waits_for_the_next_wake_up_by_default() {
     sim.roll_to("v2", 2, 0, false, true).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(sim.replicas(), 0, "not woken without a request");
-    assert!(!r.gates[0].rolling_out());
+    assert!(!r.gates()[0].rolling_out());
     // A request wakes it; the new pod is validated before it gets the held request.
     let req = {
         let c = c.clone();
@@ -531,6 +566,11 @@ async fn the_running_step_is_reported_as_it_starts() {
     );
     let want = sim.addrs("v2");
     wait_until("routing to v2", LONG, || async { routed(&r) == want }).await;
+    // The new endpoints are routed during the switch; the report follows once it is over.
+    wait_until("the rollout reported done", LONG, || async {
+        rollout_state(&c, &r).await["in_progress"] == false
+    })
+    .await;
     let state = rollout_state(&c, &r).await;
     assert!(state["step"].is_null(), "{state}");
     assert_eq!(state["validating"], serde_json::json!({}), "{state}");

@@ -35,7 +35,7 @@ fn config() -> reveille::Config {
 }
 
 fn routed_to(r: &Running, i: usize) -> Vec<SocketAddr> {
-    let mut v: Vec<SocketAddr> = r.gates[i].endpoints().iter().map(|e| e.addr).collect();
+    let mut v: Vec<SocketAddr> = r.gates()[i].endpoints().iter().map(|e| e.addr).collect();
     v.sort();
     v
 }

@@ -27,8 +27,24 @@ struct Sample {
     version: String,
 }
 
-/// Sends a request every 50 ms (20 per second), each on its own, until `stop`.
-fn paced_load(r: &Running, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<Sample>> {
+/// Answers so far, by answering version (an error's body for an answer that is not a
+/// version's): what the test waits on while the load runs.
+#[derive(Default)]
+struct Tally(parking_lot::Mutex<std::collections::HashMap<String, usize>>);
+
+impl Tally {
+    fn of(&self, version: &str) -> usize {
+        self.0.lock().get(version).copied().unwrap_or(0)
+    }
+}
+
+/// Sends a request every 50 ms (20 per second), each on its own, until `stop`, counting the
+/// answers in `tally` as they come.
+fn paced_load(
+    r: &Running,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) -> tokio::task::JoinHandle<Vec<Sample>> {
     let (c, addr) = (client(), r.proxy_addr);
     tokio::spawn(async move {
         let mut sent = Vec::new();
@@ -37,17 +53,19 @@ fn paced_load(r: &Running, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec
         while !stop.load(Ordering::SeqCst) {
             tick.tick().await;
             i += 1;
-            let c = c.clone();
+            let (c, tally) = (c.clone(), tally.clone());
             // Every fifth request is slow, so the old pods have work in flight when they go.
             let ms = if i.is_multiple_of(5) { 300 } else { 20 };
             sent.push(tokio::spawn(async move {
                 let start = Instant::now();
                 let resp = get(&c, addr, "web.test", &format!("/work?ms={ms}")).await;
+                let version = resp.body.trim_start_matches("version=").to_string();
+                *tally.0.lock().entry(version.clone()).or_default() += 1;
                 Sample {
                     start,
                     end: Instant::now(),
                     status: resp.status.as_u16(),
-                    version: resp.body.trim_start_matches("version=").to_string(),
+                    version,
                 }
             }));
         }
@@ -77,8 +95,12 @@ async fn recreate_holds_requests_through_the_gap_and_never_mixes_versions() {
     let want = sim.addrs("v1");
     wait_until("routing to v1", LONG, || async { routed(&r) == want }).await;
     let halt = Arc::new(AtomicBool::new(false));
-    let load = paced_load(&r, halt.clone());
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tally = Arc::new(Tally::default());
+    let load = paced_load(&r, halt.clone(), tally.clone());
+    wait_until("the load answered by v1", LONG, || async {
+        tally.of("v1") > 15
+    })
+    .await;
 
     // Recreate: the old pods terminate, finishing what they were sent; only once they are
     // gone does the Deployment controller start the new version, 3 s later.
@@ -88,17 +110,30 @@ async fn recreate_holds_requests_through_the_gap_and_never_mixes_versions() {
     })
     .await;
     wait_until("the old pods' requests finished", LONG, || async {
-        r.gates[0].in_flight() == 0
+        r.gates()[0].in_flight() == 0
     })
     .await;
     sim.remove_version("v1");
     let gap_began = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(r.gates[0].held() > 0, "requests in the gap are held");
+    assert!(r.gates()[0].held() > 0, "requests in the gap are held");
     let v2 = sim.roll_to("v2", 2, 1, false, true).await;
     let want = sim.addrs("v2");
     wait_until("routing to v2", LONG, || async { routed(&r) == want }).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The switch is counted (it ends after routing) and v2 answers the load.
+    let switched = |m: &str| {
+        ["drained", "timeout"].iter().any(|q| {
+            let series =
+                format!("reveille_rollout_switches_total{{quiesce=\"{q}\",service=\"web\"}}");
+            metric(m, &series).is_some_and(|n| n >= 1.0)
+        })
+    };
+    wait_until(
+        "the switch over and the load answered by v2",
+        LONG,
+        || async { switched(&metrics_text(&c, &r).await) && tally.of("v2") > 15 },
+    )
+    .await;
     halt.store(true, Ordering::SeqCst);
     let samples = load.await.unwrap();
 

@@ -40,7 +40,7 @@ async fn ten_thousand_services_route_and_a_few_of_them_wake_and_answer() {
         ));
     }
     let r = start(&yaml).await;
-    assert_eq!(r.gates.len(), COUNT);
+    assert_eq!(r.gates().len(), COUNT);
 
     // Every host routes to its own service.
     let snapshot = r.services().load();
@@ -80,7 +80,7 @@ async fn ten_thousand_services_route_and_a_few_of_them_wake_and_answer() {
 
     // Only those woke; the rest are idle and were never asked for anything.
     let ready: Vec<String> = r
-        .gates
+        .gates()
         .iter()
         .filter(|g| g.state() != reveille::gate::State::Idle)
         .map(|g| g.name().to_string())
@@ -88,7 +88,7 @@ async fn ten_thousand_services_route_and_a_few_of_them_wake_and_answer() {
     let want: Vec<String> = woken.iter().map(|(i, _)| format!("svc-{i}")).collect();
     assert_eq!(ready, want);
     assert_eq!(
-        r.gates.iter().map(|g| g.requests_total()).sum::<u64>(),
+        r.gates().iter().map(|g| g.requests_total()).sum::<u64>(),
         woken.len() as u64
     );
 

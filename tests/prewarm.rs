@@ -34,7 +34,7 @@ async fn a_scheduled_window_starts_the_backend_before_any_request_and_keeps_it_t
         ],
     ))
     .await;
-    let gate = r.gates[0].clone();
+    let gate = r.gates()[0].clone();
     assert_eq!(gate.state(), State::Idle);
     wait_until("pre-warmed", Duration::from_secs(15), || {
         let g = gate.clone();

@@ -66,7 +66,7 @@ async fn the_scale_patch_comes_lead_before_the_window_and_scale_down_after_it() 
     );
     assert_eq!(cluster.replicas(NS, "order-sync"), 1);
     wait_until("ready", LONG, || async {
-        r.gates[0].state() == reveille::gate::State::Ready
+        r.gates()[0].state() == reveille::gate::State::Ready
     })
     .await;
     // Inside the window, past the idle timeout: still one replica, no second patch.

@@ -65,7 +65,7 @@ async fn promtool_accepts_the_exposition() {
     let c = client();
     let held = hold(&c, r.proxy_addr);
     wait_until("held", Duration::from_secs(10), || async {
-        r.gates[0].held() == 1
+        r.gates()[0].held() == 1
     })
     .await;
     let text = get(&c, r.admin_addr, "a", "/metrics").await.body;
@@ -109,7 +109,7 @@ async fn prometheus_scrapes_the_held_count() {
     let c = client();
     let held = [hold(&c, r.proxy_addr), hold(&c, r.proxy_addr)];
     wait_until("2 held", Duration::from_secs(10), || async {
-        r.gates[0].held() == 2
+        r.gates()[0].held() == 2
     })
     .await;
 

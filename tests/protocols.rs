@@ -65,7 +65,7 @@ async fn an_upgrade_is_held_during_a_cold_start_then_spliced_both_ways() {
         &["upgrades: [websocket, echo]"],
     ))
     .await;
-    let gate = r.gates[0].clone();
+    let gate = r.gates()[0].clone();
     let mut s = TcpStream::connect(r.proxy_addr).await.unwrap();
     s.write_all(b"GET /_demo/upgrade HTTP/1.1\r\nHost: hello.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
         .await
@@ -358,7 +358,7 @@ async fn a_backend_slower_than_the_response_timeout_gets_504() {
         "{}",
         resp.body
     );
-    assert_eq!(r.gates[0].in_flight(), 0, "the slot was released");
+    assert_eq!(r.gates()[0].in_flight(), 0, "the slot was released");
     stop(r).await;
 }
 
@@ -539,7 +539,7 @@ async fn the_global_held_limit_spans_services() {
     let (c1, c2) = (c.clone(), c.clone());
     let a = tokio::spawn(async move { get(&c1, addr, "a.test", "/").await });
     let b = tokio::spawn(async move { get(&c2, addr, "b.test", "/").await });
-    let (ga, gb) = (r.gates[0].clone(), r.gates[1].clone());
+    let (ga, gb) = (r.gates()[0].clone(), r.gates()[1].clone());
     wait_until("two held", Duration::from_secs(5), || {
         let (ga, gb) = (ga.clone(), gb.clone());
         async move { ga.held() + gb.held() == 2 }

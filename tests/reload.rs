@@ -24,7 +24,7 @@ async fn reload_leaves_unchanged_services_and_their_held_requests_alone() {
     let (pa, pb) = (free_port(), free_port());
     let first = parse(&two_services(pa, pb, "b.test", 100));
     let r = reveille::start(first.clone()).await.unwrap();
-    let gate_a = r.gates[0].clone();
+    let gate_a = r.gates()[0].clone();
     let c = client();
     let addr = r.proxy_addr;
     let mut held = Vec::new();
@@ -63,7 +63,7 @@ async fn a_replaced_service_keeps_its_held_requests_and_a_removed_one_answers_50
     let (pa, pb) = (free_port(), free_port());
     let first = parse(&two_services(pa, pb, "b.test", 100));
     let r = reveille::start(first.clone()).await.unwrap();
-    let gate_a = r.gates[0].clone();
+    let gate_a = r.gates()[0].clone();
     let c = client();
     let addr = r.proxy_addr;
     // b is warm and will be removed; a holds requests and will be replaced.

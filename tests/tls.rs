@@ -51,6 +51,37 @@ fn replace_file(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// How many times Reveille logged (anywhere in this test binary) that it rejected a reloaded
+/// pair and kept the previous one. The first call installs a global subscriber keeping those
+/// warnings; only the reload test writes broken pairs.
+fn reloads_rejected() -> usize {
+    static LOG: std::sync::OnceLock<Arc<parking_lot::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    struct Sink(Arc<parking_lot::Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let log = LOG.get_or_init(|| {
+        let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        tracing_subscriber::fmt()
+            .with_writer(move || Sink(sink.clone()))
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .try_init()
+            .expect("the only subscriber of this test binary");
+        log
+    });
+    String::from_utf8_lossy(&log.lock())
+        .matches("TLS reload failed, keeping the previous certificate")
+        .count()
+}
+
 fn write_pair(dir: &Path, c: &TestCert) -> (PathBuf, PathBuf) {
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
@@ -210,6 +241,7 @@ async fn certificate_reload_reaches_new_connections_and_spares_open_ones() {
     let newer = make_cert(&["hello.test", "newer.hello.test"]);
     assert_ne!(old.der, new.der);
     let (cert, key) = write_pair(&dir, &old);
+    reloads_rejected(); // the log is kept from here on
     let r = start(&tls_config(free_port(), &cert, &key)).await;
     let addr = r.tls_addr.unwrap();
     let trust_all = connector(&[&old, &new, &newer], &[b"http/1.1"]);
@@ -234,16 +266,29 @@ async fn certificate_reload_reaches_new_connections_and_spares_open_ones() {
     let (parts, _) = get_h1(&mut open, "/after").await;
     assert_eq!(parts.status, StatusCode::OK);
 
-    // A broken certificate is not taken: handshakes keep getting the current one.
+    // A broken certificate is not taken: once Reveille has read it (and said so), handshakes
+    // keep getting the current one.
+    let rejected = reloads_rejected();
     replace_file(
         &cert,
         "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_until(
+        "the broken certificate rejected",
+        Duration::from_secs(30),
+        || async { reloads_rejected() > rejected },
+    )
+    .await;
     assert_eq!(peer_cert(&connect(&trust_all, addr).await), new.der);
     // Neither is a certificate whose key does not match.
+    let rejected = reloads_rejected();
     replace_file(&cert, &newer.cert_pem);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_until(
+        "the mismatched pair rejected",
+        Duration::from_secs(30),
+        || async { reloads_rejected() > rejected },
+    )
+    .await;
     assert_eq!(peer_cert(&connect(&trust_all, addr).await), new.der);
     // Once the matching key arrives, the pair is taken.
     replace_file(&key, &newer.key_pem);
@@ -272,8 +317,17 @@ async fn graceful_shutdown_lets_tls_requests_finish() {
 
     let mut slow = h1(connect(&tls, addr).await).await;
     let in_flight = tokio::spawn(async move { get_h1(&mut slow, "/_demo/sleep?ms=1500").await });
-    // Let the slow request reach the backend before the shutdown starts.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The slow request is in flight (forwarded, not answered) before the shutdown starts.
+    let gate = r.gates[0].clone();
+    wait_until(
+        "the slow request in flight",
+        Duration::from_secs(10),
+        || {
+            let gate = gate.clone();
+            async move { gate.in_flight() == 1 }
+        },
+    )
+    .await;
     r.shutdown();
     let (parts, body) = in_flight.await.unwrap();
     assert_eq!(parts.status, StatusCode::OK);

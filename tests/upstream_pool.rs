@@ -128,7 +128,7 @@ async fn sequential_requests_reuse_one_backend_connection() {
         1,
         "one request at a time: one backend connection, reused"
     );
-    assert_eq!(r.gates[0].in_flight(), 0, "every slot released");
+    assert_eq!(r.gates()[0].in_flight(), 0, "every slot released");
     stop(r).await;
 }
 
@@ -142,7 +142,17 @@ async fn connections_the_backend_closed_while_idle_are_not_used() {
         let method = if i % 2 == 0 { "GET" } else { "POST" };
         let resp = send(&c, r.proxy_addr, method, "pool.test", "/", "body").await;
         assert_eq!(resp.status, 200, "{method} #{i}: {resp:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The backend closes the connection (100 ms after accepting it), and the close reaches
+        // Reveille's idle connection before the next request is sent.
+        wait_until(
+            "the backend's close reached Reveille's idle connection",
+            Duration::from_secs(10),
+            || {
+                let counts = counts.clone();
+                async move { counts.closed.load(Ordering::SeqCst) == i + 1 && close_arrived_from(addr) }
+            },
+        )
+        .await;
     }
     assert_eq!(
         counts.requests.load(Ordering::SeqCst),
@@ -208,7 +218,7 @@ async fn a_response_abandoned_half_read_closes_its_backend_connection() {
     assert_eq!(resp.status, 200);
     assert_eq!(counts.accepted.load(Ordering::SeqCst), 2, "not reused");
     wait_until("the slot released", Duration::from_secs(5), || {
-        let g = r.gates[0].clone();
+        let g = r.gates()[0].clone();
         async move { g.in_flight() == 0 }
     })
     .await;

@@ -30,7 +30,6 @@ use tracing::{info, info_span, warn, Instrument};
 use self::coordinate::Coordinator;
 use self::endpoints::Routing;
 use self::scale::{Change, WorkloadApi};
-use super::stopped;
 use crate::config::{KubernetesBackend, Scaling};
 use crate::gate::{Gate, State};
 use crate::telemetry::wake::Phase;
@@ -77,7 +76,7 @@ pub fn context(
     coordination: Option<&crate::config::Coordination>,
     static_peers: Arc<dyn crate::cluster::peers::PeerSource>,
     admin_port: u16,
-    stop: &watch::Receiver<bool>,
+    stop: &crate::shutdown::Signal,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> KubeContext {
     let coordinator = coordination.map(|c| {
@@ -128,7 +127,7 @@ struct Driver {
 
 /// The driver of a Kubernetes service added by a reload to a Reveille started without a
 /// Kubernetes client: every held request gets 502 with the reason, until `stop`.
-pub async fn unavailable(gate: Arc<Gate>, mut stop: watch::Receiver<bool>) {
+pub async fn unavailable(gate: Arc<Gate>, mut stop: crate::shutdown::Signal) {
     warn!(service = %gate.name(), "no Kubernetes client (Reveille started without Kubernetes services); restart to use it");
     loop {
         tokio::select! {
@@ -136,7 +135,7 @@ pub async fn unavailable(gate: Arc<Gate>, mut stop: watch::Receiver<bool>) {
                 service: gate.name().clone(),
                 reason: "no Kubernetes client; restart Reveille to add Kubernetes services".into(),
             }),
-            _ = stopped(&mut stop) => return,
+            _ = stop.fired() => return,
         }
     }
 }
@@ -147,7 +146,7 @@ pub async fn run(
     cfg: KubernetesBackend,
     idle_timeout: Duration,
     ctx: KubeContext,
-    mut stop: watch::Receiver<bool>,
+    mut stop: crate::shutdown::Signal,
 ) {
     let client = ctx.client;
     let routing = Routing::new(gate.clone());
@@ -188,14 +187,14 @@ pub async fn run(
 }
 
 impl Driver {
-    async fn drive(&mut self, stop: &mut watch::Receiver<bool>) {
+    async fn drive(&mut self, stop: &mut crate::shutdown::Signal) {
         loop {
             if self.routing.seen() == 0 {
                 self.gate.set_state(State::Idle);
                 tokio::select! {
                     _ = self.gate.wait_for_demand() => {}
                     _ = self.seen.wait_for(|n| *n > 0) => {}
-                    _ = stopped(stop) => return,
+                    _ = stop.fired() => return,
                 }
                 if self.routing.seen() == 0 {
                     if !self.activate(stop).await {
@@ -218,7 +217,7 @@ impl Driver {
             tokio::select! {
                 _ = idle => {}
                 _ = self.seen.wait_for(|n| *n == 0) => continue,
-                _ = stopped(stop) => return,
+                _ = stop.fired() => return,
             }
             if !self.scale_down(stop).await {
                 return;
@@ -237,7 +236,7 @@ impl Driver {
     }
 
     /// Wakes the workload and waits for a ready pod while anything is held. False on `stop`.
-    async fn activate(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+    async fn activate(&mut self, stop: &mut crate::shutdown::Signal) -> bool {
         self.gate.set_state(State::Waking);
         // One span per wake-up: its events are the milestones (scale accepted, pod ready,
         // first request forwarded).
@@ -245,12 +244,12 @@ impl Driver {
         self.activate_in(stop).instrument(span).await
     }
 
-    async fn activate_in(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+    async fn activate_in(&mut self, stop: &mut crate::shutdown::Signal) -> bool {
         let started = Instant::now();
         // Dependencies first, each ready before the next (`depends_on`).
         let deps = tokio::select! {
             r = self.gate.before_wake() => r,
-            _ = stopped(stop) => {
+            _ = stop.fired() => {
                 self.gate.wake().abort("shutdown");
                 return false;
             }
@@ -291,7 +290,7 @@ impl Driver {
                 _ = self.seen.wait_for(|n| *n > 0) => break,
                 // Just past the deadline, so the timed-out request has left the queue.
                 _ = tokio::time::sleep_until(deadline + DEADLINE_SLACK) => {}
-                _ = stopped(stop) => {
+                _ = stop.fired() => {
                     self.gate.wake().abort("shutdown");
                     return false;
                 }
@@ -312,7 +311,7 @@ impl Driver {
     /// Raises the replica count, retrying with backoff while anything is held. `Some(true)`
     /// once the count is up (or pods showed up), `Some(false)` when nobody waits any more,
     /// `None` on `stop`.
-    async fn wake(&mut self, stop: &mut watch::Receiver<bool>) -> Option<bool> {
+    async fn wake(&mut self, stop: &mut crate::shutdown::Signal) -> Option<bool> {
         let mut pause = WAKE_BACKOFF_MIN;
         loop {
             match self.workload.raise_to(self.cfg.replicas).await {
@@ -333,7 +332,7 @@ impl Driver {
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = self.seen.wait_for(|n| *n > 0) => return Some(true),
-                _ = stopped(stop) => return None,
+                _ = stop.fired() => return None,
             }
             if self.gate.held() == 0 && !self.gate.kept_awake() {
                 return Some(false);
@@ -361,7 +360,7 @@ impl Driver {
 
     /// Scales the workload to zero unless a rollout, a held request or an API error says
     /// not now (then it is tried again later). False on `stop`.
-    async fn scale_down(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+    async fn scale_down(&mut self, stop: &mut crate::shutdown::Signal) -> bool {
         let recheck = self.idle_timeout.min(SCALE_DOWN_RECHECK);
         loop {
             let reason = match self.cluster_verdict().await {
@@ -393,7 +392,7 @@ impl Driver {
             }
             tokio::select! {
                 _ = tokio::time::sleep(recheck) => {}
-                _ = stopped(stop) => return false,
+                _ = stop.fired() => return false,
             }
             if !self.still_idle() {
                 return true;
@@ -435,7 +434,7 @@ impl Driver {
                 self.gate.set_state(State::Ready);
                 tokio::select! {
                     _ = tokio::time::sleep(recheck) => {}
-                    _ = stopped(stop) => return false,
+                    _ = stop.fired() => return false,
                 }
                 return true;
             }
@@ -448,7 +447,7 @@ impl Driver {
             _ = self.seen.wait_for(|n| *n == 0) => {}
             _ = self.gate.wait_for_demand() => {}
             _ = tokio::time::sleep(PODS_GONE_WAIT) => {}
-            _ = stopped(stop) => return false,
+            _ = stop.fired() => return false,
         }
         self.routing.restore();
         true

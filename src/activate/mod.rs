@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
 use crate::config::{Backend, Service};
 use crate::gate::{Gate, OnDemand};
@@ -44,7 +44,7 @@ pub struct Driver {
 
 struct DriverState {
     /// The running task's stop signal; `None` while no task runs.
-    running: Option<watch::Sender<bool>>,
+    running: Option<crate::shutdown::Trigger>,
     /// [`Driver::stop`] was called: no task starts any more.
     stopped: bool,
     /// Stopped, and no task runs.
@@ -96,7 +96,7 @@ impl Driver {
         if st.stopped || st.running.is_some() {
             return;
         }
-        let (stop, stop_rx) = watch::channel(false);
+        let (stop, stop_rx) = crate::shutdown::channel();
         st.running = Some(stop);
         let after = st.after.take();
         drop(st);
@@ -106,7 +106,7 @@ impl Driver {
     async fn run(
         self: Arc<Self>,
         gate: Arc<Gate>,
-        stop: watch::Receiver<bool>,
+        stop: crate::shutdown::Signal,
         after: Option<Arc<Driver>>,
     ) {
         if let Some(before) = after {
@@ -158,7 +158,7 @@ impl Driver {
         let mut st = self.state.lock();
         st.stopped = true;
         if let Some(stop) = &st.running {
-            let _ = stop.send(true);
+            stop.fire();
             return;
         }
         match st.after.take() {
@@ -207,11 +207,6 @@ impl OnDemand for Driver {
     fn demand(self: Arc<Self>, gate: &Arc<Gate>) {
         self.start(gate);
     }
-}
-
-/// Resolves when `stop` turns true (or its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 #[cfg(test)]

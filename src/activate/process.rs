@@ -23,12 +23,11 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
 
+use super::launch;
 use super::pidfile::PidFile;
-use super::{launch, stopped};
 use crate::config::ProcessBackend;
 use crate::error::ProxyError;
 use crate::gate::{Gate, State};
@@ -65,7 +64,7 @@ pub async fn run(
     cfg: &ProcessBackend,
     idle_timeout: Duration,
     pid_dir: Option<&Path>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: crate::shutdown::Signal,
 ) -> bool {
     loop {
         gate.set_state(State::Idle);
@@ -74,7 +73,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = gate.wait_for_demand() => {}
-            _ = stopped(&mut stop) => return false,
+            _ = stop.fired() => return false,
         }
         gate.set_state(State::Waking);
         // One span per wake-up: its events are the milestones (spawned, ready, forwarded).
@@ -82,7 +81,7 @@ pub async fn run(
         match dependencies(gate, &mut stop, &span).await {
             Deps::Ready => {}
             Deps::Failed { retry: true } => continue,
-            Deps::Failed { retry: false } => return !*stop.borrow(),
+            Deps::Failed { retry: false } => return !stop.is_fired(),
         }
         let started = Instant::now();
         let result = start_until_ready(gate, cfg, pid_dir, &mut stop)
@@ -140,7 +139,7 @@ pub async fn run(
                 continue;
             }
             _ = gate.wait_idle(idle_timeout) => false,
-            _ = stopped(&mut stop) => true,
+            _ = stop.fired() => true,
         };
         gate.set_state(State::Stopping);
         gate.set_endpoints(&[]);
@@ -186,12 +185,12 @@ enum Deps {
 /// Wakes the dependencies first, each ready before the next (`depends_on`).
 async fn dependencies(
     gate: &Arc<Gate>,
-    stop: &mut watch::Receiver<bool>,
+    stop: &mut crate::shutdown::Signal,
     span: &tracing::Span,
 ) -> Deps {
     let deps = tokio::select! {
         r = gate.before_wake() => r,
-        _ = stopped(stop) => Err(ProxyError::ShuttingDown { service: gate.name().clone() }),
+        _ = stop.fired() => Err(ProxyError::ShuttingDown { service: gate.name().clone() }),
     };
     let Err(e) = deps else { return Deps::Ready };
     span.in_scope(|| warn!(error = %e, "dependencies not ready"));
@@ -200,7 +199,7 @@ async fn dependencies(
     gate.after_stop();
     gate.set_state(State::Idle);
     Deps::Failed {
-        retry: !*stop.borrow() && gate.held() > 0,
+        retry: !stop.is_fired() && gate.held() > 0,
     }
 }
 
@@ -208,7 +207,7 @@ async fn start_until_ready(
     gate: &Gate,
     cfg: &ProcessBackend,
     pid_dir: Option<&Path>,
-    stop: &mut watch::Receiver<bool>,
+    stop: &mut crate::shutdown::Signal,
 ) -> Result<Backend, StartError> {
     let deadline = Instant::now() + cfg.start_timeout;
     let mut last_exit = String::new();
@@ -244,7 +243,7 @@ async fn start_until_ready(
                     humantime::format_duration(cfg.start_timeout)
                 )));
             }
-            _ = stopped(stop) => {
+            _ = stop.fired() => {
                 backend.terminate(cfg.stop_grace).await;
                 return Err(StartError::Stopped);
             }
@@ -253,7 +252,7 @@ async fn start_until_ready(
             let pause = RESTART_BACKOFF * 2u32.pow(attempt - 1);
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
-                _ = stopped(stop) => return Err(StartError::Stopped),
+                _ = stop.fired() => return Err(StartError::Stopped),
             }
         }
     }

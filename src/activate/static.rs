@@ -4,13 +4,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::sync::watch;
-
 use crate::gate::{Gate, State};
 
 /// Publishes the addresses as ready and keeps them until shutdown.
-pub async fn run(gate: Arc<Gate>, addresses: &[SocketAddr], mut stop: watch::Receiver<bool>) {
+pub async fn run(gate: Arc<Gate>, addresses: &[SocketAddr], mut stop: crate::shutdown::Signal) {
     gate.set_endpoints(addresses);
     gate.set_state(State::Ready);
-    super::stopped(&mut stop).await;
+    stop.fired().await;
 }

@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -43,7 +43,7 @@ pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
     bounds: AdminBounds,
-    mut stop: watch::Receiver<bool>,
+    mut stop: crate::shutdown::Signal,
 ) {
     let slots = Arc::new(Semaphore::new(bounds.max_connections));
     let mut backoff = AcceptBackoff::new("admin", state.metrics.clone());
@@ -56,7 +56,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = crate::shutdown::stopped(&mut stop) => return,
+            _ = stop.fired() => return,
         };
         backoff.accepted();
         let Ok(slot) = slots.clone().try_acquire_owned() else {

@@ -21,7 +21,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 #[cfg(test)]
 use serde_json::Value;
-use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{Config, CrdWatch, Service};
@@ -248,7 +247,7 @@ pub async fn run(
     cfg: CrdWatch,
     services: Arc<Services>,
     changed: Arc<dyn Fn() + Send + Sync>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: crate::shutdown::Signal,
 ) {
     let api: Api<ReveilleService> = match &cfg.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -262,7 +261,7 @@ pub async fn run(
     loop {
         let event = tokio::select! {
             e = stream.next() => match e { Some(e) => e, None => return },
-            _ = crate::shutdown::stopped(&mut stop) => return,
+            _ = stop.fired() => return,
         };
         match event {
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,

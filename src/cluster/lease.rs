@@ -16,7 +16,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::PostParams;
 use kube::{Api, Client};
 use parking_lot::Mutex;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -51,7 +50,7 @@ pub async fn run(
     client: Client,
     cfg: Coordination,
     leadership: Arc<Leadership>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: crate::shutdown::Signal,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let period = cfg.lease_duration / 3;
@@ -72,7 +71,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
-            _ = crate::shutdown::stopped(&mut stop) => {
+            _ = stop.fired() => {
                 let held = leadership.is_leader();
                 leadership.set(None);
                 if held {

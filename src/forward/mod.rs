@@ -65,7 +65,7 @@ pub struct Shared {
     pub drop_underscore_headers: bool,
     /// Turned true when `shutdown.grace` has run out: requests still waiting for a backend's
     /// answer are answered `503 shutting_down` instead of being cut when the process exits.
-    in_flight_stop: tokio::sync::watch::Sender<bool>,
+    in_flight_stop: crate::shutdown::Trigger,
 }
 
 impl Shared {
@@ -78,20 +78,19 @@ impl Shared {
             metrics,
             timeouts: config.timeouts,
             drop_underscore_headers: config.drop_underscore_headers,
-            in_flight_stop: tokio::sync::watch::Sender::new(false),
+            in_flight_stop: crate::shutdown::channel().0,
         }
     }
 
     /// The shutdown grace has run out: every request still waiting for a backend's response
     /// head gets `503 shutting_down` now.
     pub fn cut_in_flight(&self) {
-        self.in_flight_stop.send_replace(true);
+        self.in_flight_stop.fire();
     }
 
     /// Resolves once [`Shared::cut_in_flight`] was called.
     pub(crate) async fn in_flight_cut(&self) {
-        let mut rx = self.in_flight_stop.subscribe();
-        let _ = rx.wait_for(|cut| *cut).await;
+        self.in_flight_stop.signal().fired().await;
     }
 }
 

@@ -11,7 +11,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::cluster::peers::{LocalCounts, ServiceCounts};
@@ -165,13 +164,13 @@ impl Local {
     }
 
     /// Samples every [`RATE_SAMPLE_INTERVAL`] until `stop` turns true.
-    pub async fn run_sampler(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    pub async fn run_sampler(self: Arc<Self>, mut stop: crate::shutdown::Signal) {
         let mut tick = tokio::time::interval(RATE_SAMPLE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => self.sample(),
-                _ = crate::shutdown::stopped(&mut stop) => return,
+                _ = stop.fired() => return,
             }
         }
     }

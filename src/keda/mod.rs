@@ -30,7 +30,6 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::listen::accept::AcceptBackoff;
 use crate::telemetry::metrics::Metrics;
@@ -48,7 +47,7 @@ pub async fn serve(
     listener: TcpListener,
     scaler: Scaler,
     metrics: Metrics,
-    mut stop: watch::Receiver<bool>,
+    mut stop: crate::shutdown::Signal,
 ) {
     let mut backoff = AcceptBackoff::new("keda", metrics);
     let svc = ExternalScalerServer::new(scaler);
@@ -67,7 +66,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = crate::shutdown::stopped(&mut stop) => return,
+            _ = stop.fired() => return,
         };
         backoff.accepted();
         let _ = stream.set_nodelay(true);
@@ -78,7 +77,7 @@ pub async fn serve(
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
-                _ = crate::shutdown::stopped(&mut stop) => {
+                _ = stop.fired() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
                 }

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 use tokio::time::Instant;
 use tracing::warn;
@@ -108,7 +107,7 @@ pub(crate) async fn accept_loop(
     name: &'static str,
     metrics: Metrics,
     conns: Arc<Connections>,
-    mut close: watch::Receiver<bool>,
+    mut close: crate::shutdown::Signal,
     mut serve: impl FnMut(TcpStream, SocketAddr, ConnectionGuard),
 ) {
     let mut backoff = AcceptBackoff::new(name, metrics.clone());
@@ -131,7 +130,7 @@ pub(crate) async fn accept_loop(
                 // EMFILE and friends: back off instead of spinning.
                 Err(e) => backoff.failed(&e).await,
             },
-            _ = crate::shutdown::stopped(&mut close) => break,
+            _ = close.fired() => break,
         }
     }
     while let Some(Ok((stream, remote))) = listener.accept().now_or_never() {

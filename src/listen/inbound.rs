@@ -20,7 +20,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::Timeouts;
@@ -148,7 +147,7 @@ impl Inbound {
         self: Arc<Self>,
         stream: TcpStream,
         svc: Proxy,
-        mut close: watch::Receiver<bool>,
+        mut close: crate::shutdown::Signal,
         guard: ConnectionGuard,
     ) -> impl Future<Output = ()> + Send {
         async move {
@@ -178,14 +177,14 @@ enum Protocol {
 /// awaited once, so the task can reuse its space for the connection afterwards.
 async fn first_bytes(
     stream: &TcpStream,
-    close: &mut watch::Receiver<bool>,
+    close: &mut crate::shutdown::Signal,
     deadline: Instant,
 ) -> Option<Protocol> {
     let sniff = tokio::time::timeout_at(deadline, sniff(stream));
     tokio::pin!(sniff);
     tokio::select! {
         r = sniff.as_mut() => r.ok().flatten(),
-        _ = crate::shutdown::stopped(close) => {
+        () = close.fired() => {
             tokio::time::timeout(LAST_REQUEST_GRACE, sniff).await.ok()?.ok().flatten()
         }
     }
@@ -326,7 +325,7 @@ where
 #[allow(clippy::manual_async_fn)] // on purpose, see above
 pub(crate) fn drive<I>(
     mut conn: Conn<I>,
-    mut close: watch::Receiver<bool>,
+    mut close: crate::shutdown::Signal,
     guard: ConnectionGuard,
 ) -> impl Future<Output = ()> + Send
 where
@@ -337,7 +336,7 @@ where
         // Re-armed, not re-created: one timer for the connection's life.
         let tick = tokio::time::sleep(period);
         tokio::pin!(tick);
-        let stop = OnlyWhenWoken::new(crate::shutdown::stopped(&mut close));
+        let stop = OnlyWhenWoken::new(close.fired());
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -450,9 +449,9 @@ mod tests {
 
     #[tokio::test]
     async fn only_when_woken_polls_its_future_after_its_wake_only() {
-        let (tx, mut rx) = watch::channel(false);
+        let (tx, mut rx) = crate::shutdown::channel();
         let polls = std::cell::Cell::new(0u32);
-        let mut changed = Box::pin(rx.changed());
+        let mut changed = Box::pin(rx.fired());
         let counted = std::future::poll_fn(|cx| {
             polls.set(polls.get() + 1);
             changed.as_mut().poll(cx).map(|_| ())
@@ -467,7 +466,7 @@ mod tests {
             assert!(gated.as_mut().poll(&mut cx).is_pending());
         }
         assert_eq!(polls.get(), 1, "polls without its wake-up do not reach it");
-        tx.send(true).unwrap();
+        tx.fire();
         assert!(gated.as_mut().poll(&mut cx).is_ready());
         assert_eq!(polls.get(), 2);
     }
@@ -513,7 +512,7 @@ mod tests {
             });
         let inbound = Arc::new(Inbound::new(&cfg.timeouts));
         let conns = crate::listen::Connections::new(1);
-        let (_close, close) = watch::channel(false);
+        let (_close, close) = crate::shutdown::channel();
         let svc = Proxy::new(shared, remote, "http");
         let conn_size = std::mem::size_of::<Conn<TcpStream>>();
         let task = inbound.serve_tcp(server, svc, close, conns.try_open().unwrap());

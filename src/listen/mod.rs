@@ -11,7 +11,6 @@ pub mod tls;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 pub(crate) use accept::{bind_listener, ConnectionGuard, Connections};
 
@@ -24,7 +23,7 @@ pub(crate) async fn serve_plain(
     listener: TcpListener,
     shared: Arc<Shared>,
     inbound: Arc<Inbound>,
-    close: watch::Receiver<bool>,
+    close: crate::shutdown::Signal,
     conns: Arc<Connections>,
 ) {
     let metrics = shared.metrics.clone();

@@ -23,7 +23,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -130,7 +130,7 @@ impl TlsListener {
         shared: Arc<Shared>,
         inbound: Arc<Inbound>,
         handshake_timeout: Duration,
-        close: watch::Receiver<bool>,
+        close: crate::shutdown::Signal,
         conns: Arc<Connections>,
     ) -> JoinHandle<()> {
         let reloader = tokio::spawn(reload_loop(
@@ -168,7 +168,7 @@ async fn accept_tls(
     shared: Arc<Shared>,
     inbound: Arc<Inbound>,
     handshake_timeout: Duration,
-    close: watch::Receiver<bool>,
+    close: crate::shutdown::Signal,
     conns: Arc<Connections>,
 ) {
     let metrics = shared.metrics.clone();
@@ -248,7 +248,7 @@ async fn reload_loop(
     cert: PathBuf,
     key: PathBuf,
     mut last: Pem,
-    mut stop: watch::Receiver<bool>,
+    mut stop: crate::shutdown::Signal,
 ) {
     let wake = Arc::new(Notify::new());
     let watcher = match watch_dirs(&[&cert, &key], wake.clone()) {
@@ -260,7 +260,7 @@ async fn reload_loop(
     };
     loop {
         tokio::select! {
-            _ = crate::shutdown::stopped(&mut stop) => break,
+            _ = stop.fired() => break,
             _ = wake.notified(), if watcher.is_some() => {
                 // Wait for the files to go quiet: each further event restarts the wait, up to
                 // a bound (other files in the directory may never go quiet).

@@ -68,7 +68,8 @@ pub fn week_bucket(t: Timestamp) -> (i64, u16) {
     (week, bucket)
 }
 
-fn week_start(week: i64) -> Timestamp {
+/// The start of `week` (Monday 00:00 UTC).
+pub(crate) fn week_start(week: i64) -> Timestamp {
     Timestamp::from_second(FIRST_MONDAY + week * WEEK).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 

@@ -9,6 +9,8 @@
 //! are `tokio::time` sleeps of at most [`MAX_SLEEP`], after which the clock is read again (a
 //! clock step, or NTP, is followed within that bound).
 
+pub(crate) mod configmap;
+pub(crate) mod delta;
 pub mod import;
 pub mod learn;
 pub mod plan;
@@ -115,6 +117,8 @@ pub struct Context {
     pub clock: Arc<dyn Clock>,
     /// The learned history; `None` when no service learns.
     pub store: Option<Arc<store::Store>>,
+    /// Its ConfigMap, when it is shared between replicas (Kubernetes with `coordination:`).
+    pub(crate) shared: Option<Arc<configmap::Shared>>,
 }
 
 impl Default for Context {
@@ -122,6 +126,7 @@ impl Default for Context {
         Context {
             clock: Arc::new(SystemClock),
             store: None,
+            shared: None,
         }
     }
 }
@@ -131,11 +136,7 @@ impl Context {
     /// service learns (an error when `state_dir` is not writable). Saved every minute while
     /// in use; call [`Context::save`] at shutdown.
     pub fn open(config: &crate::Config) -> Result<Context, store::StoreError> {
-        let learns = config
-            .services
-            .iter()
-            .any(|s| s.prewarm.as_ref().is_some_and(|p| p.learn));
-        let store = if learns {
+        let store = if learns(config) {
             let s = store::Store::open(&config.state_dir)?;
             s.spawn_saver();
             Some(s)
@@ -145,7 +146,51 @@ impl Context {
         Ok(Context {
             clock: Arc::new(SystemClock),
             store,
+            shared: None,
         })
+    }
+
+    /// The context for `config` on Kubernetes with `coordination`: the history is kept in a
+    /// ConfigMap shared by the replicas ([`configmap`]), read before this returns, synced
+    /// every lease duration; `is_leader` says whether this replica holds the Lease. Call
+    /// [`Context::finish`] at shutdown.
+    pub(crate) async fn open_shared(
+        config: &crate::Config,
+        client: kube::Client,
+        coordination: &crate::config::Coordination,
+        is_leader: Arc<dyn Fn() -> bool + Send + Sync>,
+    ) -> Context {
+        let mut ctx = Context::default();
+        if !learns(config) {
+            return ctx;
+        }
+        let c = coordination;
+        let store = store::Store::shared(&configmap::configmap_name(&c.lease));
+        let shared = configmap::Shared::new(
+            client,
+            &c.namespace,
+            &c.lease,
+            &c.identity,
+            is_leader,
+            store.clone(),
+            ctx.clock.clone(),
+            c.lease_duration,
+        );
+        shared.load().await;
+        shared.spawn();
+        tracing::info!(configmap = %shared.name(), namespace = %c.namespace, "learned pre-warm history shared through a ConfigMap");
+        ctx.store = Some(store);
+        ctx.shared = Some(shared);
+        ctx
+    }
+
+    /// At shutdown: writes the history (file), or hands this replica's last observations to
+    /// the ConfigMap (shared).
+    pub async fn finish(&self) {
+        self.save();
+        if let Some(s) = &self.shared {
+            s.finish().await;
+        }
     }
 
     /// Writes the learned history if it changed.
@@ -179,6 +224,14 @@ impl Context {
                 .unwrap_or_default()
         })
     }
+}
+
+/// Whether any service learns its windows.
+fn learns(config: &crate::Config) -> bool {
+    config
+        .services
+        .iter()
+        .any(|s| s.prewarm.as_ref().is_some_and(|p| p.learn))
 }
 
 impl std::fmt::Debug for Context {

@@ -147,13 +147,7 @@ impl Runner {
             .last_request
             .is_none_or(|l| now.duration_since(l) >= idle);
         seen.last_request = Some(now);
-        store.update(|h| {
-            let s = h.service(self.gate.name());
-            if start {
-                s.start(now);
-            }
-            s.requests(now, n);
-        });
+        store.record(self.gate.name(), now, start, n);
     }
 
     /// Starts keeping the service up for `span`; counts its windows.
@@ -180,17 +174,14 @@ impl Runner {
         info!(service = %name, hit, "pre-warm window over");
         if !hit {
             if let Some(store) = self.store() {
-                store.update(|h| {
-                    let s = h.service(&name);
-                    for w in a
-                        .span
-                        .windows
-                        .iter()
-                        .filter(|w| w.source == Source::Learned)
-                    {
-                        s.missed(w.start, w.end);
-                    }
-                });
+                let learned = a
+                    .span
+                    .windows
+                    .iter()
+                    .filter(|w| w.source == Source::Learned);
+                for w in learned {
+                    store.record_miss(&name, w.start, w.end);
+                }
             }
         }
     }

@@ -1,6 +1,10 @@
 //! The learned history on disk: one JSON document, `<state_dir>/prewarm-history.json`
 //! (format in docs/prewarm.md), read at start, written atomically (a temporary file renamed
 //! over it) every [`SAVE_INTERVAL`] when it changed and at shutdown.
+//!
+//! On Kubernetes with `coordination:` the history is shared through a ConfigMap instead
+//! ([`super::configmap`]): the store is then this replica's view of it, and what the replica
+//! observes is also kept in a [`Journal`] until the ConfigMap has it.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,6 +14,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tracing::warn;
 
+use super::delta::{Delta, Journal};
 use super::learn::History;
 
 /// The history file's name under `state_dir`.
@@ -45,6 +50,8 @@ pub struct Store {
     path: PathBuf,
     history: Mutex<History>,
     dirty: AtomicBool,
+    /// Shared history (Kubernetes): observations the ConfigMap does not have yet.
+    journal: Option<Mutex<Journal>>,
 }
 
 impl Store {
@@ -81,7 +88,63 @@ impl Store {
             path,
             history: Mutex::new(history),
             dirty: AtomicBool::new(false),
+            journal: None,
         }))
+    }
+
+    /// An empty view of a shared history (kept in the ConfigMap `name`, for the messages).
+    pub(crate) fn shared(name: &str) -> Arc<Store> {
+        Arc::new(Store {
+            path: PathBuf::from(format!("configmap/{name}")),
+            history: Mutex::new(History::new()),
+            dirty: AtomicBool::new(false),
+            journal: Some(Mutex::new(Journal::default())),
+        })
+    }
+
+    /// `n` requests of `service` at `now`, the first a start of activity when `start`.
+    pub(crate) fn record(&self, service: &str, now: jiff::Timestamp, start: bool, n: u64) {
+        let mut journal = self.journal.as_ref().map(|j| j.lock());
+        if let Some(j) = journal.as_mut() {
+            if start {
+                j.delta.start(service, now);
+            }
+            j.delta.requests(service, now, n);
+        }
+        self.update(|h| {
+            let s = h.service(service);
+            if start {
+                s.start(now);
+            }
+            s.requests(now, n);
+        });
+    }
+
+    /// A learned window of `service` over `[start, end)` saw no request here.
+    pub(crate) fn record_miss(&self, service: &str, start: jiff::Timestamp, end: jiff::Timestamp) {
+        let mut journal = self.journal.as_ref().map(|j| j.lock());
+        if let Some(j) = journal.as_mut() {
+            j.misses.push((service.to_string(), start, end));
+        }
+        self.update(|h| h.service(service).missed(start, end));
+    }
+
+    /// The journal of a shared history (`None` for a file).
+    pub(crate) fn journal(&self) -> Option<&Mutex<Journal>> {
+        self.journal.as_ref()
+    }
+
+    /// Replaces the view of a shared history with `base` plus what the journal holds (under
+    /// its lock, so nothing recorded meanwhile is missing from the view).
+    pub(crate) fn set_view(&self, mut base: History) {
+        let Some(journal) = &self.journal else { return };
+        let j = journal.lock();
+        let pending = j.inflight.iter().chain(std::iter::once(&j.delta));
+        pending.for_each(|d: &Delta| super::delta::fold(&mut base, d));
+        for (service, start, end) in &j.misses {
+            base.service(service).missed(*start, *end);
+        }
+        *self.history.lock() = base;
     }
 
     /// The history in `state_dir` without creating or checking anything (empty when there is
@@ -115,7 +178,8 @@ impl Store {
 
     /// Writes the history if it changed since the last save.
     pub fn save(&self) -> std::io::Result<()> {
-        if !self.dirty.swap(false, Ordering::Relaxed) {
+        // A shared history is written by its ConfigMap sync.
+        if self.journal.is_some() || !self.dirty.swap(false, Ordering::Relaxed) {
             return Ok(());
         }
         let text = self.read(serde_json::to_vec_pretty)?;

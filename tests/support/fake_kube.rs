@@ -56,6 +56,9 @@ pub struct Store {
     pub deliver: bool,
 }
 
+/// Another writer, run just before a write it races with.
+pub type Interloper = Box<dyn FnOnce(&FakeApi) + Send>;
+
 /// Counters and knobs the tests read and set.
 #[derive(Default)]
 pub struct Knobs {
@@ -71,6 +74,11 @@ pub struct Knobs {
     pub watches: AtomicUsize,
     /// Watch streams answered with `410 Gone`.
     pub gones: AtomicUsize,
+    /// ConfigMap writes (POST, PUT, PATCH) answered `409`.
+    pub configmap_conflicts: AtomicUsize,
+    /// Other writers: each runs just before the next ConfigMap write is handled (it lands
+    /// between that writer's read and its write).
+    pub interlopers: Mutex<Vec<Interloper>>,
 }
 
 /// The fake API server.
@@ -288,13 +296,44 @@ impl FakeApi {
             [plural] => (None, *plural, None, None),
             _ => return status(404, "NotFound", "no such path"),
         };
+        let write = matches!(method, Method::POST | Method::PUT | Method::PATCH);
+        if plural == "configmaps" && write {
+            let next = {
+                let mut queue = self.knobs.interlopers.lock();
+                (!queue.is_empty()).then(|| queue.remove(0))
+            };
+            if let Some(other) = next {
+                other(&self);
+            }
+        }
+        let resp = self.dispatch(method, plural, ns, name, sub, &query, &content_type, &body);
+        if plural == "configmaps" && resp.status() == StatusCode::CONFLICT {
+            self.knobs
+                .configmap_conflicts
+                .fetch_add(1, Ordering::SeqCst);
+        }
+        resp
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch(
+        &self,
+        method: Method,
+        plural: &str,
+        ns: Option<&str>,
+        name: Option<&str>,
+        sub: Option<&str>,
+        query: &HashMap<String, String>,
+        content_type: &str,
+        body: &[u8],
+    ) -> Response<WatchBody> {
         match (method, name, sub) {
             (Method::GET, None, _)
                 if query.get("watch").map(|v| v == "true" || v == "1") == Some(true) =>
             {
-                self.watch(plural, ns, &query)
+                self.watch(plural, ns, query)
             }
-            (Method::GET, None, _) => self.list(plural, ns, &query),
+            (Method::GET, None, _) => self.list(plural, ns, query),
             (Method::GET, Some(name), None) => match self.get(plural, ns.unwrap_or(""), name) {
                 Some(o) => json_resp(200, &o),
                 None => status(404, "NotFound", &format!("{plural} {name:?} not found")),
@@ -306,15 +345,15 @@ impl FakeApi {
                 }
             }
             (Method::PATCH, Some(name), Some("scale")) => {
-                self.patch_scale(plural, ns.unwrap_or(""), name, &body)
+                self.patch_scale(plural, ns.unwrap_or(""), name, body)
             }
             (Method::PATCH, Some(name), sub) => {
-                self.patch(plural, ns.unwrap_or(""), name, sub, &content_type, &body)
+                self.patch(plural, ns.unwrap_or(""), name, sub, content_type, body)
             }
             (Method::PUT, Some(name), sub) => {
-                self.replace(plural, ns.unwrap_or(""), name, sub, &body)
+                self.replace(plural, ns.unwrap_or(""), name, sub, body)
             }
-            (Method::POST, None, _) => self.create(plural, ns.unwrap_or(""), &body),
+            (Method::POST, None, _) => self.create(plural, ns.unwrap_or(""), body),
             (Method::DELETE, Some(name), None) => match self.delete(plural, ns.unwrap_or(""), name)
             {
                 Some(o) => json_resp(200, &o),
@@ -436,11 +475,7 @@ impl FakeApi {
         }
         let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
         if self.get(plural, ns, &name).is_some() {
-            return status(
-                409,
-                "AlreadyExists",
-                &format!("{plural} {name:?} already exists"),
-            );
+            return already_exists(plural, &name);
         }
         json_resp(201, &self.put(plural, kind_of(plural), obj))
     }
@@ -461,7 +496,7 @@ impl FakeApi {
         };
         if let Some(rv) = obj["metadata"]["resourceVersion"].as_str() {
             if Some(rv) != current["metadata"]["resourceVersion"].as_str() {
-                return status(409, "Conflict", "the object has been modified; please apply your changes to the latest version and try again");
+                return conflict(plural, name);
             }
         }
         if sub == Some("status") {
@@ -503,7 +538,7 @@ impl FakeApi {
         let strategic = content_type.starts_with("application/strategic-merge-patch+json");
         if let Some(rv) = patch["metadata"]["resourceVersion"].as_str() {
             if Some(rv) != obj["metadata"]["resourceVersion"].as_str() {
-                return status(409, "Conflict", "the object has been modified");
+                return conflict(plural, name);
             }
         }
         if sub == Some("status") {
@@ -589,6 +624,7 @@ fn kind_of(plural: &str) -> &'static str {
         "pods" => "Pod",
         "replicasets" => "ReplicaSet",
         "events" => "Event",
+        "configmaps" => "ConfigMap",
         _ => "Object",
     }
 }
@@ -756,6 +792,26 @@ fn status(code: u16, reason: &str, message: &str) -> Response<WatchBody> {
     json_resp(
         code,
         &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code}),
+    )
+}
+
+/// The `409` a real API server sends for a write with a stale `resourceVersion`.
+fn conflict(plural: &str, name: &str) -> Response<WatchBody> {
+    json_resp(
+        409,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("Operation cannot be fulfilled on {plural} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"),
+            "reason": "Conflict", "details": {"name": name, "kind": plural}, "code": 409}),
+    )
+}
+
+/// The `409` a real API server sends for a create that finds the object there.
+fn already_exists(plural: &str, name: &str) -> Response<WatchBody> {
+    json_resp(
+        409,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("{plural} \"{name}\" already exists"),
+            "reason": "AlreadyExists", "details": {"name": name, "kind": plural}, "code": 409}),
     )
 }
 

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,7 +131,7 @@ pub async fn backend_killed_during_drain(n: usize) -> Tally {
     ))
     .await;
     let addr = r.proxy_addr;
-    let gate = r.gates[0].clone();
+    let gate = r.gates()[0].clone();
     let run = tokio::spawn(burst(addr, "hello.test", n, |i| {
         format!("/_demo/sleep?ms={}", 5 + i % 10)
     }));
@@ -211,11 +211,15 @@ pub async fn slowloris(slow: usize, n: usize) -> (Tally, usize) {
     let r = start(&yaml).await;
     let addr = r.proxy_addr;
     let stop_slow = Arc::new(AtomicBool::new(false));
+    // Slow clients that tried to connect (and, connected, are trickling).
+    let started = Arc::new(AtomicUsize::new(0));
     let mut slow_tasks = Vec::new();
     for _ in 0..slow {
-        let stop_slow = stop_slow.clone();
+        let (stop_slow, started) = (stop_slow.clone(), started.clone());
         slow_tasks.push(tokio::spawn(async move {
-            let Ok(mut s) = TcpStream::connect(addr).await else {
+            let connected = TcpStream::connect(addr).await;
+            started.fetch_add(1, Ordering::SeqCst);
+            let Ok(mut s) = connected else {
                 return false;
             };
             let head = b"GET / HTTP/1.1\r\nHost: hello.test\r\nX-Slow: ";
@@ -231,10 +235,19 @@ pub async fn slowloris(slow: usize, n: usize) -> (Tally, usize) {
             false
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The normal requests go once every slow client is in (bounded: a machine that cannot
+    // connect them all in 30 s sends the burst anyway).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while started.load(Ordering::SeqCst) < slow && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let t = burst(addr, "hello.test", n, |i| format!("/normal/{i}")).await;
-    // Give the header timeout time to close the slow ones, then stop any survivor.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The header timeout (1 s) closes the slow ones: wait until each has seen its close
+    // (bounded), then stop any survivor (counted as not closed).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !slow_tasks.iter().all(|t| t.is_finished()) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     stop_slow.store(true, Ordering::Relaxed);
     let mut closed = 0;
     for task in slow_tasks {

@@ -87,7 +87,7 @@ pub async fn stop(r: Running) {
 
 /// The first service's routed endpoint addresses, sorted.
 pub fn routed(r: &Running) -> Vec<SocketAddr> {
-    let mut v: Vec<SocketAddr> = r.gates[0].endpoints().iter().map(|e| e.addr).collect();
+    let mut v: Vec<SocketAddr> = r.gates()[0].endpoints().iter().map(|e| e.addr).collect();
     v.sort();
     v
 }
@@ -197,3 +197,38 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
 }
 pub mod keda;
+
+/// The kernel's TCP states (`/proc/net/tcp`, e.g. `0x01` ESTABLISHED, `0x08` CLOSE_WAIT) of
+/// this machine's IPv4 sockets connected to `peer`: for a backend address, the states of
+/// Reveille's connections to it. CLOSE_WAIT means the backend's close (FIN) has arrived.
+pub fn tcp_states_to(peer: SocketAddr) -> Vec<u8> {
+    let SocketAddr::V4(v4) = peer else {
+        panic!("IPv4 only: {peer}");
+    };
+    // Addresses are printed as the in-memory u32 in hex (little-endian here), ports as numbers.
+    let [a, b, c, d] = v4.ip().octets();
+    let want = format!("{d:02X}{c:02X}{b:02X}{a:02X}:{:04X}", v4.port());
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, _, remote, state) = (f.next()?, f.next()?, f.next()?, f.next()?);
+            (remote == want).then(|| u8::from_str_radix(state, 16).ok())?
+        })
+        .collect()
+}
+
+/// TCP state ESTABLISHED in [`tcp_states_to`].
+pub const TCP_ESTABLISHED: u8 = 0x01;
+
+/// Whether every connection to `peer` that is still open on this side has received the peer's
+/// close: none is ESTABLISHED any more (CLOSE_WAIT, or closed on this side too).
+///
+/// Tests waiting for a backend's close to reach Reveille's pooled connection wait on this:
+/// once the FIN is in the kernel, the next request Reveille reads comes through the same
+/// reactor after it, so the close is visible (readiness) by the time the pool is asked.
+pub fn close_arrived_from(peer: SocketAddr) -> bool {
+    !tcp_states_to(peer).contains(&TCP_ESTABLISHED)
+}

@@ -46,7 +46,6 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Protocol;
@@ -97,17 +96,18 @@ pub(crate) fn serve<S: ClientIo>(
     inbound: Arc<Inbound>,
     stream: S,
     proxy: Proxy,
-    close: watch::Receiver<bool>,
+    close: crate::shutdown::Signal,
     guard: ConnectionGuard,
     deadline: Instant,
 ) -> impl Future<Output = ()> + Send {
     async move {
         let mut stop_rx = close.clone();
-        let stop = OnlyWhenWoken::new(crate::shutdown::stopped(&mut stop_rx));
+        let stop = OnlyWhenWoken::new(stop_rx.fired());
         tokio::pin!(stop);
-        // A connection whose first bytes came after shutdown began has seen the signal already
-        // (`has_changed` would not tell): it shuts down from its first request.
-        let shutting = *close.borrow();
+        // A connection whose first bytes came after shutdown began shuts down from its first
+        // request.
+        let mut close = close;
+        let shutting = close.is_fired();
         let mut c = Client {
             stream,
             buf: Vec::with_capacity(READ_BUF),
@@ -236,7 +236,7 @@ struct Client<S> {
     /// The pooled connections of the endpoint used last (most requests go to the same one).
     last_host: Option<(SocketAddr, Arc<crate::upstream::raw::Host>)>,
     proxy: Proxy,
-    close: watch::Receiver<bool>,
+    close: crate::shutdown::Signal,
     /// Shutting down: answer the request in progress with `Connection: close`.
     shutting: bool,
 }
@@ -285,12 +285,7 @@ impl<S: ClientIo> Client<S> {
 
     /// Whether shutdown has started (read without registering anything).
     fn shutting_down(&mut self) -> bool {
-        self.shutting
-            || match self.close.has_changed() {
-                Err(_) => true,
-                Ok(false) => false,
-                Ok(true) => *self.close.borrow(),
-            }
+        self.shutting || self.close.is_fired()
     }
 
     /// Holds and forwards one request (its head first in `buf`) and writes its response.

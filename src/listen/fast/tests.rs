@@ -379,7 +379,7 @@ async fn connected(backend: SocketAddr) -> (Client<TcpStream>, TcpStream, Proxy)
     let (stream, remote) = accepted.unwrap();
     let proxy = Proxy::new(shared, remote, "http");
     // Never shut down.
-    let (tx, close) = watch::channel(false);
+    let (tx, close) = crate::shutdown::channel();
     std::mem::forget(tx);
     let c = Client {
         stream,

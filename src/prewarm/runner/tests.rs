@@ -43,6 +43,7 @@ async fn keeps_the_gate_awake_from_lead_before_the_window_to_its_end() {
     let ctx = Context {
         clock: Arc::new(clock),
         store: None,
+        shared: None,
     };
     let _h = Runner::new(
         gate.clone(),
@@ -88,6 +89,7 @@ async fn a_window_under_way_at_start_is_kept_and_auto_lead_is_at_least_30s() {
     let ctx = Context {
         clock: Arc::new(clock),
         store: None,
+        shared: None,
     };
     assert_eq!(lead(&cfg, Some(&gate)), Duration::from_secs(30));
     gate.activated(Duration::from_secs(45));
@@ -121,6 +123,7 @@ async fn a_learning_runner_records_starts_of_activity_in_the_store() {
     let ctx = Context {
         clock: Arc::new(clock),
         store: Some(store.clone()),
+        shared: None,
     };
     let _h = Runner::new(gate.clone(), cfg, ctx, metrics, Duration::from_secs(60)).spawn();
     advance(1).await;
