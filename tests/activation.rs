@@ -467,10 +467,14 @@ async fn held_requests_past_the_shutdown_grace_get_503_and_the_backend_is_stoppe
     })
     .await;
     let listen = format!("127.0.0.1:{port}");
-    wait_until("the backend to be starting", Duration::from_secs(10), || {
-        let n = pids_with_arg(&listen).len();
-        async move { n == 1 }
-    })
+    wait_until(
+        "the backend to be starting",
+        Duration::from_secs(10),
+        || {
+            let n = pids_with_arg(&listen).len();
+            async move { n == 1 }
+        },
+    )
     .await;
     let t0 = std::time::Instant::now();
     r.shutdown();

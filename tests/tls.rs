@@ -318,7 +318,7 @@ async fn graceful_shutdown_lets_tls_requests_finish() {
     let mut slow = h1(connect(&tls, addr).await).await;
     let in_flight = tokio::spawn(async move { get_h1(&mut slow, "/_demo/sleep?ms=1500").await });
     // The slow request is in flight (forwarded, not answered) before the shutdown starts.
-    let gate = r.gates[0].clone();
+    let gate = r.gates()[0].clone();
     wait_until(
         "the slow request in flight",
         Duration::from_secs(10),
