@@ -18,10 +18,10 @@ pub enum ProxyError {
     /// The Host header is not one visible-ASCII value (several Host headers, or bytes ≥ 0x80).
     #[error("request has an invalid Host header")]
     InvalidHost,
-    /// The request target is longer than [`crate::route::checks::MAX_URI_BYTES`].
+    /// The request target is longer than [`crate::config::MAX_URI_BYTES`].
     #[error(
         "request target of {len} bytes is too long (limit {})",
-        crate::route::checks::MAX_URI_BYTES
+        crate::config::MAX_URI_BYTES
     )]
     UriTooLong {
         /// Its length in bytes.

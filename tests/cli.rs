@@ -54,6 +54,27 @@ fn check_reports_every_problem_with_its_field_and_exits_2() {
 }
 
 #[test]
+fn check_reports_unknown_fields_together_with_every_other_problem() {
+    let path = write_config(
+        "unknown.yaml",
+        "services:\n  - name: a\n    hosts: [a.test]\n    idle_timout: 3s\n    backend: { static: { addresses: [127.0.0.1:1] } }\n    queue: { capacity: 0 }\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "invalid configuration",
+        "services[0].idle_timout: unknown field `idle_timout`",
+        "services[0].queue.capacity: must be at least 1",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+}
+
+#[test]
 fn serve_refuses_a_bad_config_before_binding() {
     let port = free_port();
     let path = write_config(

@@ -5,8 +5,8 @@
 //! gate, driver and held requests.
 //!
 //! An object is validated by the same code as the file (each object alone), and its problems are
-//! reported on the object as a `Ready=False` condition with reason `Invalid`, field paths under
-//! `spec.`; a valid object gets `Ready=True`. An invalid object never stops anything else.
+//! reported on the object as a `Ready=False` condition with reason `Invalid`, each naming a
+//! field of the object (`spec.hosts[0]`, `metadata.name`); a valid object gets `Ready=True`. An invalid object never stops anything else.
 //! The service's name is `<namespace>-<name>`.
 
 use std::sync::Arc;
@@ -195,7 +195,7 @@ pub struct StatusCondition {
     pub status: String,
     /// `Valid` or `Invalid`.
     pub reason: String,
-    /// The problems, one per line, with field paths under `spec.`.
+    /// The problems, one per line, each with the path of the field at fault (`spec.hosts`).
     pub message: String,
     /// The object's `metadata.generation` this was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -211,35 +211,19 @@ pub fn crd_yaml() -> String {
     )
 }
 
-/// The service an object describes, or its problems (field paths under `spec.`).
+/// The service an object describes, or its problems, each naming a field of the object
+/// (`spec.hosts[0]`, `metadata.name`). The spec's fields are those of a service in the file and
+/// are checked by the same code; the name is `<namespace>-<name>`, and the workload's namespace
+/// defaults to the object's.
 pub fn to_service(obj: &ReveilleService) -> Result<Service, Vec<String>> {
     let ns = obj.namespace().unwrap_or_default();
     let mut spec = serde_json::to_value(&obj.spec).map_err(|e| vec![e.to_string()])?;
     if let Some(k) = spec["backend"]["kubernetes"].as_object_mut() {
         k.entry("namespace").or_insert_with(|| json!(ns));
     }
-    if spec["concurrency"].is_null() {
-        spec.as_object_mut().map(|m| m.remove("concurrency"));
-    }
-    let mut svc = spec;
-    svc["name"] = json!(format!("{ns}-{}", obj.name_any()));
-    svc["namespace"] = json!(ns);
-    let doc = json!({ "services": [svc] });
-    match Config::parse_with_env(&doc.to_string(), &|_| None) {
-        Ok(mut c) => Ok(c.services.remove(0)),
-        Err(e) => Err(e
-            .problems
-            .iter()
-            .map(|p| {
-                let path = p.path.replacen("services[0].", "spec.", 1);
-                let path = match path.as_str() {
-                    "services[0].name" => "metadata.name".to_string(),
-                    _ => path,
-                };
-                format!("{path}: {}", p.reason)
-            })
-            .collect()),
-    }
+    let name = format!("{ns}-{}", obj.name_any());
+    Config::object_service(&name, &ns, spec)
+        .map_err(|e| e.problems.iter().map(|p| p.to_string()).collect())
 }
 
 fn condition(obj: &ReveilleService, result: &Result<Service, Vec<String>>) -> StatusCondition {
@@ -432,6 +416,25 @@ mod tests {
         assert!(
             props["rollout"]["properties"]["validation"].is_object(),
             "{props}"
+        );
+    }
+
+    #[test]
+    fn problems_name_the_object_s_own_fields() {
+        let mut obj = object(json!({
+            "hosts": ["ok.test", "a.*.test"],
+            "backend": {"static": {"addresses": []}},
+            "queue": {"capacity": 0},
+        }));
+        obj.metadata.name = Some("o".repeat(60));
+        assert_eq!(
+            to_service(&obj).unwrap_err(),
+            vec![
+                "metadata.name: must be at most 63 characters",
+                "spec.hosts[1]: \"a.*.test\": a wildcard is only allowed as a leading \"*.\" label",
+                "spec.queue.capacity: must be at least 1",
+                "spec.backend.static.addresses: at least one address is required",
+            ]
         );
     }
 }

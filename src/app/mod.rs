@@ -67,21 +67,15 @@ impl Running {
         if config.admin != running.admin {
             needs_restart.push("admin");
         }
-        if config.tls.as_ref().map(|t| (&t.listen, &t.cert, &t.key))
-            != running.tls.as_ref().map(|t| (&t.listen, &t.cert, &t.key))
-        {
+        if config.tls != running.tls {
             needs_restart.push("tls");
         }
         if config.keda != running.keda {
             needs_restart.push("keda");
         }
-        if format!(
-            "{:?}{:?}{:?}",
-            config.limits, config.timeouts, config.shutdown
-        ) != format!(
-            "{:?}{:?}{:?}",
-            running.limits, running.timeouts, running.shutdown
-        ) {
+        if (config.limits, config.timeouts, config.shutdown)
+            != (running.limits, running.timeouts, running.shutdown)
+        {
             needs_restart.push("limits/timeouts/shutdown");
         }
         Reloaded {

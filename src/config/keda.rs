@@ -22,7 +22,7 @@ pub const DEFAULT_TARGET_CONCURRENCY: f64 = 100.0;
 pub const DEFAULT_TARGET_RATE: f64 = 100.0;
 
 /// KEDA integration and replica aggregation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keda {
     /// The external scaler gRPC listener; `None`: not served.
     pub listen: Option<SocketAddr>,
@@ -83,7 +83,6 @@ pub struct ServiceKeda {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct RawKeda {
     listen: Option<SocketAddr>,
     #[serde(default)]
@@ -95,7 +94,6 @@ pub(super) struct RawKeda {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct RawServiceKeda {
     #[serde(default)]
     metric: ScalingMetric,

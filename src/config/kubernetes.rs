@@ -43,7 +43,6 @@ pub struct Coordination {
 
 /// `coordination:` as written.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawCoordination {
     lease: Option<String>,
     namespace: Option<String>,
@@ -127,7 +126,6 @@ pub struct CrdWatch {
 
 /// `crd:` as written.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawCrd {
     namespace: Option<String>,
 }
@@ -213,7 +211,6 @@ pub enum Scaling {
 
 /// `backend.kubernetes` as written.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawKubernetes {
     #[serde(default)]
     namespace: String,

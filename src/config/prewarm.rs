@@ -19,7 +19,6 @@ pub const MIN_AUTO_LEAD: Duration = Duration::from_secs(30);
 pub const MAX_SCHEDULE_WINDOWS: usize = 64;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct RawPrewarm {
     #[serde(default)]
     schedule: Vec<RawWindow>,
@@ -30,7 +29,6 @@ pub(super) struct RawPrewarm {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawWindow {
     #[serde(default)]
     days: Vec<String>,
@@ -86,6 +84,8 @@ impl PartialEq for ScheduledWindow {
             && self.timezone_name == o.timezone_name
     }
 }
+
+impl Eq for ScheduledWindow {}
 
 pub(super) fn validate(p: &mut Problems, at: &str, raw: RawPrewarm) -> Prewarm {
     let lead = match raw.lead.as_deref().map(str::trim) {

@@ -159,7 +159,6 @@ impl OnFailure {
 
 /// `rollout:` as written.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawRollout {
     #[serde(default)]
     validation: Vec<RawStep>,
@@ -174,7 +173,6 @@ pub(crate) struct RawRollout {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawStep {
     method: Option<String>,
     path: Option<String>,
@@ -189,7 +187,6 @@ struct RawStep {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawExpectJson {
     path: String,
     equals: serde_json::Value,

@@ -283,4 +283,127 @@ fn admin_is_an_address_or_listen_with_a_token_file() {
         "admin: {{ listen: 127.0.0.1:9292, token_file: '' }}\n{svc}"
     ));
     assert!(e.iter().any(|e| e.starts_with("admin.token_file")), "{e:?}");
+    let e = errs(&format!(
+        "admin: {{ listen: 127.0.0.1:9292, tokn_file: x }}\n{svc}"
+    ));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("admin.tokn_file: unknown field `tokn_file`"),
+        "{e:?}"
+    );
+    let e = errs(&format!("admin: 127.0.0.1\n{svc}"));
+    assert!(e[0].starts_with("admin: invalid socket address"), "{e:?}");
+}
+
+#[test]
+fn unknown_fields_are_reported_with_every_other_problem() {
+    let e = errs(
+        "services:\n  - name: a\n    hosts: [a]\n    idle_timout: 3s\n    backend: { static: { addresses: [127.0.0.1:1] } }\n    queue: { capacity: 0 }\n",
+    );
+    assert_eq!(
+        e,
+        vec![
+            "services[0].idle_timout: unknown field `idle_timout`, expected one of `name`, \
+             `namespace`, `protocol`, `upstream_tls`, `hosts`, `path_prefix`, `backend`, `queue`, \
+             `idle_timeout`, `concurrency`, `keda`, `rollout`, `knative`, `upgrades`, `prewarm`, \
+             `depends_on`",
+            "services[0].queue.capacity: must be at least 1",
+        ]
+    );
+}
+
+#[test]
+fn unknown_fields_are_found_at_every_depth() {
+    let e = errs(
+        r#"
+lisen: 127.0.0.1:1
+timeouts: { client_heder: 1s }
+keda: { peers: [], extra: 1 }
+tls: { listen: 127.0.0.1:0, cert: /nonexistent/c.pem, key: /nonexistent/k.pem, ca: x }
+services:
+  - name: a
+    hosts: [a]
+    backend:
+      process: { command: [x], address: 127.0.0.1:5, readiness: { pth: /x } }
+      extra: {}
+    keda: { metrc: rate }
+  - name: b
+    hosts: [b]
+    backend:
+      kubernetes: { deployment: d, service: s, port: 80, replica: 2 }
+    rollout:
+      validation: [{ path: /x, expect_json: { path: $.a, equals: 1, extra: 2 } }]
+    prewarm: { schedule: [{ start: "09:00", end: "10:00", dayz: [mon] }] }
+    queue: { capacity: 0 }
+"#,
+    );
+    let unknown: Vec<&str> = e
+        .iter()
+        .filter(|l| l.contains("unknown field"))
+        .map(|l| l.split(':').next().unwrap())
+        .collect();
+    assert_eq!(
+        unknown,
+        [
+            "lisen",
+            "timeouts.client_heder",
+            "keda.extra",
+            "tls.ca",
+            "services[0].backend.process.readiness.pth",
+            "services[0].backend.extra",
+            "services[0].keda.metrc",
+            "services[1].backend.kubernetes.replica",
+            "services[1].rollout.validation[0].expect_json.extra",
+            "services[1].prewarm.schedule[0].dayz",
+        ],
+        "{e:#?}"
+    );
+    // Each names what the shape there accepts.
+    assert!(
+        e.iter().any(|l| l
+            == "services[1].prewarm.schedule[0].dayz: unknown field `dayz`, expected one of \
+                `days`, `start`, `end`, `timezone`"),
+        "{e:#?}"
+    );
+    assert!(
+        e.iter().any(|l| l
+            == "services[0].backend.extra: unknown field `extra`, expected one of `process`, \
+                `static`, `kubernetes`"),
+        "{e:#?}"
+    );
+    // Validation still ran: its problems follow the unknown fields.
+    assert!(
+        e.iter()
+            .any(|l| l == "services[1].queue.capacity: must be at least 1"),
+        "{e:#?}"
+    );
+    assert!(
+        e.iter().any(|l| l.starts_with("tls.cert: cannot read")),
+        "{e:#?}"
+    );
+}
+
+#[test]
+fn a_value_of_the_wrong_type_stops_the_read_with_the_unknown_fields_before_it() {
+    let e = errs(
+        "services:\n  - name: a\n    hosts: [a]\n    idle_timout: 3s\n    backend: { static: { addresses: [127.0.0.1:1] } }\n    queue: { capacity: many }\n",
+    );
+    assert_eq!(e.len(), 2, "{e:#?}");
+    assert!(
+        e[0].starts_with("services[0].idle_timout: unknown field `idle_timout`, expected"),
+        "{e:#?}"
+    );
+    assert!(e[1].starts_with("services[0].queue.capacity: "), "{e:#?}");
+}
+
+#[test]
+fn config_types_compare_by_value() {
+    let a = Config::parse_with_env(GOOD, &|_| None).unwrap();
+    let b = Config::parse_with_env(GOOD, &|_| None).unwrap();
+    assert_eq!(a, b);
+    let c = Config::parse_with_env(&GOOD.replace("timeout: 2s", "timeout: 3s"), &|_| None).unwrap();
+    assert_ne!(a.services[0], c.services[0]);
+    assert_eq!(a.limits, c.limits);
+    assert_eq!(a.timeouts, c.timeouts);
+    assert_eq!(a.shutdown, c.shutdown);
 }

@@ -9,13 +9,7 @@ use http::Request;
 
 use crate::error::ProxyError;
 
-/// Largest request head (request line and headers) read from a client, in bytes; larger gets
-/// `431`. Bounds HTTP/1's read buffer and HTTP/2's header list.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Most header fields in one HTTP/1 request; more gets `431`.
-pub const MAX_HEADERS: usize = 100;
-/// Longest request target (path and query) forwarded, in bytes; longer gets `414`.
-pub const MAX_URI_BYTES: usize = 16 * 1024;
+pub use crate::config::{MAX_HEADERS, MAX_HEADER_BYTES, MAX_URI_BYTES};
 
 /// Rejects what must not be forwarded: `CONNECT` (Reveille is no tunnel), an over-long target,
 /// a path with dot segments ([`has_dot_segments`]), a Host that is not one visible-ASCII value,

@@ -106,6 +106,62 @@ fn must<T>(r: prometheus::Result<T>) -> T {
     r.expect("metric definition")
 }
 
+/// Creates metrics and registers them in one registry.
+struct Register<'a>(&'a Registry);
+
+impl Register<'_> {
+    fn add<M: prometheus::core::Collector + Clone + 'static>(&self, m: prometheus::Result<M>) -> M {
+        let m = must(m);
+        must(self.0.register(Box::new(m.clone())));
+        m
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help))
+    }
+
+    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels))
+    }
+
+    fn counter(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels))
+    }
+
+    fn histogram(&self, name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.add(HistogramVec::new(opts, labels))
+    }
+
+    /// Sets `reveille_build_info` for this version, and creates the families that are neither
+    /// per-service counters nor latency histograms: the wake-up milestones, the KEDA streams
+    /// and the admin long-polls open now.
+    fn build_info_and_gauges(&self) -> (HistogramVec, IntGauge, IntGauge) {
+        self.gauge_vec(
+            "reveille_build_info",
+            "Reveille's version; always 1.",
+            &["version"],
+        )
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+        let wakeup = self.histogram(
+            "reveille_wakeup_seconds",
+            "Time from a wake-up's start to each milestone: scale_accepted, endpoint_ready, first_forwarded.",
+            ACTIVATION_BUCKETS,
+            &["service", "phase"],
+        );
+        let keda_streams = self.gauge(
+            "reveille_keda_streams",
+            "KEDA StreamIsActive streams open on this replica.",
+        );
+        let admin_long_polls = self.gauge(
+            "reveille_admin_long_polls",
+            "Admin /api/local long-polls waiting now (at most limits.admin_max_long_polls).",
+        );
+        (wakeup, keda_streams, admin_long_polls)
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -116,49 +172,10 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let registry = Registry::new();
-        let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let g = must(IntGaugeVec::new(Opts::new(name, help), labels));
-            must(registry.register(Box::new(g.clone())));
-            g
-        };
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = must(IntCounterVec::new(Opts::new(name, help), labels));
-            must(registry.register(Box::new(c.clone())));
-            c
-        };
-        let histogram = |name: &str, help: &str, buckets: &[f64]| {
-            let h = must(HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                &["service"],
-            ));
-            must(registry.register(Box::new(h.clone())));
-            h
-        };
-        let build = gauge(
-            "reveille_build_info",
-            "Reveille's version; always 1.",
-            &["version"],
-        );
-        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let wakeup = must(HistogramVec::new(
-            HistogramOpts::new(
-                "reveille_wakeup_seconds",
-                "Time from a wake-up's start to each milestone: scale_accepted, endpoint_ready, first_forwarded.",
-            )
-            .buckets(ACTIVATION_BUCKETS.to_vec()),
-            &["service", "phase"],
-        ));
-        must(registry.register(Box::new(wakeup.clone())));
-        let keda_streams = must(IntGauge::new(
-            "reveille_keda_streams",
-            "KEDA StreamIsActive streams open on this replica.",
-        ));
-        must(registry.register(Box::new(keda_streams.clone())));
-        let admin_long_polls = must(IntGauge::new(
-            "reveille_admin_long_polls",
-            "Admin /api/local long-polls waiting now (at most limits.admin_max_long_polls).",
-        ));
-        must(registry.register(Box::new(admin_long_polls.clone())));
+        let r = Register(&registry);
+        let (wakeup, keda_streams, admin_long_polls) = r.build_info_and_gauges();
+        let counter = |name, help, labels| r.counter(name, help, labels);
+        let histogram = |name, help, buckets| r.histogram(name, help, buckets, &["service"]);
         let families = Families {
             services: Mutex::new(BTreeMap::new()),
             requests: counter(

@@ -166,7 +166,7 @@ pub fn tls_client(tls: &UpstreamTls, protocol: Protocol, timeouts: &Timeouts) ->
     let h2 = protocol == Protocol::H2;
     let mut roots = RootCertStore::empty();
     roots.add_parsable_certificates(tls.roots.iter().cloned());
-    let mut config = ClientConfig::builder_with_provider(crate::listen::tls::provider())
+    let mut config = ClientConfig::builder_with_provider(crate::config::tls::provider())
         .with_safe_default_protocol_versions()
         .expect("the ring provider supports the default TLS versions")
         .with_root_certificates(roots)
