@@ -1144,16 +1144,8 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa3(status).as_slice());
     out.push(b' ');
-    match r.reason {
-        Some(reason) if !reason.is_empty() => out.extend_from_slice(reason.as_bytes()),
-        _ => out.extend_from_slice(
-            http::StatusCode::from_u16(status)
-                .ok()
-                .and_then(|s| s.canonical_reason())
-                .unwrap_or("")
-                .as_bytes(),
-        ),
-    }
+    // The reason phrase as the backend sent it, empty too (as hyper's path passes it on).
+    out.extend_from_slice(r.reason.unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut dated = false;
     for (h, kind) in r.headers.iter().zip(kinds) {
@@ -1161,7 +1153,10 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
         dated |= name.len() == 4 && name.eq_ignore_ascii_case(b"date");
         let keep = match kind {
             k if k.hop_by_hop() => false,
-            Field::ContentLength => chunked.is_none(),
+            // Not on a 204 (RFC 9110 §8.6) or a 304, unless to `HEAD` (as hyper's server).
+            Field::ContentLength => {
+                chunked.is_none() && (ctx.head_method || !matches!(status, 204 | 304))
+            }
             // Reveille's own cold-start field replaces one the backend sent.
             _ if ctx.cold && name.eq_ignore_ascii_case(COLD_START_HEADER.as_bytes()) => false,
             k => k.protected() || !listed.iter().any(|l| l.eq_ignore_ascii_case(name)),
