@@ -137,6 +137,10 @@ const RESPONSE_FIELDS: &[(&str, &str)] = &[
     ("Content-Type", "text/plain"),
     ("X-Reveille-Cold-Start", "maybe"),
 ];
+const INTERIM: &[&str] = &[
+    "HTTP/1.1 100 Continue\r\n\r\n",
+    "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+];
 const STATUSES: &[u16] = &[
     200, 201, 202, 203, 204, 206, 299, 301, 302, 304, 400, 404, 410, 418, 500, 502, 503, 599,
 ];
@@ -148,6 +152,8 @@ enum Framing {
     Chunked {
         pieces: usize,
         ext: bool,
+        /// Trailer fields after the last chunk.
+        trailers: bool,
     },
     /// Delimited by the backend closing the connection.
     Close,
@@ -163,6 +169,10 @@ enum Reason {
 /// The response the backend gives to a case's request.
 #[derive(Debug, Clone)]
 struct Answer {
+    /// Informational responses sent first (a proxy passes on none of them but `101`).
+    interim: Vec<&'static str>,
+    /// Answered as HTTP/1.0 (then the backend closes unless it said `keep-alive`).
+    http10: bool,
     status: u16,
     reason: Reason,
     fields: Vec<(String, String)>,
@@ -220,6 +230,9 @@ fn value() -> impl Strategy<Value = String> {
         "[!-~][ !-~]{0,30}[!-~]",
         // Spaces around (not part of the value).
         " [a-z]{1,5}  ",
+        // obs-text and a tab inside.
+        "[a-z]{0,3}[\u{a0}-\u{ff}][a-z]{0,3}",
+        "[a-z]{1,3}\t[a-z]{1,3}",
     ]
 }
 
@@ -251,7 +264,13 @@ fn answer() -> impl Strategy<Value = Answer> {
     ];
     let framing = prop_oneof![
         Just(Framing::Length),
-        (1usize..4, any::<bool>()).prop_map(|(pieces, ext)| Framing::Chunked { pieces, ext }),
+        (1usize..4, any::<bool>(), any::<bool>()).prop_map(|(pieces, ext, trailers)| {
+            Framing::Chunked {
+                pieces,
+                ext,
+                trailers,
+            }
+        }),
         Just(Framing::Close),
     ];
     let reason = prop_oneof![
@@ -260,19 +279,25 @@ fn answer() -> impl Strategy<Value = Answer> {
         1 => Just(Reason::Empty),
     ];
     (
+        (vec(select(INTERIM), 0..2), prop::bool::weighted(0.15)),
         select(STATUSES),
         reason,
         vec(field, 0..8),
         vec(any::<u8>(), 0..300),
         framing,
     )
-        .prop_map(|(status, reason, fields, body, framing)| Answer {
-            status,
-            reason,
-            fields,
-            body,
-            framing,
-        })
+        .prop_map(
+            |((interim, http10), status, reason, fields, body, framing)| Answer {
+                interim,
+                // Chunked is HTTP/1.1's.
+                http10: http10 && !matches!(framing, Framing::Chunked { .. }),
+                status,
+                reason,
+                fields,
+                body,
+                framing,
+            },
+        )
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -357,6 +382,7 @@ struct Received {
 /// A response as the client received it.
 #[derive(Debug, Clone, PartialEq)]
 struct Answered {
+    version: u8,
     status: u16,
     reason: String,
     fields: Vec<(String, String)>,
@@ -556,11 +582,17 @@ fn response_bytes(a: &Answer, head_request: bool) -> (Vec<u8>, bool) {
         Reason::Custom => "Custom Reason",
         Reason::Empty => "",
     };
-    let mut out = format!("HTTP/1.1 {} {reason}\r\n", a.status).into_bytes();
-    let mut close = false;
+    let mut out: Vec<u8> = a.interim.concat().into_bytes();
+    let version = if a.http10 { "1.0" } else { "1.1" };
+    out.extend_from_slice(format!("HTTP/{version} {} {reason}\r\n", a.status).as_bytes());
+    let connection = |token: &str| {
+        a.fields.iter().any(|(n, v)| {
+            n.eq_ignore_ascii_case("connection")
+                && v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))
+        })
+    };
+    let mut close = connection("close") || (a.http10 && !connection("keep-alive"));
     for (n, v) in &a.fields {
-        close |= n.eq_ignore_ascii_case("connection")
-            && v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"));
         out.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
     }
     match a.framing {
@@ -580,7 +612,11 @@ fn response_bytes(a: &Answer, head_request: bool) -> (Vec<u8>, bool) {
     }
     match a.framing {
         Framing::Length => out.extend_from_slice(&a.body),
-        Framing::Chunked { pieces, ext } => {
+        Framing::Chunked {
+            pieces,
+            ext,
+            trailers,
+        } => {
             let step = a.body.len().div_ceil(pieces).max(1);
             for c in a.body.chunks(step) {
                 let ext = if ext { ";x=y" } else { "" };
@@ -588,7 +624,11 @@ fn response_bytes(a: &Answer, head_request: bool) -> (Vec<u8>, bool) {
                 out.extend_from_slice(c);
                 out.extend_from_slice(b"\r\n");
             }
-            out.extend_from_slice(b"0\r\n\r\n");
+            out.extend_from_slice(b"0\r\n");
+            if trailers {
+                out.extend_from_slice(b"X-Trailer: one\r\nX-Other: two\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
         }
         Framing::Close => {
             out.extend_from_slice(&a.body);
@@ -625,6 +665,7 @@ async fn exchange(c: &mut Conn, request: &[u8], head_request: bool) -> Result<An
         c.to_end().await
     };
     Ok(Answered {
+        version: resp.version.unwrap_or_default(),
         status,
         reason: resp.reason.unwrap_or_default().to_string(),
         fields,
@@ -717,6 +758,7 @@ fn check(
         "backend fields"
     );
     // The client saw the same response.
+    prop_assert_eq!(fc.version, hc.version, "response version");
     prop_assert_eq!(fc.status, hc.status);
     prop_assert_eq!(&fc.reason, &hc.reason, "reason phrase");
     prop_assert_eq!(
@@ -732,6 +774,7 @@ fn check(
     );
     // And what both did is right, not merely equal.
     prop_assert_eq!(fc.status, case.answer.status);
+    prop_assert_eq!(fc.version, 1, "HTTP/1.1 answered");
     for hop in [
         "connection",
         "keep-alive",

@@ -325,6 +325,10 @@ impl Proxy {
             }
         }
         upstream::strip_hop_by_hop(resp.headers_mut());
+        // A proxy answers in its own version (RFC 9110 §6.2), as the fast path does: with a
+        // backend's HTTP/1.0 kept, hyper's server would answer an HTTP/1.1 client in HTTP/1.0
+        // with a close-delimited body. (It still answers an HTTP/1.0 client in 1.0.)
+        *resp.version_mut() = http::Version::HTTP_11;
         let (parts, body) = resp.into_parts();
         Ok(Response::from_parts(
             parts,

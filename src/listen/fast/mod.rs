@@ -5,7 +5,8 @@
 //! is a common one, rewritten straight into the backend's request head: hop-by-hop fields
 //! dropped, `X-Forwarded-*` set, everything else copied as sent. The response head is rewritten
 //! the same way, and the body is passed on as the backend framed it (a chunked body is scanned
-//! for its end, not decoded; a body delimited by the backend's close is chunked for the
+//! for its end, not decoded, and only its trailer fields are dropped, as hyper's server does;
+//! a body delimited by the backend's close is chunked for the
 //! client, whose connection stays open). No header map, no request or response value, no body
 //! frames, no task crossing: the connection's own task reads, holds, forwards and streams.
 //!
@@ -1245,12 +1246,16 @@ async fn relay_body<S: ClientIo>(
             Ok(())
         }
         Framing::Chunked => {
+            // Passed on as framed, but for trailer fields (see `chunked::Scanner::passed`).
             let mut scanner = chunked::Scanner::default();
             let end = scanner.feed(first).map_err(|_| RelayError::BadChunked)?;
             let upto = end.unwrap_or(first.len());
-            out.extend_from_slice(&first[..upto]);
+            out.extend_from_slice(&first[..scanner.passed(upto)]);
             if let Some(end) = end {
                 backend.done(end == first.len());
+                if scanner.trailing() {
+                    out.extend_from_slice(b"\r\n");
+                }
                 return w.put(client, out).await;
             }
             w.put(client, out).await?;
@@ -1262,9 +1267,18 @@ async fn relay_body<S: ClientIo>(
                 {
                     Some(end) => {
                         backend.done(end == got);
-                        return w.put(client, &resp[..end]).await;
+                        let n = scanner.passed(end);
+                        if scanner.trailing() {
+                            resp.truncate(n);
+                            resp.extend_from_slice(b"\r\n");
+                            return w.put(client, resp).await;
+                        }
+                        return w.put(client, &resp[..n]).await;
                     }
-                    None => w.put(client, &resp[..got]).await?,
+                    None => {
+                        let n = scanner.passed(got);
+                        w.put(client, &resp[..n]).await?;
+                    }
                 }
             }
         }
