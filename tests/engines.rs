@@ -7,8 +7,10 @@
 //! `Expect`, Knative fields or `Connection` list other than `close`/`keep-alive`; a small
 //! `Content-Length` body; a plain target), with random fields (mixed case, underscores,
 //! duplicates), `X-Forwarded-*` lines from the client, hop-by-hop fields, and a response to
-//! give back (status and reason, fields including hop-by-hop ones and ones a `Connection` list
-//! names, a body framed by `Content-Length`, chunked or the backend's close). It is sent twice:
+//! give back (1xx responses first, HTTP/1.1 or 1.0, status and reason (canonical, custom,
+//! empty), fields including hop-by-hop ones and ones a `Connection` list names, a body framed
+//! by `Content-Length` (sometimes twice), chunked (with extensions, trailer fields, a
+//! `Content-Length` beside it) or the backend's close). It is sent twice:
 //! (a) on a fresh connection, where the fast path serves it; (b) on a connection whose first
 //! request was a chunked upload, which hyper serves from then on. Which engine served each is
 //! checked, not assumed: the fast path writes field names as the client sent them, hyper's
@@ -22,9 +24,13 @@
 //!   groups by name, the fast path keeps the client's order);
 //! - the client's `Date` is ignored (each engine stamps its own second);
 //! - a body compares decoded: a chunked one by its data and trailer fields, not its chunk
-//!   sizes (a proxy may re-chunk; the fast path passes chunks as the backend sent them).
-//! Everything else must be byte for byte equal: method, target, request body, status code,
-//! reason phrase, field values, response body.
+//!   sizes or extensions (a proxy may re-chunk; the fast path passes chunks as the backend
+//!   sent them, hyper's path re-chunks).
+//!
+//! Everything else must be equal byte for byte: method, target, request body, response
+//! version, status code, reason phrase, field values, response body. Beyond equality a few
+//! rules are checked on both: no hop-by-hop field reaches the backend or the client, one
+//! `X-Forwarded-For` ending with the client, the backend's status, HTTP/1.1 to the client.
 //!
 //! `PROPTEST_CASES` raises the case count (64 by default). A failure prints the shrunk case.
 
@@ -173,6 +179,8 @@ struct Answer {
     interim: Vec<&'static str>,
     /// Answered as HTTP/1.0 (then the backend closes unless it said `keep-alive`).
     http10: bool,
+    /// A second length: `Content-Length` twice (same value), or beside `chunked` (which wins).
+    second_length: bool,
     status: u16,
     reason: Reason,
     fields: Vec<(String, String)>,
@@ -279,7 +287,11 @@ fn answer() -> impl Strategy<Value = Answer> {
         1 => Just(Reason::Empty),
     ];
     (
-        (vec(select(INTERIM), 0..2), prop::bool::weighted(0.15)),
+        (
+            vec(select(INTERIM), 0..2),
+            prop::bool::weighted(0.15),
+            prop::bool::weighted(0.15),
+        ),
         select(STATUSES),
         reason,
         vec(field, 0..8),
@@ -287,10 +299,11 @@ fn answer() -> impl Strategy<Value = Answer> {
         framing,
     )
         .prop_map(
-            |((interim, http10), status, reason, fields, body, framing)| Answer {
+            |((interim, http10, second_length), status, reason, fields, body, framing)| Answer {
                 interim,
                 // Chunked is HTTP/1.1's.
                 http10: http10 && !matches!(framing, Framing::Chunked { .. }),
+                second_length,
                 status,
                 reason,
                 fields,
@@ -319,7 +332,8 @@ fn case() -> impl Strategy<Value = Case> {
         vec((name(), value()), 0..12),
         forwarded,
         hop,
-        proptest::option::of(vec(any::<u8>(), 0..200)),
+        // The body, and whether its length is written with leading zeros.
+        proptest::option::of((vec(any::<u8>(), 0..200), prop::bool::weighted(0.2))),
         answer(),
     )
         .prop_flat_map(|(method, target, host, other, fwd, hop, body, answer)| {
@@ -353,10 +367,16 @@ fn case() -> impl Strategy<Value = Case> {
             if proxy_authorization {
                 fields.push(("Proxy-Authorization".into(), "Basic dXNlcjpwYXNz".into()));
             }
-            if let Some(b) = &body {
-                fields.push(("Content-Length".into(), b.len().to_string()));
+            if let Some((b, zeros)) = &body {
+                let n = b.len();
+                let n = if *zeros {
+                    format!("00{n}")
+                } else {
+                    n.to_string()
+                };
+                fields.push(("Content-Length".into(), n));
             }
-            let body = body.unwrap_or_default();
+            let body = body.map(|(b, _)| b).unwrap_or_default();
             Just(fields).prop_shuffle().prop_map(move |fields| Case {
                 method,
                 target: target.clone(),
@@ -429,7 +449,7 @@ impl Conn {
         Some(self.buf.drain(..n).collect())
     }
 
-    async fn to_end(&mut self) -> Vec<u8> {
+    async fn rest(&mut self) -> Vec<u8> {
         while self.more().await {}
         std::mem::take(&mut self.buf)
     }
@@ -598,10 +618,19 @@ fn response_bytes(a: &Answer, head_request: bool) -> (Vec<u8>, bool) {
     match a.framing {
         // A 204 has no framing fields; a 304 or a HEAD response announces the GET's.
         Framing::Length if a.status != 204 => {
-            out.extend_from_slice(format!("Content-Length: {}\r\n", a.body.len()).as_bytes())
+            let length = format!("Content-Length: {}\r\n", a.body.len());
+            out.extend_from_slice(length.as_bytes());
+            if a.second_length {
+                out.extend_from_slice(length.as_bytes());
+            }
         }
         Framing::Chunked { .. } if a.status != 204 && a.status != 304 => {
-            out.extend_from_slice(b"Transfer-Encoding: chunked\r\n")
+            out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+            if a.second_length {
+                out.extend_from_slice(
+                    format!("Content-Length: {}\r\n", a.body.len() + 3).as_bytes(),
+                );
+            }
         }
         _ => {}
     }
@@ -662,7 +691,7 @@ async fn exchange(c: &mut Conn, request: &[u8], head_request: bool) -> Result<An
     } else if let Some(n) = content_length(&fields) {
         c.exact(n).await.ok_or("body cut short")?
     } else {
-        c.to_end().await
+        c.rest().await
     };
     Ok(Answered {
         version: resp.version.unwrap_or_default(),
@@ -703,7 +732,9 @@ async fn both(
     *b.answer.lock() = Some(case.answer.clone());
     b.received.lock().clear();
     let mut fresh = connect(proxy).await?;
-    let fast = exchange(&mut fresh, &wire, head_request).await?;
+    let fast = exchange(&mut fresh, &wire, head_request)
+        .await
+        .map_err(|e| format!("fast path: {e}"))?;
     let fast_got = received_one(b, "fast path")?;
     let mut moved = connect(proxy).await?;
     let warm = exchange(&mut moved, WARMUP, false).await?;
@@ -711,7 +742,9 @@ async fn both(
         return Err(format!("warm-up answered {warm:?}"));
     }
     b.received.lock().clear();
-    let hyper = exchange(&mut moved, &wire, head_request).await?;
+    let hyper = exchange(&mut moved, &wire, head_request)
+        .await
+        .map_err(|e| format!("hyper's path: {e}"))?;
     let hyper_got = received_one(b, "hyper's path")?;
     Ok(((fast_got, fast), (hyper_got, hyper)))
 }

@@ -1149,14 +1149,18 @@ fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) -> Parsed {
     out.extend_from_slice(r.reason.unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut dated = false;
+    let mut one_length = false;
     for (h, kind) in r.headers.iter().zip(kinds) {
         let name = h.name.as_bytes();
         dated |= name.len() == 4 && name.eq_ignore_ascii_case(b"date");
         let keep = match kind {
             k if k.hop_by_hop() => false,
-            // Not on a 204 (RFC 9110 §8.6) or a 304, unless to `HEAD` (as hyper's server).
+            // Once (a repeat agrees, checked above); not on a 204 (RFC 9110 §8.6) or a 304,
+            // unless to `HEAD` (as hyper's server).
             Field::ContentLength => {
-                chunked.is_none() && (ctx.head_method || !matches!(status, 204 | 304))
+                !std::mem::replace(&mut one_length, true)
+                    && chunked.is_none()
+                    && (ctx.head_method || !matches!(status, 204 | 304))
             }
             // Reveille's own cold-start field replaces one the backend sent.
             _ if ctx.cold && name.eq_ignore_ascii_case(COLD_START_HEADER.as_bytes()) => false,
