@@ -323,12 +323,32 @@ impl Proxy {
                 }
             }
         }
+        one_length(resp.headers_mut());
         upstream::strip_hop_by_hop(resp.headers_mut());
+        // A proxy answers in its own version (RFC 9110 §6.2), as the fast path does: with a
+        // backend's HTTP/1.0 kept, hyper's server would answer an HTTP/1.1 client in HTTP/1.0
+        // with a close-delimited body. (It still answers an HTTP/1.0 client in 1.0.)
+        *resp.version_mut() = http::Version::HTTP_11;
         let (parts, body) = resp.into_parts();
         Ok(Response::from_parts(
             parts,
             ProxyBody::upstream(body, permit, lease),
         ))
+    }
+}
+
+/// The response's `Content-Length` as the client gets it, the same from both engines: none
+/// beside `Transfer-Encoding`, which overrides it and after which a proxy must remove it (RFC
+/// 9112 §6.3; hyper's client keeps it, and its server would then frame the body by it); else
+/// one line (repeats agree, or hyper's client refused the response; hyper's server collapses
+/// them itself except for `HEAD`).
+fn one_length(h: &mut http::HeaderMap) {
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        h.remove(header::CONTENT_LENGTH);
+    } else if h.get_all(header::CONTENT_LENGTH).iter().nth(1).is_some() {
+        if let Some(first) = h.get(header::CONTENT_LENGTH).cloned() {
+            h.insert(header::CONTENT_LENGTH, first);
+        }
     }
 }
 

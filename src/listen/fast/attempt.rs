@@ -247,14 +247,16 @@ fn body_fields(
 }
 
 /// Copies the response fields the client gets: not the hop-by-hop ones (nor those the
-/// backend's `Connection` lists, when `listed`), not `Content-Length` beside
-/// `Transfer-Encoding`, not a cold-start field of the backend's when Reveille sets its own.
+/// backend's `Connection` lists, when `listed`), `Content-Length` once and only when
+/// `length_allowed` and not beside `Transfer-Encoding`, not a cold-start field of the
+/// backend's when Reveille sets its own.
 /// `true` when a `date` field was among them.
 fn put_kept_fields(
     out: &mut Vec<u8>,
     headers: &[httparse::Header<'_>],
     kinds: &[Field],
     encoded: bool,
+    length_allowed: bool,
     listed: bool,
     cold: bool,
 ) -> bool {
@@ -271,12 +273,16 @@ fn put_kept_fields(
         Vec::new()
     };
     let mut dated = false;
+    let mut one_length = false;
     for (h, &kind) in headers.iter().zip(kinds) {
         let name = h.name.as_bytes();
         dated |= name.len() == 4 && name.eq_ignore_ascii_case(b"date");
         let keep = match kind {
             k if k.hop_by_hop() => false,
-            Field::ContentLength => !encoded,
+            // Once (a repeat agrees, checked before), and not beside `Transfer-Encoding`.
+            Field::ContentLength => {
+                !std::mem::replace(&mut one_length, true) && !encoded && length_allowed
+            }
             // Reveille's own cold-start field replaces one the backend sent.
             _ if cold && name.eq_ignore_ascii_case(COLD_START_HEADER.as_bytes()) => false,
             k => k.protected() || !listed.iter().any(|l| l.eq_ignore_ascii_case(name)),
@@ -288,21 +294,13 @@ fn put_kept_fields(
     dated
 }
 
-/// `HTTP/1.1 <status> <reason>`: the backend's reason, or the standard one when it sent none.
+/// `HTTP/1.1 <status> <reason>`: the backend's reason phrase as sent.
 fn put_status_line(out: &mut Vec<u8>, status: u16, reason: Option<&str>) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa3(status).as_slice());
     out.push(b' ');
-    match reason {
-        Some(reason) if !reason.is_empty() => out.extend_from_slice(reason.as_bytes()),
-        _ => out.extend_from_slice(
-            http::StatusCode::from_u16(status)
-                .ok()
-                .and_then(|s| s.canonical_reason())
-                .unwrap_or("")
-                .as_bytes(),
-        ),
-    }
+    // The reason phrase as the backend sent it, empty too (as hyper's path passes it on).
+    out.extend_from_slice(reason.unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
@@ -364,7 +362,18 @@ pub(super) fn response_head(resp: &[u8], out: &mut Vec<u8>, ctx: ResponseCtx) ->
     out.clear();
     out.reserve(len + 64);
     put_status_line(out, status, r.reason);
-    let dated = put_kept_fields(out, r.headers, &kinds, chunked.is_some(), listed, ctx.cold);
+    // No `Content-Length` on a 204 (RFC 9110 §8.6) or a 304, unless to `HEAD` (as hyper's
+    // server).
+    let length_allowed = ctx.head_method || !matches!(status, 204 | 304);
+    let dated = put_kept_fields(
+        out,
+        r.headers,
+        &kinds,
+        chunked.is_some(),
+        length_allowed,
+        listed,
+        ctx.cold,
+    );
     if !dated {
         // A proxy adds the date a response lacks (RFC 9110 §6.6.1), as hyper's server does.
         put_date(out);

@@ -1,6 +1,7 @@
 //! Finds where a chunked body ends without decoding it: the bytes are passed on exactly as the
 //! backend framed them (RFC 9112 §7.1), and the scanner only tells how many of them belong to
-//! the body, so the connection can be reused for the next response.
+//! the body, so the connection can be reused for the next response. Trailer fields are the
+//! one part not passed on ([`Scanner::passed`]).
 
 /// Most hex digits in a chunk size (16 digits: up to 2⁶⁴ − 1).
 const MAX_SIZE_DIGITS: u8 = 16;
@@ -41,6 +42,10 @@ pub(crate) struct Malformed;
 pub(crate) struct Scanner {
     state: State,
     size: u64,
+    /// A trailer field has begun (then the body is ended by an empty line of our own).
+    trailing: bool,
+    /// Where in the piece fed last the trailer fields began.
+    trailer_at: Option<usize>,
 }
 
 impl Default for Scanner {
@@ -48,6 +53,8 @@ impl Default for Scanner {
         Scanner {
             state: State::Size { digits: 0 },
             size: 0,
+            trailing: false,
+            trailer_at: None,
         }
     }
 }
@@ -106,7 +113,13 @@ impl Scanner {
                 State::TrailerStart => match b {
                     b'\r' => State::EndLf,
                     b'\n' => return Err(Malformed),
-                    _ => State::Trailer,
+                    _ => {
+                        if !self.trailing {
+                            self.trailing = true;
+                            self.trailer_at = Some(i);
+                        }
+                        State::Trailer
+                    }
                 },
                 State::Trailer => match b {
                     b'\r' => State::TrailerLf,
@@ -124,6 +137,23 @@ impl Scanner {
             }
         }
         Ok(None)
+    }
+
+    /// How many of the `upto` bytes of the piece fed last go to the client: trailer fields
+    /// are dropped, as hyper's server drops them for a client that did not send
+    /// `TE: trailers` (which a fast-path request never does). Once the body ended,
+    /// [`Scanner::trailing`] says whether the empty line that ends it must be added.
+    pub fn passed(&mut self, upto: usize) -> usize {
+        match self.trailer_at.take() {
+            Some(at) => at.min(upto),
+            None if self.trailing => 0,
+            None => upto,
+        }
+    }
+
+    /// Trailer fields were dropped: the body's final empty line was dropped with them.
+    pub fn trailing(&self) -> bool {
+        self.trailing
     }
 }
 
@@ -165,6 +195,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn trailer_fields_are_not_passed_on_however_the_body_is_split() {
+        let body = b"3\r\nabc\r\n0;x=y\r\nExpires: never\r\nX-Sum: 1\r\n\r\n";
+        let kept = b"3\r\nabc\r\n0;x=y\r\n\r\n";
+        for a in 0..body.len() {
+            let mut s = Scanner::default();
+            let mut out = Vec::new();
+            assert_eq!(s.feed(&body[..a]), Ok(None));
+            let n = s.passed(a);
+            out.extend_from_slice(&body[..n]);
+            assert_eq!(s.feed(&body[a..]), Ok(Some(body.len() - a)));
+            let n = s.passed(body.len() - a);
+            out.extend_from_slice(&body[a..a + n]);
+            if s.trailing() {
+                out.extend_from_slice(b"\r\n");
+            }
+            assert_eq!(out, kept, "split {a}");
+        }
+        let mut s = Scanner::default();
+        assert_eq!(s.feed(b"0\r\n\r\n"), Ok(Some(5)));
+        assert_eq!((s.passed(5), s.trailing()), (5, false));
     }
 
     #[test]

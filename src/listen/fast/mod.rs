@@ -5,7 +5,8 @@
 //! is a common one, rewritten straight into the backend's request head: hop-by-hop fields
 //! dropped, `X-Forwarded-*` set, everything else copied as sent. The response head is rewritten
 //! the same way, and the body is passed on as the backend framed it (a chunked body is scanned
-//! for its end, not decoded; a body delimited by the backend's close is chunked for the
+//! for its end, not decoded, and only its trailer fields are dropped, as hyper's server does;
+//! a body delimited by the backend's close is chunked for the
 //! client, whose connection stays open). No header map, no request or response value, no body
 //! frames, no task crossing: the connection's own task reads, holds, forwards and streams.
 //!

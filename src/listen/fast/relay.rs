@@ -176,12 +176,16 @@ pub(super) async fn relay_body<S: ClientIo>(
             Ok(())
         }
         Framing::Chunked => {
+            // Passed on as framed, but for trailer fields (see `chunked::Scanner::passed`).
             let mut scanner = chunked::Scanner::default();
             let end = scanner.feed(first).map_err(|_| RelayError::BadChunked)?;
             let upto = end.unwrap_or(first.len());
-            out.extend_from_slice(&first[..upto]);
+            out.extend_from_slice(&first[..scanner.passed(upto)]);
             if let Some(end) = end {
                 backend.done(end == first.len());
+                if scanner.trailing() {
+                    out.extend_from_slice(b"\r\n");
+                }
                 return w.put(client, out).await;
             }
             w.put(client, out).await?;
@@ -193,9 +197,18 @@ pub(super) async fn relay_body<S: ClientIo>(
                 {
                     Some(end) => {
                         backend.done(end == got);
-                        return w.put(client, &resp[..end]).await;
+                        let n = scanner.passed(end);
+                        if scanner.trailing() {
+                            resp.truncate(n);
+                            resp.extend_from_slice(b"\r\n");
+                            return w.put(client, resp).await;
+                        }
+                        return w.put(client, &resp[..n]).await;
                     }
-                    None => w.put(client, &resp[..got]).await?,
+                    None => {
+                        let n = scanner.passed(got);
+                        w.put(client, &resp[..n]).await?;
+                    }
                 }
             }
         }
