@@ -215,7 +215,7 @@ pub fn services(state: &AdminState) -> Vec<u8> {
         backend: &'static str,
         queue_capacity: usize,
         concurrency: Option<usize>,
-        rollout: Option<&'a Value>,
+        rollout: Option<&'a crate::gate::RolloutReport>,
         #[serde(skip_serializing_if = "Option::is_none")]
         prewarm: Option<Value>,
         #[serde(skip_serializing_if = "<[String]>::is_empty")]

@@ -247,6 +247,64 @@ async fn a_backend_certificate_from_another_ca_is_a_connect_error() {
     stop(r).await;
 }
 
+/// A reload that replaces the gate (its queue changed) keeps the TLS client and its pooled
+/// connection: the request after the reload makes no new handshake. Removing the service drops
+/// the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_replaces_the_gate_keeps_the_pooled_tls_connection() {
+    let pki = pki();
+    let dir = tempdir("reload");
+    let ca = write_ca(&dir, &pki);
+    let (backend, handshakes) = tls_backend(&pki).await;
+    let tls = format!("{{ ca: {}, server_name: backend.test }}", ca.display());
+    let first_yaml = config(backend, "h2", &tls);
+    let first = reveille::Config::parse(&first_yaml).unwrap();
+    let r = reveille::start(first.clone()).await.unwrap();
+    let c = client();
+    let resp = get(&c, r.proxy_addr, "hello.test", "/").await;
+    assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
+    assert_eq!(handshakes.load(Ordering::SeqCst), 1);
+    let old_gate = r.services().load().gate("hello").unwrap().clone();
+
+    let second = reveille::Config::parse(&format!(
+        "{first_yaml}    queue: {{ capacity: 50, timeout: 30s }}\n"
+    ))
+    .unwrap();
+    let out = r.reload(&second, &first).await;
+    assert_eq!(out.changes.replaced, vec!["hello".to_string()]);
+    let new_gate = r.services().load().gate("hello").unwrap().clone();
+    assert!(!Arc::ptr_eq(&old_gate, &new_gate), "a new gate");
+    let (old_client, new_client) = (
+        old_gate.settings().upstream.clone().expect("TLS client"),
+        new_gate.settings().upstream.clone().expect("TLS client"),
+    );
+    assert!(Arc::ptr_eq(&old_client, &new_client), "the same TLS client");
+    drop((old_gate, old_client));
+    for _ in 0..3 {
+        let resp = get(&c, r.proxy_addr, "hello.test", "/").await;
+        assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
+        assert_eq!(resp.header("x-version"), Some("HTTP/2.0"));
+    }
+    assert_eq!(
+        handshakes.load(Ordering::SeqCst),
+        1,
+        "the pooled h2 connection outlived the old gate"
+    );
+    assert_eq!(r.services().upstreams().tls.len(), 1);
+
+    let third = reveille::Config::parse(&format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nservices:\n  - name: other\n    hosts: [other.test]\n    backend: {{ static: {{ addresses: [{backend}] }} }}\n"
+    ))
+    .unwrap();
+    let out = r.reload(&third, &second).await;
+    assert_eq!(out.changes.removed, vec!["hello".to_string()]);
+    assert!(
+        r.services().upstreams().tls.is_empty(),
+        "no service uses the TLS client any more"
+    );
+    stop(r).await;
+}
+
 #[test]
 fn upstream_tls_config_errors_name_their_fields() {
     let backend: SocketAddr = ([127, 0, 0, 1], 9).into();

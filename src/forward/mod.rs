@@ -53,8 +53,8 @@ static K_NETWORK_HASH: HeaderName = HeaderName::from_static(fields::K_NETWORK_HA
 pub(crate) struct Shared {
     /// The live services and their routing table; swapped whole on reload.
     pub(crate) services: Arc<Services>,
-    /// The pooled upstream clients.
-    pub(crate) upstreams: Upstreams,
+    /// The pooled upstream clients (the services', [`Services::upstreams`]).
+    pub(crate) upstreams: Arc<Upstreams>,
     /// Bound on waiting for a backend's response headers.
     pub(crate) response_timeout: Duration,
     /// All metrics.
@@ -72,8 +72,8 @@ impl Shared {
     /// The state every connection shares, for `config`'s settings.
     pub(crate) fn new(services: Arc<Services>, metrics: Metrics, config: &crate::Config) -> Self {
         Shared {
+            upstreams: services.upstreams().clone(),
             services,
-            upstreams: Upstreams::new(&config.timeouts),
             response_timeout: config.timeouts.upstream_response,
             metrics,
             timeouts: config.timeouts,

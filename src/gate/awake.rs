@@ -27,24 +27,21 @@ impl Gate {
     /// idleness. When the last guard goes, the idle period starts from then. Used by pre-warm
     /// windows and by dependents keeping their dependencies up.
     pub fn keep_awake(self: &Arc<Self>) -> AwakeGuard {
-        if self.awake.fetch_add(1, Ordering::SeqCst) == 0 {
-            self.demand.notify_one();
-            if let Some(hook) = self.on_demand.get() {
-                hook.clone().demand(self);
-            }
-            self.held_changed();
+        if self.activity.awake.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.demanded();
+            self.activity.nudge();
         }
         AwakeGuard(self.clone())
     }
 
     /// Sets (or clears) what runs before a wake-up and after a stop.
     pub fn set_wake_hook(&self, hook: Option<Arc<dyn WakeHook>>) {
-        *self.wake_hook.lock() = hook;
+        *self.activity.wake_hook.lock() = hook;
     }
 
     /// The wake hook, if any.
     pub fn wake_hook(&self) -> Option<Arc<dyn WakeHook>> {
-        self.wake_hook.lock().clone()
+        self.activity.wake_hook.lock().clone()
     }
 
     /// Called by a driver before it wakes the backend: waits for the service's dependencies.
@@ -74,14 +71,7 @@ impl Gate {
 
     /// Whether something keeps the service up (see [`Gate::keep_awake`]).
     pub fn kept_awake(&self) -> bool {
-        self.awake.load(Ordering::SeqCst) > 0
-    }
-
-    /// Wakes KEDA streams without a change of the held count (activity changed).
-    fn held_changed(&self) {
-        if let Some(events) = self.held_events.get() {
-            events.send_modify(|_| {});
-        }
+        self.activity.awake.load(Ordering::SeqCst) > 0
     }
 }
 
@@ -91,10 +81,10 @@ pub struct AwakeGuard(Arc<Gate>);
 impl Drop for AwakeGuard {
     fn drop(&mut self) {
         let gate = &self.0;
-        if gate.awake.fetch_sub(1, Ordering::SeqCst) == 1 {
-            gate.touch();
-            gate.quiet.notify_waiters();
-            gate.held_changed();
+        if gate.activity.awake.fetch_sub(1, Ordering::SeqCst) == 1 {
+            gate.activity.touch();
+            gate.activity.quieted();
+            gate.activity.nudge();
         }
     }
 }

@@ -1,6 +1,10 @@
 //! Gate tests on tokio's paused clock.
 
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
 use super::*;
+use crate::error::ProxyError;
 use crate::telemetry::metrics::Metrics;
 
 fn gate(capacity: usize, concurrency: Option<usize>) -> Arc<Gate> {

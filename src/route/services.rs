@@ -116,7 +116,9 @@ pub struct Services {
     /// The two sources of services: the config file, and Kubernetes objects (CRD). A spec
     /// equal to a live service's is that service's (shared, not a copy).
     sources: tokio::sync::Mutex<Sources>,
-    timeouts: Timeouts,
+    /// The pooled upstream clients; TLS services' gates get theirs from here, so a replaced
+    /// gate's connections go on with the new gate.
+    upstreams: Arc<upstream::Upstreams>,
     /// Where process backends' pid files go (see [`Services::keep_pid_files_in`]).
     pid_dir: std::sync::OnceLock<std::path::PathBuf>,
     prewarm: prewarm::Context,
@@ -125,7 +127,7 @@ pub struct Services {
 impl Services {
     /// An empty set; fill it with [`Services::apply`].
     /// `kube` is the API client (and scale-down coordination) for services on Kubernetes;
-    /// `timeouts` shape the pooled clients of TLS services.
+    /// `timeouts` shape the pooled upstream clients ([`Services::upstreams`]).
     pub fn new(
         metrics: Metrics,
         held_limit: Arc<HeldLimit>,
@@ -156,7 +158,7 @@ impl Services {
             held_limit,
             kube: kube.map(Arc::new),
             sources: tokio::sync::Mutex::new((Vec::new(), Vec::new())),
-            timeouts,
+            upstreams: Arc::new(upstream::Upstreams::new(&timeouts)),
             pid_dir: std::sync::OnceLock::new(),
             prewarm,
         });
@@ -170,6 +172,11 @@ impl Services {
     /// What the rollout controllers share (`None`: no Kubernetes client).
     pub fn rollouts(&self) -> Option<&Arc<activate::kubernetes::rollout::board::Board>> {
         self.kube.as_ref().map(|k| &k.rollouts)
+    }
+
+    /// The pooled upstream clients (the proxy's, see [`crate::forward::Shared::upstreams`]).
+    pub fn upstreams(&self) -> &Arc<upstream::Upstreams> {
+        &self.upstreams
     }
 
     /// Process backends started from now on get a pid file in `dir` (`state_dir`); without
@@ -271,6 +278,11 @@ impl Services {
         }
         install_dependencies(&order);
         self.current.store(Arc::new(Snapshot::build(order)));
+        // TLS clients no service uses now go (requests still on them keep theirs).
+        let tls = specs
+            .iter()
+            .filter_map(|s| Some((s.upstream_tls.as_ref()?, s.protocol)));
+        self.upstreams.tls.retain(tls);
         // Only now: held requests of a replaced service find its new gate when re-routed.
         for (old, replaced) in retired {
             let gate = &old.entry.gate;
@@ -317,7 +329,7 @@ impl Services {
                 upstream: spec
                     .upstream_tls
                     .as_ref()
-                    .map(|tls| Box::new(upstream::tls_client(tls, spec.protocol, &self.timeouts))),
+                    .map(|tls| self.upstreams.tls.client(tls, spec.protocol)),
                 held_limit: self.held_limit.clone(),
                 upgrades: GateSettings::upgrades_of(&spec.upgrades),
             },

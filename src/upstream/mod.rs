@@ -14,7 +14,8 @@
 //! operation, not a timer-wheel registration).
 //!
 //! h2c backends share one pooled hyper-util client ([`Upstreams::h2c`]). A TLS service (`h2`,
-//! `https`) gets its own pooled client ([`tls_client`], kept on its gate's settings): its
+//! `https`) gets a pooled client of its TLS settings ([`tls_client`], kept in
+//! [`Upstreams::tls`] and handed to its gate, so it outlives a gate replaced by a reload): its
 //! [`Connector`] connects TCP to the endpoint's address, then does the rustls handshake with
 //! the configured server name (SNI and certificate check) and roots, offering ALPN `h2` or
 //! `http/1.1`. A failed handshake is a connect error, so it is retried on another endpoint like
@@ -41,7 +42,9 @@ use tokio::net::TcpStream;
 
 mod body;
 pub mod raw;
+mod tls;
 pub use body::{BodySlot, RequestBody, READ_AHEAD};
+pub use tls::TlsClients;
 
 use crate::config::{Protocol, Timeouts, UpstreamTls};
 
@@ -53,7 +56,7 @@ pub use connect::*;
 pub use http1::*;
 pub use outgoing::*;
 
-/// The shared upstream clients of the cleartext protocols.
+/// The pooled upstream clients: shared ones of the cleartext protocols, one per TLS setting.
 pub struct Upstreams {
     /// HTTP/1.1 backends.
     pub http1: Http1Pool,
@@ -61,6 +64,8 @@ pub struct Upstreams {
     pub h2c: UpstreamClient,
     /// HTTP/1.1 backends of the fast path ([`crate::listen::fast`]).
     pub raw: crate::upstream::raw::RawPool,
+    /// TLS backends' clients, by TLS setting; each gate of a TLS service holds its own.
+    pub tls: TlsClients,
 }
 
 impl Upstreams {
@@ -77,10 +82,11 @@ impl Upstreams {
                 timeouts.upstream_connect,
                 timeouts.upstream_idle,
             ),
+            tls: TlsClients::new(timeouts),
         }
     }
 
-    /// Where a service's requests go: its own client (`own`, TLS services) or the shared one
+    /// Where a service's requests go: its TLS client (`own`, TLS services) or the shared one
     /// of its cleartext protocol; `None` for a TLS protocol without its own client (never
     /// falls back to cleartext).
     pub fn pick<'a>(

@@ -41,7 +41,6 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use parking_lot::Mutex;
-use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, info_span, warn, Instrument, Span};
@@ -53,7 +52,7 @@ use super::scale::{Change, WorkloadApi};
 use crate::config::{
     AtZero, KubernetesBackend, OnFailure, PortRef, Promotion, Rollout, Scaling, ValidationStep,
 };
-use crate::gate::Gate;
+use crate::gate::{Gate, ValidationResult};
 
 /// First pause after a failed Deployment read; doubles up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -107,7 +106,7 @@ struct Controller {
     /// The versions as the last reconcile saw them (for the report between reconciles).
     versions: BTreeMap<String, Version>,
     /// The last finished validation, for the admin API.
-    last_result: Option<serde_json::Value>,
+    last_result: Option<ValidationResult>,
     /// With `after:`: why new pods are not validated now (`None`: they may be).
     waiting_for: Option<String>,
     /// `overlap: none` on a Deployment whose strategy allows overlap.
@@ -631,12 +630,12 @@ impl Controller {
         self.gate
             .metrics()
             .rollout_validation(if passed { "passed" } else { "failed" });
-        self.last_result = Some(json!({
-            "pod": name,
-            "version": o.version,
-            "passed": passed,
-            "message": message,
-        }));
+        self.last_result = Some(ValidationResult {
+            pod: name.clone(),
+            version: o.version.clone(),
+            passed,
+            message: message.clone(),
+        });
         let manual = passed && self.cfg.promotion == Promotion::Manual;
         let patched = if manual {
             let call = promote::await_promotion(&self.pods, &name, self.gate.name());

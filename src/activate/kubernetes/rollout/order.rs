@@ -15,6 +15,7 @@ use serde_json::json;
 use super::board::Phase;
 use super::validate::{now_rfc3339, API_TIMEOUT, CONDITION};
 use super::Version;
+use crate::gate::ValidationResult;
 
 /// The condition's reason while a pod waits for the rollouts its service follows.
 pub const REASON_WAITING: &str = "WaitingForRollout";
@@ -26,7 +27,7 @@ pub(super) fn phase(
     versions: &BTreeMap<String, Version>,
     active: Option<&str>,
     busy: bool,
-    last_result: Option<&serde_json::Value>,
+    last_result: Option<&ValidationResult>,
 ) -> Phase {
     let Some((newest, v)) = versions
         .iter()
@@ -36,8 +37,8 @@ pub(super) fn phase(
     };
     if v.failed > 0 && !v.validated {
         let why = last_result
-            .filter(|r| r["version"] == newest.as_str() && r["passed"] == false)
-            .and_then(|r| r["message"].as_str())
+            .filter(|r| r.version == *newest && !r.passed)
+            .map(|r| r.message.as_str())
             .map_or_else(
                 || format!("version {newest} failed validation"),
                 |m| format!("version {newest}: {m}"),
@@ -121,7 +122,12 @@ mod tests {
             Phase::InProgress("version v2 rolling out".into())
         );
         vs.insert("v2".to_string(), version(2, false, 0, 2));
-        let result = json!({"version": "v2", "passed": false, "message": "step 1 (GET /x): status 500, expected 200"});
+        let result = ValidationResult {
+            pod: "p".into(),
+            version: "v2".into(),
+            passed: false,
+            message: "step 1 (GET /x): status 500, expected 200".into(),
+        };
         assert_eq!(
             phase(&vs, Some("v1"), false, Some(&result)),
             Phase::Failed("version v2: step 1 (GET /x): status 500, expected 200".into())
