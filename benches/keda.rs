@@ -124,10 +124,9 @@ fn keda(c: &mut Criterion) {
     });
     g.finish();
     running.shutdown();
-    let _ = rt.block_on(tokio::time::timeout(
-        Duration::from_secs(30),
-        running.wait(),
-    ));
+    // The timer is made inside the runtime (a `Sleep` needs its reactor).
+    let _ =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), running.wait()).await });
 }
 
 criterion_group!(benches, keda);
