@@ -27,6 +27,7 @@ pub mod board;
 mod order;
 mod promote;
 mod report;
+mod setup;
 pub mod validate;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -140,39 +141,7 @@ pub async fn run(
     };
     let gate = routing.gate().clone();
     let ns = cfg.namespace.clone();
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let steps: Arc<[ValidationStep]> = rollout.validation.clone().into();
-    let mut c = Controller {
-        steps,
-        gate: gate.clone(),
-        routing,
-        cfg: rollout,
-        port: cfg.port.clone(),
-        deployment: cfg.workload.name.clone(),
-        pods: Api::namespaced(client.clone(), &ns),
-        events: Api::namespaced(client.clone(), &ns),
-        deployments: deployments.clone(),
-        client: validate::step_client(),
-        board,
-        active: None,
-        validating: HashSet::new(),
-        done: HashSet::new(),
-        rolled_back: HashSet::new(),
-        spans: HashMap::new(),
-        progress: Arc::default(),
-        progressed: Arc::default(),
-        versions: BTreeMap::new(),
-        last_result: None,
-        waiting_for: None,
-        warning: None,
-        switching: false,
-        tasks: JoinSet::new(),
-        workload: WorkloadApi::new(client.clone(), &ns, &cfg.workload),
-        replicas: cfg.replicas,
-        scaling: cfg.scaling,
-        woken: HashSet::new(),
-        waking_for: None,
-    };
+    let mut c = Controller::new(&client, &cfg, rollout, routing, board);
     c.report(None);
     let selector = c.selector().await;
     info!(%selector, "rollout controller watching pods");
