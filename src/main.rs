@@ -159,8 +159,16 @@ enum PrewarmCmd {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("REVEILLE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spec = std::env::var("REVEILLE_LOG").unwrap_or_else(|_| "info".into());
+    // rustls warns once per handshake about what a client sent (an IP address as SNI, say):
+    // a client could fill the log with them. Only its errors, unless asked for by name.
+    let spec = if spec.contains("rustls") {
+        spec
+    } else {
+        format!("{spec},rustls=error")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
