@@ -29,6 +29,12 @@ impl Trigger {
         self.0.send_replace(true);
     }
 
+    /// Resolves once this trigger has fired: for one wait (a request's), without the handle
+    /// [`Trigger::signal`] makes.
+    pub async fn fired(&self) {
+        let _ = self.0.subscribe().wait_for(|s| *s).await;
+    }
+
     /// A handle that waits for this trigger.
     pub fn signal(&self) -> Signal {
         let rx = self.0.subscribe();

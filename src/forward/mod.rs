@@ -90,7 +90,7 @@ impl Shared {
 
     /// Resolves once [`Shared::cut_in_flight`] was called.
     pub(crate) async fn in_flight_cut(&self) {
-        self.in_flight_stop.signal().fired().await;
+        self.in_flight_stop.fired().await;
     }
 }
 
