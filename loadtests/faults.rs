@@ -35,6 +35,12 @@ async fn main() {
         &t,
         format!("; slow connections closed: {closed}/200"),
     );
+    let t = load::burst_beyond_the_queue(n, n / 2, "2s").await;
+    report(
+        "burst of twice the queue bound",
+        &t,
+        format!(" (capacity {})", n / 2),
+    );
     let t = load::reload_during_burst(n).await;
     report(
         "config reloaded during burst",

@@ -33,10 +33,27 @@ async fn slowloris_does_not_starve_normal_clients() {
     println!("slowloris: normal {t}; slow connections closed: {closed}/50");
     assert_eq!(t.count(200), 100, "{t}");
     assert_eq!(t.lost, 0, "{t}");
+    assert!(t.by_kind.is_empty(), "no refusal by Reveille: {t}");
     assert_eq!(
         closed, 50,
         "every slow connection was closed by the header timeout"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_the_queue_bound_is_refused_not_lost() {
+    // 200 at once at a cold service that holds 100, its backend up after 2 s: the first 100 are
+    // held and answered, the rest refused at once by the bound (unless the backend came up
+    // before they arrived, on a very slow machine: then they are answered too).
+    let t = load::burst_beyond_the_queue(200, 100, "2s").await;
+    println!("burst beyond the queue: {t}");
+    assert_eq!(t.lost, 0, "{t}");
+    assert_eq!(t.answered(), 200, "{t}");
+    assert!(t.count(200) >= 100, "what the queue holds is answered: {t}");
+    assert_eq!(t.count(200) + t.count(503), 200, "{t}");
+    let full = t.by_kind.get("queue_full").copied().unwrap_or(0);
+    assert_eq!(full, t.count(503), "every 503 is the queue bound's: {t}");
+    assert!(full > 0, "a burst of twice the bound meets it: {t}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,6 +26,8 @@ pub(super) struct Activity {
     state: AtomicU8,
     demand: Notify,
     quiet: Notify,
+    /// Told when the state or the ready endpoints change (a dependent's wake-up waits on it).
+    readiness: Notify,
     epoch: Instant,
     last_active_ms: AtomicU64,
     last_activation_us: AtomicU64,
@@ -52,6 +54,7 @@ impl Activity {
             state: AtomicU8::new(State::Idle as u8),
             demand: Notify::new(),
             quiet: Notify::new(),
+            readiness: Notify::new(),
             epoch,
             last_active_ms: AtomicU64::new(0),
             last_activation_us: AtomicU64::new(u64::MAX),
@@ -141,6 +144,18 @@ impl Gate {
     pub fn set_state(&self, state: State) {
         self.activity.state.store(state as u8, Ordering::SeqCst);
         self.metrics.state(state);
+        self.activity.readiness.notify_waiters();
+    }
+
+    /// Resolves at the next change of the state or of the ready endpoints; enable it before
+    /// looking at them so no change falls between.
+    pub fn readiness_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.activity.readiness.notified()
+    }
+
+    /// Tells [`Gate::readiness_changed`] waiters (the ready endpoints changed).
+    pub(super) fn readiness_moved(&self) {
+        self.activity.readiness.notify_waiters();
     }
 
     /// Duration of the last successful activation, if any.

@@ -206,6 +206,7 @@ impl Gate {
     pub fn set_endpoints(self: &Arc<Self>, addrs: &[SocketAddr]) {
         let n = self.balance.replace(addrs);
         self.metrics.ready_endpoints.set(n as i64);
+        self.readiness_moved();
         self.dispatch();
     }
 }

@@ -61,6 +61,8 @@ pub struct WakeTracker {
     current: Mutex<Option<Box<Wake>>>,
     recent: Mutex<std::collections::VecDeque<std::time::Duration>>,
     failed: std::sync::atomic::AtomicU64,
+    /// Told when a wake-up ends early (waiters such as a dependent's wake-up look again).
+    ended: tokio::sync::Notify,
 }
 
 impl WakeTracker {
@@ -121,6 +123,12 @@ impl WakeTracker {
         }
     }
 
+    /// Resolves at the next early end of a wake-up ([`WakeTracker::abort`]); enable it before
+    /// looking at [`WakeTracker::failures`] so no end falls between.
+    pub fn ended_early(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ended.notified()
+    }
+
     /// Wake-ups that ended early for another reason than a shutdown (monotonic).
     pub fn failures(&self) -> u64 {
         self.failed.load(std::sync::atomic::Ordering::SeqCst)
@@ -132,6 +140,7 @@ impl WakeTracker {
             self.failed
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
+        self.ended.notify_waiters();
         if let Some(w) = self.current.lock().take() {
             w.span.in_scope(|| info!(reason, "wake-up ended early"));
         }

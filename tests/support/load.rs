@@ -22,6 +22,8 @@ use super::*;
 pub struct Tally {
     pub sent: usize,
     pub by_status: BTreeMap<u16, usize>,
+    /// Reveille's own refusals by `x-reveille-error` kind (`queue_full`, ...).
+    pub by_kind: BTreeMap<String, usize>,
     /// Connections refused before a request could be sent (listener closed).
     pub refused: usize,
     /// Requests sent that never got a response.
@@ -40,7 +42,12 @@ impl Tally {
     fn add(&mut self, r: Outcome) {
         self.sent += 1;
         match r {
-            Outcome::Status(s) => *self.by_status.entry(s).or_default() += 1,
+            Outcome::Status(s, kind) => {
+                *self.by_status.entry(s).or_default() += 1;
+                if let Some(kind) = kind {
+                    *self.by_kind.entry(kind).or_default() += 1;
+                }
+            }
             Outcome::Refused => self.refused += 1,
             Outcome::Lost => self.lost += 1,
         }
@@ -56,12 +63,22 @@ impl fmt::Display for Tally {
             }
             write!(f, "{s}: {n}")?;
         }
-        write!(f, "), refused {}, lost {}", self.refused, self.lost)
+        write!(f, ")")?;
+        if !self.by_kind.is_empty() {
+            let kinds: Vec<String> = self
+                .by_kind
+                .iter()
+                .map(|(k, n)| format!("{k}: {n}"))
+                .collect();
+            write!(f, " [Reveille's refusals: {}]", kinds.join(", "))?;
+        }
+        write!(f, ", refused {}, lost {}", self.refused, self.lost)
     }
 }
 
 enum Outcome {
-    Status(u16),
+    /// The status, and Reveille's `x-reveille-error` kind when Reveille itself answered.
+    Status(u16, Option<String>),
     Refused,
     Lost,
 }
@@ -87,8 +104,13 @@ async fn one(addr: SocketAddr, host: &str, method: &str, path: &str, body: Bytes
     match tokio::time::timeout(Duration::from_secs(60), sender.send_request(req)).await {
         Ok(Ok(resp)) => {
             let status = resp.status().as_u16();
+            let kind = resp
+                .headers()
+                .get("x-reveille-error")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
             match resp.into_body().collect().await {
-                Ok(_) => Outcome::Status(status),
+                Ok(_) => Outcome::Status(status, kind),
                 Err(_) => Outcome::Lost,
             }
         }
@@ -202,11 +224,26 @@ pub async fn backend_resets_at_random(n: usize) -> Tally {
     t
 }
 
+/// `n` requests at once at a cold service whose queue holds `capacity` of them, while its
+/// backend takes `startup` to come up: the queue bound refuses what it cannot hold (`503`,
+/// `queue_full`, with `Retry-After`) and memory stays bounded; what it holds is answered.
+pub async fn burst_beyond_the_queue(n: usize, capacity: usize, startup: &str) -> Tally {
+    let port = free_port();
+    let queue = format!("queue: {{ capacity: {capacity}, timeout: 60s }}");
+    let r = start(&process_config(port, startup, &[&queue])).await;
+    let t = burst(r.proxy_addr, "hello.test", n, |i| format!("/over/{i}")).await;
+    stop(r).await;
+    t
+}
+
 /// `slow` clients trickle their headers one byte at a time while `n` normal requests go through.
 /// Returns the normal requests' tally and how many slow connections Reveille closed.
 pub async fn slowloris(slow: usize, n: usize) -> (Tally, usize) {
     let port = free_port();
-    let yaml = process_config(port, "0s", &[])
+    // The queue holds the whole burst: this scenario is about slow clients, not the queue
+    // bound (a burst of more than the default 1,000 at a cold service meets that bound; see
+    // [`burst_beyond_the_queue`]).
+    let yaml = process_config(port, "0s", &["queue: { capacity: 100000, timeout: 60s }"])
         .replace("services:", "timeouts: { client_header: 1s }\nservices:");
     let r = start(&yaml).await;
     let addr = r.proxy_addr;
