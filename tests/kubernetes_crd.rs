@@ -139,3 +139,79 @@ async fn objects_add_change_and_remove_services_live() {
     assert!(resp.body.starts_with("pod=billing-pod-"), "{}", resp.body);
     stop(r).await;
 }
+
+/// `depends_on` on objects: `api` names `db` of its namespace; a request to `api` wakes `db`
+/// first, each Deployment patched in order. Objects that depend on each other in a cycle are
+/// reported invalid on their status and not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_depend_on_objects_and_a_cycle_is_reported_on_them() {
+    let cluster = Cluster::start().await;
+    for name in ["api", "db"] {
+        cluster.add_deployment(NS, name, name, 0, Duration::from_millis(200));
+    }
+    let cfg = reveille::Config::parse("listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ncrd: {}\n")
+        .expect("a config with only `crd:` is valid");
+    let kube = cluster.api.client().await;
+    let r = reveille::app::start_with_kube(cfg, Some(kube))
+        .await
+        .unwrap();
+    let with_deps = |host: &str, deployment: &str, deps: &[&str]| {
+        let mut s = spec(host, deployment, json!("http"));
+        s["depends_on"] = json!(deps);
+        s
+    };
+    put_object(&cluster, "db", 1, with_deps("db.test", "db", &[]));
+    put_object(&cluster, "api", 1, with_deps("api.test", "api", &["db"]));
+    wait_until("both valid", LONG, || async {
+        ["api", "db"]
+            .iter()
+            .all(|n| ready_condition(&cluster, n).is_some_and(|c| c["status"] == "True"))
+    })
+    .await;
+    let c = client();
+    // Which Deployment got replicas first, seen while the request is held.
+    let order = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let (o, c2) = (order.clone(), cluster.clone());
+    let watcher = tokio::spawn(async move {
+        loop {
+            for name in ["api", "db"] {
+                let mut o = o.lock();
+                if c2.replicas(NS, name) > 0 && !o.iter().any(|n| n == name) {
+                    o.push(name.to_string());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    let resp = get(&c, r.proxy_addr, "api.test", "/").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    wait_until("both patched", LONG, || {
+        let o = order.clone();
+        async move { o.lock().len() == 2 }
+    })
+    .await;
+    watcher.abort();
+    assert_eq!(*order.lock(), vec!["db", "api"]);
+
+    // A cycle: db now depends on api. The first object of the cycle names it; the other then
+    // depends on an invalid object; neither is served.
+    put_object(&cluster, "db", 2, with_deps("db.test", "db", &["api"]));
+    wait_until("cycle reported", LONG, || async {
+        ["api", "db"]
+            .iter()
+            .all(|n| ready_condition(&cluster, n).is_some_and(|c| c["status"] == "False"))
+    })
+    .await;
+    let api = ready_condition(&cluster, "api").unwrap();
+    assert_eq!(
+        api["message"],
+        "spec.depends_on: dependency cycle: api -> db -> api"
+    );
+    let db = ready_condition(&cluster, "db").unwrap();
+    assert_eq!(
+        db["message"],
+        "spec.depends_on[0]: no valid ReveilleService \"api\" in namespace \"integrations\""
+    );
+    assert_eq!(status_of(&c, &r, "api.test").await, 404);
+    stop(r).await;
+}

@@ -23,7 +23,7 @@ use serde_json::json;
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::config::{Config, CrdWatch, Service};
+use crate::config::{dependency_problems, Config, CrdWatch, DependencyProblem, Service};
 use crate::route::services::Services;
 
 /// One service, as a Kubernetes object. Field names and meanings are those of a service in the
@@ -63,6 +63,46 @@ pub struct ReveilleServiceSpec {
     /// `on_failure`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutSpec>,
+    /// Windows in which the service is kept up before any request: `schedule`d and `learn`ed
+    /// (as `prewarm` in the config file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prewarm: Option<PrewarmSpec>,
+    /// `ReveilleService` objects of the same namespace woken before this one, in order, each
+    /// ready before the next, and kept up while it is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+}
+
+/// `spec.prewarm`: as `prewarm` in the config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PrewarmSpec {
+    /// Fixed windows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<WindowSpec>,
+    /// How long before a window the service is woken: `auto` (default) or a duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lead: Option<String>,
+    /// Learn windows from the demand seen (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learn: Option<bool>,
+    /// Hours per week learned windows may keep the service up at most (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_hours_per_week: Option<f64>,
+}
+
+/// One `spec.prewarm.schedule` window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WindowSpec {
+    /// Days it starts on (`mon`…`sun` or `monday`…`sunday`; at least one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub days: Vec<String>,
+    /// Local start time, `HH:MM`.
+    pub start: String,
+    /// Local end time, `HH:MM` (on the next day when not after `start`).
+    pub end: String,
+    /// IANA time zone of `start` and `end` (default UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
 }
 
 /// `spec.rollout`: as `rollout` in the config file.
@@ -221,9 +261,75 @@ pub fn to_service(obj: &ReveilleService) -> Result<Service, Vec<String>> {
     if let Some(k) = spec["backend"]["kubernetes"].as_object_mut() {
         k.entry("namespace").or_insert_with(|| json!(ns));
     }
-    let name = format!("{ns}-{}", obj.name_any());
+    // A dependency is an object of the same namespace: the service `<namespace>-<name>`.
+    if let Some(deps) = spec
+        .get_mut("depends_on")
+        .and_then(serde_json::Value::as_array_mut)
+    {
+        for d in deps.iter_mut().filter(|d| d.is_string()) {
+            *d = json!(service_name(&ns, d.as_str().unwrap_or_default()));
+        }
+    }
+    let name = service_name(&ns, &obj.name_any());
     Config::object_service(&name, &ns, spec)
         .map_err(|e| e.problems.iter().map(|p| p.to_string()).collect())
+}
+
+/// The service an object of `namespace` named `name` is served as.
+fn service_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}-{name}")
+}
+
+/// What needs the objects together: each `depends_on` entry names a valid object of the same
+/// namespace, and no cycle. Each object's result is `Err` with its problems (naming
+/// `spec.depends_on…`) when not; one made invalid here can make another's entry unknown, so
+/// this repeats until nothing changes.
+fn check_dependencies<O: std::borrow::Borrow<ReveilleService>>(
+    objects: &[O],
+    results: &mut [Result<Service, Vec<String>>],
+) {
+    let objects: Vec<&ReveilleService> = objects.iter().map(|o| o.borrow()).collect();
+    loop {
+        let valid: Vec<usize> = (0..results.len()).filter(|&i| results[i].is_ok()).collect();
+        let services: Vec<&Service> = valid
+            .iter()
+            .filter_map(|&i| results[i].as_ref().ok())
+            .collect();
+        let names: Vec<String> = services.iter().map(|s| s.name.clone()).collect();
+        let deps: Vec<Vec<String>> = services.iter().map(|s| s.depends_on.clone()).collect();
+        let found = dependency_problems(&names, &deps);
+        if found.is_empty() {
+            return;
+        }
+        // Entries as the object wrote them, services by their object's name.
+        let written: Vec<Vec<String>> = valid
+            .iter()
+            .map(|&i| objects[i].spec.depends_on.clone())
+            .collect();
+        let object_name = |j: usize| objects[valid[j]].name_any();
+        let mut problems: Vec<(usize, String)> = Vec::new();
+        for problem in &found {
+            let at = match problem.entry() {
+                Some(k) => format!("spec.depends_on[{k}]"),
+                None => "spec.depends_on".to_string(),
+            };
+            let reason = match problem {
+                DependencyProblem::Unknown { service, at } => format!(
+                    "no valid ReveilleService {:?} in namespace {:?}",
+                    written[*service][*at],
+                    objects[valid[*service]].namespace().unwrap_or_default()
+                ),
+                other => other.reason(&written, &object_name),
+            };
+            problems.push((valid[problem.service()], format!("{at}: {reason}")));
+        }
+        for (i, problem) in problems {
+            match &mut results[i] {
+                Err(list) => list.push(problem),
+                r => *r = Err(vec![problem]),
+            }
+        }
+    }
 }
 
 fn condition(obj: &ReveilleService, result: &Result<Service, Vec<String>>) -> StatusCondition {
@@ -282,9 +388,10 @@ async fn sync(client: &Client, reader: &Store<ReveilleService>, services: &Servi
     let mut objects = reader.state();
     objects.sort_by_key(|o| (o.namespace(), o.name_any()));
     let mut specs = Vec::new();
-    for obj in objects {
-        let result = to_service(&obj);
-        let cond = condition(&obj, &result);
+    let mut results: Vec<_> = objects.iter().map(|o| to_service(o)).collect();
+    check_dependencies(&objects, &mut results);
+    for (obj, result) in objects.iter().zip(results) {
+        let cond = condition(obj, &result);
         let current = obj.status.as_ref().and_then(|s| s.conditions.first());
         if current != Some(&cond) {
             let api: Api<ReveilleService> =
@@ -435,6 +542,112 @@ mod tests {
                 "spec.queue.capacity: must be at least 1",
                 "spec.backend.static.addresses: at least one address is required",
             ]
+        );
+    }
+
+    #[test]
+    fn an_object_can_be_pre_warmed_and_depend_on_objects_of_its_namespace() {
+        let obj = object(json!({
+            "hosts": ["orders.test"],
+            "backend": {"kubernetes": {"deployment": "order-sync", "service": "order-sync", "port": 8080}},
+            "prewarm": {
+                "schedule": [{"days": ["mon"], "start": "08:00", "end": "10:00", "timezone": "Europe/Amsterdam"}],
+                "lead": "2m",
+                "learn": true,
+            },
+            "depends_on": ["db", "cache"],
+        }));
+        let s = to_service(&obj).unwrap();
+        assert_eq!(s.depends_on, vec!["integrations-db", "integrations-cache"]);
+        let p = s.prewarm.as_ref().expect("prewarm");
+        assert_eq!(p.schedule.len(), 1);
+        assert_eq!(p.schedule[0].timezone_name, "Europe/Amsterdam");
+        assert_eq!(
+            p.lead,
+            crate::config::Lead::Fixed(std::time::Duration::from_secs(120))
+        );
+        assert!(p.learn);
+        let bad = object(json!({
+            "hosts": ["orders.test"],
+            "backend": {"kubernetes": {"deployment": "order-sync", "service": "order-sync", "port": 8080}},
+            "prewarm": {"schedule": [{"days": ["tue"], "start": "8 am", "end": "10:00"}]},
+        }));
+        let problems = to_service(&bad).unwrap_err();
+        assert!(
+            problems[0].starts_with("spec.prewarm.schedule[0].start: "),
+            "{problems:?}"
+        );
+        // The generated schema knows both fields (the API server would prune them otherwise).
+        let crd = serde_json::to_value(ReveilleService::crd()).unwrap();
+        let props = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"];
+        assert!(
+            props["prewarm"]["properties"]["schedule"].is_object(),
+            "{props}"
+        );
+        assert_eq!(props["depends_on"]["type"], "array", "{props}");
+    }
+
+    fn named(name: &str, depends_on: &[&str]) -> ReveilleService {
+        let mut obj = object(json!({
+            "hosts": [format!("{name}.test")],
+            "backend": {"static": {"addresses": ["127.0.0.1:9"]}},
+            "depends_on": depends_on,
+        }));
+        obj.metadata.name = Some(name.into());
+        obj
+    }
+
+    fn checked(objects: &[ReveilleService]) -> Vec<Result<Service, Vec<String>>> {
+        let mut results: Vec<_> = objects.iter().map(to_service).collect();
+        check_dependencies(objects, &mut results);
+        results
+    }
+
+    #[test]
+    fn dependencies_name_valid_objects_of_the_namespace_and_form_no_cycle() {
+        // api -> db: fine; the chain is served.
+        let ok = checked(&[named("api", &["db"]), named("db", &[])]);
+        assert!(ok.iter().all(Result::is_ok), "{ok:?}");
+        // An unknown object, and one made invalid by its own spec, are both unknown.
+        let mut broken = named("db", &[]);
+        broken.spec.hosts.clear();
+        let r = checked(&[named("api", &["db"]), broken, named("web", &["nope"])]);
+        assert_eq!(
+            r[0].as_ref().unwrap_err(),
+            &vec![
+                "spec.depends_on[0]: no valid ReveilleService \"db\" in namespace \"integrations\""
+            ]
+        );
+        assert_eq!(
+            r[2].as_ref().unwrap_err(),
+            &vec![
+                "spec.depends_on[0]: no valid ReveilleService \"nope\" in namespace \"integrations\""
+            ]
+        );
+        // A cycle is reported at its first object; what depends on it then fails in turn;
+        // an object outside it is untouched.
+        let r = checked(&[
+            named("a", &["b"]),
+            named("b", &["a"]),
+            named("c", &["a"]),
+            named("d", &[]),
+        ]);
+        assert_eq!(
+            r[0].as_ref().unwrap_err(),
+            &vec!["spec.depends_on: dependency cycle: a -> b -> a"]
+        );
+        assert!(r[1].is_err() && r[2].is_err(), "{r:?}");
+        assert!(r[3].is_ok());
+        // Itself and twice, named as written.
+        let r = checked(&[named("a", &["a"]), named("b", &["d", "d"]), named("d", &[])]);
+        assert_eq!(
+            r[0].as_ref().unwrap_err(),
+            &vec!["spec.depends_on[0]: a service cannot depend on itself"]
+        );
+        assert_eq!(
+            r[1].as_ref().unwrap_err(),
+            &vec!["spec.depends_on[1]: \"d\" is listed twice"]
         );
     }
 }

@@ -44,7 +44,8 @@ pub use kubernetes::{
     DEFAULT_LEASE_DURATION, DEFAULT_LEASE_NAME, DEFAULT_PEER_TIMEOUT, DEFAULT_REPLICAS,
 };
 pub use prewarm::{
-    describe_lead, Lead, Prewarm, ScheduledWindow, DEFAULT_MAX_HOURS_PER_WEEK, MIN_AUTO_LEAD,
+    dependency_problems, describe_lead, DependencyProblem, Lead, Prewarm, ScheduledWindow,
+    DEFAULT_MAX_HOURS_PER_WEEK, MIN_AUTO_LEAD,
 };
 pub use rollout::{
     AtZero, BodyRegex, ExpectJson, OnFailure, Overlap, Promotion, Rollout, ValidationStep,

@@ -217,21 +217,37 @@ fn time(p: &mut Problems, at: &str, s: &str) -> Option<Time> {
     }
 }
 
-/// `depends_on` of every service: known names, not itself, no cycle. `deps[i]` are the
-/// names service `i` depends on, `names[i]` its name.
-pub(super) fn validate_depends_on(p: &mut Problems, names: &[String], deps: &[Vec<String>]) {
+/// What is wrong with one `depends_on` list, found by [`dependency_problems`]; the caller
+/// names the field (`services[1].depends_on[0]` in a file, `spec.depends_on[0]` on an object).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DependencyProblem {
+    /// Entry `at` names no service.
+    Unknown { service: usize, at: usize },
+    /// Entry `at` names the service itself.
+    ItSelf { service: usize, at: usize },
+    /// Entry `at` repeats an earlier one.
+    Twice { service: usize, at: usize },
+    /// The services of `cycle` depend on each other in that order (reported once, at its first).
+    Cycle { cycle: Vec<usize> },
+}
+
+/// `depends_on` of every service: known names, not itself, not twice, no cycle. `deps[i]` are
+/// the names service `i` depends on, `names[i]` its name.
+pub fn dependency_problems(names: &[String], deps: &[Vec<String>]) -> Vec<DependencyProblem> {
     let index: HashMap<&str, usize> = names
         .iter()
         .enumerate()
         .map(|(i, n)| (n.as_str(), i))
         .collect();
-    for (i, list) in deps.iter().enumerate() {
-        for (k, d) in list.iter().enumerate() {
-            let at = format!("services[{i}].depends_on[{k}]");
+    let mut found = Vec::new();
+    for (service, list) in deps.iter().enumerate() {
+        for (at, d) in list.iter().enumerate() {
             match index.get(d.as_str()) {
-                None => p.add(at, format!("unknown service {d:?}")),
-                Some(&j) if j == i => p.add(at, "a service cannot depend on itself"),
-                Some(_) if list[..k].contains(d) => p.add(at, format!("{d:?} is listed twice")),
+                None => found.push(DependencyProblem::Unknown { service, at }),
+                Some(&j) if j == service => found.push(DependencyProblem::ItSelf { service, at }),
+                Some(_) if list[..at].contains(d) => {
+                    found.push(DependencyProblem::Twice { service, at })
+                }
                 Some(_) => {}
             }
         }
@@ -251,17 +267,64 @@ pub(super) fn validate_depends_on(p: &mut Problems, names: &[String], deps: &[Ve
     for i in 0..names.len() {
         let mut path = Vec::new();
         if let Some(cycle) = find_cycle(i, &edges, &mut state, &mut path) {
-            let first = cycle[0];
-            let shown: Vec<&str> = cycle.iter().map(|&j| names[j].as_str()).collect();
-            p.add(
-                format!("services[{first}].depends_on"),
+            found.push(DependencyProblem::Cycle { cycle });
+        }
+    }
+    found
+}
+
+impl DependencyProblem {
+    /// The service whose `depends_on` is at fault.
+    pub fn service(&self) -> usize {
+        match self {
+            DependencyProblem::Unknown { service, .. }
+            | DependencyProblem::ItSelf { service, .. }
+            | DependencyProblem::Twice { service, .. } => *service,
+            DependencyProblem::Cycle { cycle } => cycle[0],
+        }
+    }
+
+    /// The entry at fault (`None`: the list as a whole, for a cycle).
+    pub fn entry(&self) -> Option<usize> {
+        match self {
+            DependencyProblem::Unknown { at, .. }
+            | DependencyProblem::ItSelf { at, .. }
+            | DependencyProblem::Twice { at, .. } => Some(*at),
+            DependencyProblem::Cycle { .. } => None,
+        }
+    }
+
+    /// Why, naming services by `name(i)` and entries as written in `deps`.
+    pub fn reason(&self, deps: &[Vec<String>], name: &dyn Fn(usize) -> String) -> String {
+        match self {
+            DependencyProblem::Unknown { service, at } => {
+                format!("unknown service {:?}", deps[*service][*at])
+            }
+            DependencyProblem::ItSelf { .. } => "a service cannot depend on itself".into(),
+            DependencyProblem::Twice { service, at } => {
+                format!("{:?} is listed twice", deps[*service][*at])
+            }
+            DependencyProblem::Cycle { cycle } => {
+                let shown: Vec<String> = cycle.iter().map(|&j| name(j)).collect();
                 format!(
                     "dependency cycle: {} -> {}",
                     shown.join(" -> "),
-                    names[first]
-                ),
-            );
+                    name(cycle[0])
+                )
+            }
         }
+    }
+}
+
+/// [`dependency_problems`] of a file's services, each at `services[i].depends_on…`.
+pub(super) fn validate_depends_on(p: &mut Problems, names: &[String], deps: &[Vec<String>]) {
+    for problem in dependency_problems(names, deps) {
+        let i = problem.service();
+        let at = match problem.entry() {
+            Some(k) => format!("services[{i}].depends_on[{k}]"),
+            None => format!("services[{i}].depends_on"),
+        };
+        p.add(at, problem.reason(deps, &|j| names[j].clone()));
     }
 }
 
