@@ -29,23 +29,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 ORIGIN_PORT=18100 A_PORT=18101 B_PORT=18102 NGINX_PORT=18103 NGINX_H2_PORT=18104
 TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-bg() { timeout 3600 "$@" & PIDS+=($!); }
-cpu_ticks() {
-  local pids="$1 $(pgrep -P "$1" | tr '\n' ' ')" t=0 p
-  for p in $pids; do
-    [ -r /proc/"$p"/stat ] || continue
-    t=$((t + $(awk '{print $14 + $15}' /proc/"$p"/stat)))
-  done
-  echo "$t"
-}
-server_pid() { pgrep -P "$1" | head -1; }
+trap 'stop_servers; rm -rf "$TMP"' EXIT
 
 cargo build --release --quiet --example origin
 bg taskset -c "$LOAD_CPU" target/release/examples/origin --listen 127.0.0.1:$ORIGIN_PORT --threads 1

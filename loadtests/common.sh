@@ -1,4 +1,4 @@
-# Sourced by run.sh and instructions.sh.
+# Sourced by run.sh, ab.sh and instructions.sh.
 
 # wait_port PORT [SECONDS]: until 127.0.0.1:PORT accepts (default 10 s; valgrind starts slowly).
 wait_port() {
@@ -51,3 +51,25 @@ http {
 NGINX
   } >"$file"
 }
+
+# Background servers: `bg CMD...` starts one, bounded in time (`timeout` ends it if the
+# script is killed), and `stop_servers` ends them all.
+PIDS=()
+bg() { timeout 3600 "$@" & PIDS+=($!); }
+stop_servers() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  PIDS=()
+}
+
+# utime+stime in clock ticks summed over a process and its children (nginx workers).
+cpu_ticks() {
+  local pids="$1 $(pgrep -P "$1" | tr '\n' ' ')" t=0 p
+  for p in $pids; do
+    [ -r /proc/"$p"/stat ] || continue
+    t=$((t + $(awk '{print $14 + $15}' /proc/"$p"/stat)))
+  done
+  echo "$t"
+}
+# The PID whose CPU is counted: the real server under `timeout` (taskset execs into it).
+server_pid() { pgrep -P "$1" | head -1; }

@@ -5,5 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-2000}"
 ulimit -n 65536 2>/dev/null || true
-cargo build --release --bins --examples -q
+# The binary alone, as users build it (see run.sh); then the scenarios.
+cargo build --release --bins -q
+cargo build --release --examples -q
 exec target/release/examples/faults "$n"

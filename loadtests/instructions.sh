@@ -6,6 +6,9 @@
 #   loadtests/instructions.sh [N]      # N measured requests per target (default 20000)
 #   KEEP=DIR loadtests/instructions.sh  # also keep the callgrind dumps in DIR (for
 #                                       # callgrind_annotate: where the instructions go)
+#   REVEILLE_BIN=old/reveille SKIP_NGINX=1 loadtests/instructions.sh
+#                                       # another build of Reveille, and no nginx: an A/B of
+#                                       # two builds without the machine's noise
 #
 # Each proxy runs single-threaded under callgrind in front of the same origin; h2load sends
 # 2,000 warm-up requests (not counted: callgrind_control -z), then N requests over 16
@@ -24,7 +27,11 @@ if ! need valgrind || ! need h2load || ! need nginx; then
   apt-get -o DPkg::Lock::Timeout=600 install -y -qq valgrind nghttp2-client nginx >/dev/null
 fi
 PATH=$PATH:/usr/sbin
-cargo build --release --quiet --bin reveille --example origin
+# The binary is built alone: built with the examples, it would get the dev-dependencies'
+# features (tokio's `test-util`, which puts a paused-clock check in every timer and
+# `Instant::now`), which the binary users build does not have.
+cargo build --release --quiet --bin reveille
+cargo build --release --quiet --example origin
 BIN=$ROOT/target/release
 TMP=$(mktemp -d)
 ORIGIN=28400 REVEILLE=28401 ADMIN=28491 NGINX=28402 NGINX_H2=28403
@@ -69,12 +76,14 @@ measure() {
 }
 
 REVEILLE_LOG=warn timeout 1800 valgrind -q --tool=callgrind --callgrind-out-file="$TMP/cg-reveille.out" \
-  "$BIN/reveille" serve --config "$TMP/reveille.yaml" --workers 1 & PIDS+=($!)
+  "${REVEILLE_BIN:-$BIN/reveille}" serve --config "$TMP/reveille.yaml" --workers 1 & PIDS+=($!)
 wait_port $REVEILLE 60
 measure reveille "$(pgrep -P "${PIDS[-1]}" | head -1)" $REVEILLE $REVEILLE
 kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 
-timeout 1800 valgrind -q --tool=callgrind --callgrind-out-file="$TMP/cg-nginx.out" \
-  nginx -c "$TMP/nginx.conf" -e "$TMP/nginx/error.log" & PIDS+=($!)
-wait_port $NGINX 60
-measure nginx "$(pgrep -P "${PIDS[-1]}" | head -1)" $NGINX $NGINX_H2
+if [ "${SKIP_NGINX:-0}" != 1 ]; then
+  timeout 1800 valgrind -q --tool=callgrind --callgrind-out-file="$TMP/cg-nginx.out" \
+    nginx -c "$TMP/nginx.conf" -e "$TMP/nginx/error.log" & PIDS+=($!)
+  wait_port $NGINX 60
+  measure nginx "$(pgrep -P "${PIDS[-1]}" | head -1)" $NGINX $NGINX_H2
+fi

@@ -12,7 +12,11 @@ PROTO=${PROTO:-http1}
 PROXY_CPU=${PROXY_CPU:-0} LOAD_CPU=${LOAD_CPU:-1}
 command -v perf >/dev/null || apt-get install -y -qq linux-perf >/dev/null
 command -v wrk >/dev/null || apt-get install -y -qq wrk nghttp2-client >/dev/null
-cargo build --release --quiet --bin reveille --example origin
+# The binary is built alone: built with the examples, it would get the dev-dependencies'
+# features (tokio's `test-util`, which puts a paused-clock check in every timer and
+# `Instant::now`), which the binary users build does not have.
+cargo build --release --quiet --bin reveille
+cargo build --release --quiet --example origin
 TMP=loadtests/results/tmp/profile
 mkdir -p "$TMP"
 cat >"$TMP/reveille.yaml" <<YAML

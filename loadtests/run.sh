@@ -55,29 +55,13 @@ RAW=$TMP/raw.jsonl
 : >"$RAW"
 
 echo "building (release)" >&2
-cargo build --release --quiet --bin reveille --example origin --example coldpath
+# The binary is built alone: built with the examples, it would get the dev-dependencies'
+# features (tokio's `test-util`, which puts a paused-clock check in every timer and
+# `Instant::now`), which the binary users build does not have.
+cargo build --release --quiet --bin reveille
+cargo build --release --quiet --example origin --example coldpath
 BIN=$ROOT/target/release
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-# Every server is bounded in time too: `timeout` ends it if this script is killed.
-bg() { timeout 3600 "$@" & PIDS+=($!); }
-
-# utime+stime in clock ticks summed over a process and its children (nginx workers).
-cpu_ticks() {
-  local pids="$1 $(pgrep -P "$1" | tr '\n' ' ')" t=0 p
-  for p in $pids; do
-    [ -r /proc/"$p"/stat ] || continue
-    t=$((t + $(awk '{print $14 + $15}' /proc/"$p"/stat)))
-  done
-  echo "$t"
-}
-# The PID whose CPU is counted: the real server under `timeout`.
-server_pid() { pgrep -P "$1" | head -1; }
+trap stop_servers EXIT
 
 machine_json() {
   python3 - "$@" <<'PY'
@@ -190,8 +174,7 @@ HAPROXY
       echo "round $round $name https: $line cpu_ticks=$((c1 - c0)) load=$load" >&2
     done
   done
-  cleanup
-  PIDS=()
+  stop_servers
 fi
 
 if [ "$SKIP_COLD" != 1 ]; then
