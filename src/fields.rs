@@ -90,6 +90,7 @@ impl Field {
 }
 
 /// The rule for a field name, any case.
+#[inline]
 pub(crate) fn field(name: &[u8]) -> Field {
     let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
     match name.len() {
@@ -123,6 +124,7 @@ pub(crate) fn of(name: &HeaderName) -> Field {
 
 /// A name with `_`: dropped under `drop_underscore_headers` (a backend may read it as the same
 /// field as its `-` spelling, which a client could use to smuggle a value past checks).
+#[inline]
 pub(crate) fn underscored(name: &[u8]) -> bool {
     name.contains(&b'_')
 }

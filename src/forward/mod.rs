@@ -92,6 +92,12 @@ impl Shared {
     pub(crate) async fn in_flight_cut(&self) {
         self.in_flight_stop.fired().await;
     }
+
+    /// A handle on the in-flight cut for one connection's requests: one subscription per
+    /// connection instead of one per request (the fast path's).
+    pub(crate) fn in_flight_signal(&self) -> crate::shutdown::Signal {
+        self.in_flight_stop.signal()
+    }
 }
 
 /// The per-connection hyper service.

@@ -84,9 +84,18 @@ const RESPONSE_HEADERS: usize = 128;
 const MAX_FAST_BODY: u64 = 64 * 1024;
 
 /// What the fast path serves: a client's connection, plain TCP or TLS.
-pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Whether a write may stay in the stream until it is flushed (TLS keeps records it could
+    /// not write yet). A plain socket's write is in the kernel once it returns, so its flush
+    /// is skipped: one poll less per response.
+    const BUFFERED: bool = true;
+}
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> ClientIo for S {}
+impl ClientIo for tokio::net::TcpStream {
+    const BUFFERED: bool = false;
+}
+
+impl ClientIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
 
 /// Serves an HTTP/1 connection (plain, or TLS without `h2`): the fast path while its requests are common ones,
 /// then hyper for the rest of the connection. `deadline` bounds the wait for the first head.
@@ -109,6 +118,7 @@ pub(crate) fn serve<S: ClientIo>(
         // request.
         let mut close = close;
         let shutting = close.is_fired();
+        let cut = proxy.shared.in_flight_signal();
         let mut c = Client {
             stream,
             buf: Vec::with_capacity(READ_BUF),
@@ -119,6 +129,7 @@ pub(crate) fn serve<S: ClientIo>(
             last_host: None,
             proxy,
             close,
+            cut,
             shutting,
         };
         let mut deadline = deadline;
@@ -238,6 +249,8 @@ struct Client<S> {
     last_host: Option<(SocketAddr, Arc<crate::upstream::raw::Host>)>,
     proxy: Proxy,
     close: crate::shutdown::Signal,
+    /// The shutdown grace ran out: requests in flight are answered `503`.
+    cut: crate::shutdown::Signal,
     /// Shutting down: answer the request in progress with `Connection: close`.
     shutting: bool,
 }
@@ -465,7 +478,7 @@ impl<S: ClientIo> Client<S> {
             // (as hyper's path does when its read sees the end).
             () = client_gone(&mut self.stream, &mut self.buf) => return Ok(false),
             // The shutdown grace ran out: an answer rather than a cut connection.
-            () = self.proxy.shared.in_flight_cut() => {
+            () = self.cut.fired() => {
                 return Err(ProxyError::ShuttingDown {
                     service: gate.name().clone(),
                 })

@@ -21,8 +21,9 @@ impl<'a> Writer<'a> {
         }
     }
 
-    /// Writes all of `buf`, then flushes (a TLS stream may keep records it could not write
-    /// yet). A write the socket takes at once costs no timer.
+    /// Writes all of `buf`, then flushes a stream that buffers ([`ClientIo::BUFFERED`]: a TLS
+    /// stream may keep records it could not write yet). A write the socket takes at once
+    /// costs no timer.
     pub(super) async fn put<S: ClientIo>(
         self,
         client: &mut S,
@@ -36,6 +37,9 @@ impl<'a> Writer<'a> {
                 return Err(RelayError::ClientGone);
             }
             buf = &buf[n..];
+        }
+        if !S::BUFFERED {
+            return Ok(());
         }
         self.bounded(client, |c, cx| Pin::new(c).poll_flush(cx))
             .await

@@ -389,6 +389,7 @@ async fn connected(backend: SocketAddr) -> (Client<TcpStream>, TcpStream, Proxy)
         head_timer: Box::pin(tokio::time::sleep(std::time::Duration::from_secs(60))),
         resp_timer: None,
         last_host: None,
+        cut: proxy.shared.in_flight_signal(),
         proxy: proxy.clone(),
         close,
         shutting: false,
