@@ -3,6 +3,8 @@
 #
 #   A=/path/to/old/reveille B=target/release/reveille loadtests/ab.sh
 #
+# (Relative paths are taken from the repository's root. Build each binary alone, `cargo build
+# --release --bin reveille`: built with examples or tests it gets tokio's test clock.)
 # Both binaries serve the same static service in front of one origin (examples/origin.rs);
 # each round measures A, B and nginx in turn (the order rotates each round), HTTP/1.1 keep-alive
 # with wrk and h2c with h2load, and reads each proxy's CPU time from /proc/PID/stat. Proxies run
@@ -76,6 +78,7 @@ for round in $(seq "$ROUNDS"); do
         c1=$(cpu_ticks "$pid")
         reqs=$(awk '/^requests:/ {print $8}' <<<"$out")
       fi
+      [ -n "$reqs" ] || { echo "round $round $name $proto: no request count in the load tool's output" >&2; echo "$out" >&2; exit 1; }
       ticks=$((c1 - c0))
       printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$proto" "$reqs" "$ticks" >>"$RESULTS"
       echo "round $round $name $proto: $reqs requests, $ticks ticks" >&2

@@ -183,7 +183,14 @@ async fn objects_depend_on_objects_and_a_cycle_is_reported_on_them() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     });
-    let resp = get(&c, r.proxy_addr, "api.test", "/").await;
+    // A 404 only means the object's service is not swapped in yet: ask again (a held request
+    // is answered once both Deployments are up).
+    let mut resp = get(&c, r.proxy_addr, "api.test", "/").await;
+    let deadline = std::time::Instant::now() + LONG;
+    while resp.status == 404 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        resp = get(&c, r.proxy_addr, "api.test", "/").await;
+    }
     assert_eq!(resp.status, 200, "{resp:?}");
     wait_until("both patched", LONG, || {
         let o = order.clone();
@@ -212,6 +219,10 @@ async fn objects_depend_on_objects_and_a_cycle_is_reported_on_them() {
         db["message"],
         "spec.depends_on[0]: no valid ReveilleService \"api\" in namespace \"integrations\""
     );
-    assert_eq!(status_of(&c, &r, "api.test").await, 404);
+    // Statuses are written before the services are swapped: wait for the swap.
+    wait_until("api no longer served", LONG, || async {
+        status_of(&c, &r, "api.test").await == 404
+    })
+    .await;
     stop(r).await;
 }

@@ -280,8 +280,10 @@ fn service_name(namespace: &str, name: &str) -> String {
     format!("{namespace}-{name}")
 }
 
-/// What needs the objects together: each `depends_on` entry names a valid object of the same
-/// namespace, and no cycle. Each object's result is `Err` with its problems (naming
+/// What needs the objects together: no two valid objects served under one name (the service
+/// name `<namespace>-<name>` of `c` in `a-b` is that of `b-c` in `a`: the later one in
+/// namespace/name order is refused, so a name, and so a `depends_on` entry, means one object);
+/// each `depends_on` entry names a valid object of the same namespace, and no cycle. Each object's result is `Err` with its problems (naming
 /// `spec.depends_on…`) when not; one made invalid here can make another's entry unknown, so
 /// this repeats until nothing changes.
 fn check_dependencies<O: std::borrow::Borrow<ReveilleService>>(
@@ -289,6 +291,24 @@ fn check_dependencies<O: std::borrow::Borrow<ReveilleService>>(
     results: &mut [Result<Service, Vec<String>>],
 ) {
     let objects: Vec<&ReveilleService> = objects.iter().map(|o| o.borrow()).collect();
+    let mut first: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (i, result) in results.iter_mut().enumerate() {
+        let Ok(s) = result else { continue };
+        match first.get(&s.name) {
+            Some(&j) => {
+                let problem = format!(
+                    "metadata.name: served as service {:?}, the name of ReveilleService {:?} in namespace {:?} too",
+                    s.name,
+                    objects[j].name_any(),
+                    objects[j].namespace().unwrap_or_default()
+                );
+                *result = Err(vec![problem]);
+            }
+            None => {
+                first.insert(s.name.clone(), i);
+            }
+        }
+    }
     loop {
         let valid: Vec<usize> = (0..results.len()).filter(|&i| results[i].is_ok()).collect();
         let services: Vec<&Service> = valid
@@ -639,6 +659,17 @@ mod tests {
         );
         assert!(r[1].is_err() && r[2].is_err(), "{r:?}");
         assert!(r[3].is_ok());
+        // Two objects served under one name: the later one is refused, and a dependency on
+        // the name means the first.
+        let mut mine = named("c", &[]);
+        mine.metadata.namespace = Some("integrations-b".into());
+        let clash = named("b-c", &[]);
+        let r = checked(&[clash, mine]);
+        assert!(r[0].is_ok(), "{r:?}");
+        assert_eq!(
+            r[1].as_ref().unwrap_err(),
+            &vec!["metadata.name: served as service \"integrations-b-c\", the name of ReveilleService \"b-c\" in namespace \"integrations\" too"]
+        );
         // Itself and twice, named as written.
         let r = checked(&[named("a", &["a"]), named("b", &["d", "d"]), named("d", &[])]);
         assert_eq!(
