@@ -89,10 +89,20 @@ pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// not write yet). A plain socket's write is in the kernel once it returns, so its flush
     /// is skipped: one poll less per response.
     const BUFFERED: bool = true;
+
+    /// Writes what the stream takes now, without registering for readiness or spending the
+    /// task's budget (`None`: this stream has no such write; the caller polls).
+    fn try_write_now(&mut self, _buf: &[u8]) -> Option<std::io::Result<usize>> {
+        None
+    }
 }
 
 impl ClientIo for tokio::net::TcpStream {
     const BUFFERED: bool = false;
+
+    fn try_write_now(&mut self, buf: &[u8]) -> Option<std::io::Result<usize>> {
+        Some(tokio::net::TcpStream::try_write(self, buf))
+    }
 }
 
 impl ClientIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}

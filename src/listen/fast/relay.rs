@@ -30,9 +30,18 @@ impl<'a> Writer<'a> {
         mut buf: &[u8],
     ) -> Result<(), RelayError> {
         while !buf.is_empty() {
-            let n = self
-                .bounded(client, |c, cx| Pin::new(c).poll_write(cx, buf))
-                .await?;
+            let n = match client.try_write_now(buf) {
+                Some(Ok(n)) => n,
+                Some(Err(e)) if e.kind() != ErrorKind::WouldBlock => {
+                    return Err(RelayError::client(e))
+                }
+                // The socket cannot take it now (or the stream has no such write): poll,
+                // bounded.
+                _ => {
+                    self.bounded(client, |c, cx| Pin::new(c).poll_write(cx, buf))
+                        .await?
+                }
+            };
             if n == 0 {
                 return Err(RelayError::ClientGone);
             }
