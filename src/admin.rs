@@ -75,11 +75,12 @@ pub async fn handle<B>(
         }
         "/queue" => json_bytes(queue(&state)),
         "/api/services" => json_bytes(services(&state)),
+        "/api/prewarm" => json_bytes(prewarm_plans(&state)),
         "/api/scaling" => json_response(&scaling(&state).await),
         "/api/local" => local(&state, req.uri().query().unwrap_or("")).await,
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz /readyz /metrics /queue /api/services /api/scaling /api/local\n",
+            "not found; try /healthz /readyz /metrics /queue /api/services /api/prewarm /api/scaling /api/local\n",
         ),
     };
     Ok(resp)
@@ -286,6 +287,31 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+/// `/api/prewarm`: every pre-warmed service's windows of the next 7 days, from the live
+/// history, woken by the lead in force (`prewarm plan --admin` prints it).
+fn prewarm_plans(state: &AdminState) -> Vec<u8> {
+    let ctx = state.services.prewarm_context();
+    let now = ctx.clock.now();
+    let snapshot = state.services.load();
+    let services = snapshot
+        .services
+        .iter()
+        .filter_map(|s| {
+            let p = s.spec.prewarm.as_ref()?;
+            let learned = ctx.learned(s.gate.name(), p, now, now, crate::prewarm::HORIZON);
+            Some(crate::prewarm::report::service_plan(
+                &s.spec.name,
+                p,
+                &s.spec.depends_on,
+                Some(&s.gate),
+                now,
+                &learned,
+            ))
+        })
+        .collect();
+    serde_json::to_vec(&crate::prewarm::report::Plans { services }).unwrap_or_default()
 }
 
 fn json_response(v: &Value) -> Response<Full<Bytes>> {

@@ -138,9 +138,18 @@ enum Cmd {
 enum PrewarmCmd {
     /// Print each pre-warmed service's windows of the next 7 days, with their source.
     Plan {
-        /// Config file (YAML).
-        #[arg(long, short)]
-        config: PathBuf,
+        /// Config file (YAML): the plan from it and the history file in its `state_dir`.
+        #[arg(
+            long,
+            short,
+            required_unless_present = "admin",
+            conflicts_with = "admin"
+        )]
+        config: Option<PathBuf>,
+        /// A running Reveille's admin address: its plan, from the live history (on Kubernetes
+        /// the ConfigMap's) and the lead in force (`kubectl port-forward` to reach a pod's).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -283,9 +292,55 @@ fn main() -> ExitCode {
     }
 }
 
+/// `reveille prewarm plan --admin ADDRESS`: a running Reveille's plan.
+fn plan_from_admin(admin: std::net::SocketAddr, json: bool) -> ExitCode {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let body = match rt.block_on(reveille::admin::control::fetch(admin, "/api/prewarm")) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("reveille prewarm plan: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{body}");
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::from_str::<reveille::prewarm::report::Plans>(&body) {
+        Ok(plans) => {
+            print!("{}", reveille::prewarm::report::plan_text(&plans.services));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("reveille prewarm plan: {admin} answered something else than a plan: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn prewarm(cmd: PrewarmCmd) -> ExitCode {
     match cmd {
-        PrewarmCmd::Plan { config, json } => {
+        PrewarmCmd::Plan {
+            admin: Some(admin),
+            json,
+            ..
+        } => plan_from_admin(admin, json),
+        PrewarmCmd::Plan {
+            config: None,
+            admin: None,
+            ..
+        } => {
+            eprintln!("reveille prewarm plan: pass --config FILE or --admin ADDRESS");
+            ExitCode::from(2)
+        }
+        PrewarmCmd::Plan {
+            config: Some(config),
+            json,
+            ..
+        } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(e) => {

@@ -251,6 +251,35 @@ async fn imported_history_is_planned_served_and_kept_across_a_restart() {
         assert_eq!(pw["learn"], true, "{pw}");
         assert_eq!(pw["next"]["source"], "learned", "round {round}: {pw}");
         assert_eq!(pw["next"]["start"], w["start"], "round {round}: {pw}");
+        // The running Reveille's whole plan: the same learned window, over the admin API and
+        // through `prewarm plan --admin`.
+        let live = get(&c, r.admin_addr, "admin", "/api/prewarm").await.body;
+        let live: serde_json::Value = serde_json::from_str(&live).unwrap();
+        let lw = &live["services"][0]["windows"][0];
+        assert_eq!(live["services"][0]["service"], "hello", "{live}");
+        assert_eq!(
+            (&lw["source"], &lw["start"]),
+            (&w["source"], &w["start"]),
+            "{live}"
+        );
+        let admin = r.admin_addr.to_string();
+        let out = tokio::process::Command::new(BIN)
+            .args(["prewarm", "plan", "--admin", &admin])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.starts_with("hello (lead auto"), "{text}");
+        assert!(text.contains("  learned "), "{text}");
+        assert!(
+            text.contains("cold starts in 3 of the last 3 weeks"),
+            "{text}"
+        );
         stop(r).await;
     }
     assert!(state.join("prewarm-history.json").exists());
@@ -275,4 +304,25 @@ async fn learning_with_an_unwritable_state_dir_is_an_error_naming_it() {
     let yaml = "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: /proc/reveille-cannot-write-here\nservices:\n  - name: s\n    hosts: [s.test]\n    backend: { static: { addresses: [\"127.0.0.1:1\"] } }\n";
     let r = start(yaml).await;
     stop(r).await;
+}
+
+#[test]
+fn prewarm_plan_needs_a_config_or_an_admin_address_and_names_an_unreachable_one() {
+    let out = std::process::Command::new(BIN)
+        .args(["prewarm", "plan"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--config"), "{err}");
+    // Nothing listens there: a failure naming the address, not a hang or an empty plan.
+    let admin = format!("127.0.0.1:{}", free_port());
+    let out = std::process::Command::new(BIN)
+        .args(["prewarm", "plan", "--admin", &admin])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&admin), "{err}");
+    assert!(out.stdout.is_empty());
 }

@@ -158,12 +158,26 @@ pub async fn send(
     action: &str,
     token: &str,
 ) -> Result<String, String> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
     let req = Request::post(format!("http://{admin}/api/rollouts/{service}/{action}"))
         .header(header::AUTHORIZATION, format!("Bearer {token}"))
         .body(Full::new(Bytes::new()))
         .map_err(|e| format!("bad request: {e}"))?;
+    exchange(admin, req).await
+}
+
+/// `GET path` from the admin listener at `admin` (read-only, no token): the body on success,
+/// else the status and text. The CLI's half of `prewarm plan --admin`.
+pub async fn fetch(admin: SocketAddr, path: &str) -> Result<String, String> {
+    let req = Request::get(format!("http://{admin}{path}"))
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| format!("bad request: {e}"))?;
+    exchange(admin, req).await
+}
+
+/// One request to the admin listener, bounded by [`CLIENT_TIMEOUT`].
+async fn exchange(admin: SocketAddr, req: Request<Full<Bytes>>) -> Result<String, String> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
     let exchange = async {
         let resp = client
             .request(req)

@@ -5,14 +5,14 @@
 use std::time::Duration;
 
 use jiff::Timestamp;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::schedule::{all_occurrences, minus};
 use super::Source;
 use crate::config::Prewarm;
 
 /// One planned window.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Planned {
     /// When the window opens (requests are expected from then on).
     pub start: Timestamp,
@@ -21,7 +21,7 @@ pub struct Planned {
     /// Where it comes from.
     pub source: Source,
     /// Why a learned window was predicted ("cold starts in 4 of the last 5 weeks, ...").
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evidence: Option<String>,
 }
 

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::learn::History;
@@ -15,7 +15,7 @@ use crate::config::{describe_lead, Config, Prewarm};
 use crate::gate::Gate;
 
 /// One service's plan.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ServicePlan {
     /// The service.
     pub service: String,
@@ -24,14 +24,14 @@ pub struct ServicePlan {
     /// The lead in force, in seconds.
     pub lead_seconds: f64,
     /// What it depends on (woken before it, also for its windows).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<String>,
     /// The windows of the next 7 days.
     pub windows: Vec<PlannedWindow>,
 }
 
 /// A planned window with its wake-up time.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct PlannedWindow {
     /// The window.
     #[serde(flatten)]
@@ -60,7 +60,10 @@ pub fn plan_config(cfg: &Config, now: Timestamp, history: &History) -> Vec<Servi
         .collect()
 }
 
-fn service_plan(
+/// One service's windows over the next 7 days from `now`, woken `lead` before each: the
+/// configured lead, or with `gate` (a running Reveille) the lead in force (`auto`: the observed
+/// p90 cold start).
+pub fn service_plan(
     name: &str,
     p: &Prewarm,
     depends_on: &[String],
@@ -83,6 +86,13 @@ fn service_plan(
         depends_on: depends_on.to_vec(),
         windows,
     }
+}
+
+/// The plan of a running Reveille, as `/api/prewarm` and `prewarm plan --admin` show it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Plans {
+    /// Each pre-warmed service's plan.
+    pub services: Vec<ServicePlan>,
 }
 
 /// The plan as text, one block per service.
