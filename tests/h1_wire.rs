@@ -372,8 +372,9 @@ async fn an_answer_before_the_body_arrives_is_not_lost_to_a_reset() {
     stop(r).await;
 }
 
-/// A backend that never answers `/slow` (it counts the request, then waits for the connection
-/// to close and counts that) and answers anything else at once.
+/// A backend that never answers `/slow` and stops midway through the body of `/slow-body` (a
+/// head announcing 100 bytes, 10 of them): it counts the request, then waits for the connection
+/// to close and counts that. It answers anything else at once.
 async fn stalling() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -388,7 +389,13 @@ async fn stalling() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
                 while let Some(end) = read_until(&mut s, &mut buf, b"\r\n\r\n").await {
                     let head = String::from_utf8_lossy(&buf[..end]).to_string();
                     buf.drain(..end);
-                    if path(&head) == "/slow" {
+                    if path(&head) == "/slow-body" {
+                        let part = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789";
+                        if s.write_all(part).await.is_err() {
+                            return;
+                        }
+                    }
+                    if path(&head).starts_with("/slow") {
                         stalled.fetch_add(1, Ordering::SeqCst);
                         while read_more(&mut s, &mut buf).await {}
                         closed.fetch_add(1, Ordering::SeqCst);
@@ -452,6 +459,48 @@ async fn a_client_that_leaves_while_its_request_is_forwarded_frees_the_slot() {
     let resp = get(&client(), r.proxy_addr, "wire.test", "/next").await;
     assert_eq!(resp.status, 200, "{resp:?}");
     assert_eq!(resp.body, "/next");
+}
+
+/// The same when the backend goes quiet midway through the body: the client has the head and
+/// part of the body, then leaves; the slot and the backend connection are freed at once, not
+/// when (if ever) the backend sends again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_midway_through_a_stalled_body_frees_the_slot() {
+    let (backend, stalled, closed) = stalling().await;
+    let r = start(&config_with(backend, &["concurrency: 1"])).await;
+    let gate = r.gates()[0].clone();
+    let mut c = TcpStream::connect(r.proxy_addr).await.unwrap();
+    c.write_all(b"GET /slow-body HTTP/1.1\r\nHost: wire.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let end = tokio::time::timeout(
+        Duration::from_secs(5),
+        read_until(&mut c, &mut buf, b"0123456789"),
+    )
+    .await
+    .expect("head and part of the body within 5 s");
+    assert!(end.is_some(), "{}", String::from_utf8_lossy(&buf));
+    assert_eq!(stalled.load(Ordering::SeqCst), 1);
+    assert_eq!(gate.in_flight(), 1);
+    drop(c);
+    wait_until("the slot to be freed", Duration::from_secs(3), || {
+        let g = gate.clone();
+        async move { g.in_flight() == 0 }
+    })
+    .await;
+    wait_until(
+        "the backend connection to be closed",
+        Duration::from_secs(3),
+        || {
+            let n = closed.load(Ordering::SeqCst);
+            async move { n == 1 }
+        },
+    )
+    .await;
+    let resp = get(&client(), r.proxy_addr, "wire.test", "/next").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    stop(r).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

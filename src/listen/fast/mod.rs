@@ -505,6 +505,7 @@ impl<S: ClientIo> Client<S> {
         let writer = Writer::of(&self.proxy.shared);
         let relayed = relay_body(
             &mut self.stream,
+            &mut self.buf,
             writer,
             release,
             &mut self.resp,

@@ -151,9 +151,13 @@ impl Release<'_> {
 
 /// Writes the client's response head (in `out`) and passes the body on. `Ok(true)` when the
 /// body ended exactly where its framing says (the backend connection may be reused);
-/// `Err` when either side failed midway.
+/// `Err` when either side failed midway. While it waits for the backend, a client that leaves
+/// ends it (the endpoint slot and the backend connection are freed then, not when the
+/// backend next sends); bytes the client pipelines meanwhile go to `pending`.
+#[allow(clippy::too_many_arguments)] // the connection's buffers, each borrowed apart
 pub(super) async fn relay_body<S: ClientIo>(
     client: &mut S,
+    pending: &mut Vec<u8>,
     w: Writer<'_>,
     mut backend: Release<'_>,
     resp: &mut Vec<u8>,
@@ -177,7 +181,7 @@ pub(super) async fn relay_body<S: ClientIo>(
             }
             w.put(client, out).await?;
             while left > 0 {
-                let got = read_some(backend.up(), resp).await?;
+                let got = read_some(backend.up(), resp, client, pending, false).await?;
                 let take = got.min(usize::try_from(left).unwrap_or(usize::MAX));
                 clean &= got == take;
                 left -= take as u64;
@@ -203,7 +207,7 @@ pub(super) async fn relay_body<S: ClientIo>(
             }
             w.put(client, out).await?;
             loop {
-                let got = read_some(backend.up(), resp).await?;
+                let got = read_some(backend.up(), resp, client, pending, false).await?;
                 match scanner
                     .feed(&resp[..got])
                     .map_err(|_| RelayError::BadChunked)?
@@ -229,15 +233,7 @@ pub(super) async fn relay_body<S: ClientIo>(
             put_chunk(out, first);
             w.put(client, out).await?;
             loop {
-                resp.clear();
-                if resp.capacity() < RESPONSE_BUF {
-                    resp.reserve(RESPONSE_BUF);
-                }
-                let got = backend
-                    .up()
-                    .read_buf(resp)
-                    .await
-                    .map_err(|e| RelayError::BackendFailed(e.kind()))?;
+                let got = read_some(backend.up(), resp, client, pending, true).await?;
                 out.clear();
                 if got == 0 {
                     backend.done(false);
@@ -261,8 +257,16 @@ pub(super) fn put_chunk(out: &mut Vec<u8>, data: &[u8]) {
 }
 
 /// Reads the next piece of a body into `resp` (replacing what was there); the buffer grows
-/// while reads fill it, up to [`MAX_BODY_READ`]. An early end is an error.
-pub(super) async fn read_some(up: &mut TcpStream, resp: &mut Vec<u8>) -> Result<usize, RelayError> {
+/// while reads fill it, up to [`MAX_BODY_READ`]. The end of the backend's stream is `Ok(0)`
+/// when `end_ok` (a body delimited by the close), else an error. A client that leaves while
+/// this waits ends it with [`RelayError::ClientGone`].
+pub(super) async fn read_some<S: ClientIo>(
+    up: &mut TcpStream,
+    resp: &mut Vec<u8>,
+    client: &mut S,
+    pending: &mut Vec<u8>,
+    end_ok: bool,
+) -> Result<usize, RelayError> {
     let full = resp.len() == resp.capacity();
     resp.clear();
     if full && resp.capacity() < MAX_BODY_READ {
@@ -270,7 +274,13 @@ pub(super) async fn read_some(up: &mut TcpStream, resp: &mut Vec<u8>) -> Result<
     } else if resp.capacity() < RESPONSE_BUF {
         resp.reserve(RESPONSE_BUF);
     }
-    match up.read_buf(resp).await {
+    let read = tokio::select! {
+        biased;
+        r = up.read_buf(resp) => r,
+        () = client_gone(client, pending) => return Err(RelayError::ClientGone),
+    };
+    match read {
+        Ok(0) if end_ok => Ok(0),
         Ok(0) => Err(RelayError::BackendGone),
         Err(e) => Err(RelayError::BackendFailed(e.kind())),
         Ok(n) => Ok(n),
