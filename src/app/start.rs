@@ -68,7 +68,6 @@ struct Core {
     admin: Arc<AdminState>,
     /// Stops the Kubernetes tasks (watches, Lease, coordination, CRD).
     stop_kube: Trigger,
-    stop_kube_rx: Signal,
     kube_tasks: Vec<JoinHandle<()>>,
     /// The CRD source, when `crd` is set.
     crd: Option<(kube::Client, crate::config::CrdWatch)>,
@@ -143,7 +142,6 @@ impl Core {
             keda_scaler,
             admin,
             stop_kube,
-            stop_kube_rx,
             kube_tasks,
             crd,
         })
@@ -253,7 +251,7 @@ fn serve(config: &Config, mut core: Core, listeners: Listeners, metrics: Metrics
             cfg,
             core.services.clone(),
             changed,
-            core.stop_kube_rx.clone(),
+            core.stop_kube.signal(),
         )));
     }
     let keda = listeners.keda.map(|l| {

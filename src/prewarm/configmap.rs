@@ -25,7 +25,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use parking_lot::Mutex;
-use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::delta::{fold, requests_in, Delta, Miss};
@@ -158,7 +157,7 @@ pub(crate) struct Shared {
     clock: Arc<dyn Clock>,
     interval: Duration,
     last_seq: Mutex<u64>,
-    stop: watch::Sender<bool>,
+    stop: crate::shutdown::Trigger,
 }
 
 impl Shared {
@@ -184,7 +183,7 @@ impl Shared {
             clock,
             interval: interval.max(Duration::from_millis(100)),
             last_seq: Mutex::new(0),
-            stop: watch::channel(false).0,
+            stop: crate::shutdown::channel().0,
         })
     }
 
@@ -206,12 +205,12 @@ impl Shared {
     /// Syncs every interval until [`Shared::finish`].
     pub(crate) fn spawn(self: &Arc<Self>) {
         let me = self.clone();
-        let mut stop = self.stop.subscribe();
+        let mut stop = self.stop.signal();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(me.interval) => {}
-                    _ = stop.wait_for(|s| *s) => return,
+                    () = stop.fired() => return,
                 }
                 me.sync().await;
             }
@@ -221,7 +220,7 @@ impl Shared {
     /// Stops the periodic sync and hands the last observations over (at shutdown, while this
     /// replica may still hold the Lease).
     pub(crate) async fn finish(&self) {
-        let _ = self.stop.send(true);
+        self.stop.fire();
         if tokio::time::timeout(FINISH_TIMEOUT, self.sync())
             .await
             .is_err()
