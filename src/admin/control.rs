@@ -174,7 +174,11 @@ pub async fn fetch(admin: SocketAddr, path: &str) -> Result<String, String> {
     exchange(admin, req).await
 }
 
-/// One request to the admin listener, bounded by [`CLIENT_TIMEOUT`].
+/// Bound on an answer the CLI reads from an admin listener (a plan of thousands of pre-warmed
+/// services fits; an address that streams without end does not hold the CLI).
+const MAX_ANSWER: usize = 64 << 20;
+
+/// One request to the admin listener, bounded by [`CLIENT_TIMEOUT`] and [`MAX_ANSWER`].
 async fn exchange(admin: SocketAddr, req: Request<Full<Bytes>>) -> Result<String, String> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
@@ -184,11 +188,10 @@ async fn exchange(admin: SocketAddr, req: Request<Full<Bytes>>) -> Result<String
             .await
             .map_err(|e| format!("{admin}: {e}"))?;
         let status = resp.status();
-        let body = resp
-            .into_body()
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
             .collect()
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{admin}: reading the answer: {e}"))?
             .to_bytes();
         let body = String::from_utf8_lossy(&body).trim().to_string();
         if status.is_success() {
