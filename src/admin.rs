@@ -295,22 +295,11 @@ fn prewarm_plans(state: &AdminState) -> Vec<u8> {
     let ctx = state.services.prewarm_context();
     let now = ctx.clock.now();
     let snapshot = state.services.load();
-    let services = snapshot
-        .services
-        .iter()
-        .filter_map(|s| {
-            let p = s.spec.prewarm.as_ref()?;
-            let learned = ctx.learned(s.gate.name(), p, now, now, crate::prewarm::HORIZON);
-            Some(crate::prewarm::report::service_plan(
-                &s.spec.name,
-                p,
-                &s.spec.depends_on,
-                Some(&s.gate),
-                now,
-                &learned,
-            ))
-        })
-        .collect();
+    let services = crate::prewarm::report::plans(
+        snapshot.services.iter().map(|e| (&*e.spec, Some(&*e.gate))),
+        now,
+        |s, p| ctx.learned(&s.name, p, now, now, crate::prewarm::HORIZON),
+    );
     serde_json::to_vec(&crate::prewarm::report::Plans { services }).unwrap_or_default()
 }
 

@@ -211,19 +211,34 @@ impl Context {
         from: Timestamp,
         span: Duration,
     ) -> Vec<Planned> {
-        let Some(store) = self.store.as_ref().filter(|_| cfg.learn) else {
-            return Vec::new();
-        };
-        let to = from
-            .checked_add(jiff::SignedDuration::try_from(span).unwrap_or_default())
-            .unwrap_or(Timestamp::MAX);
-        store.read(|h| {
-            h.services
-                .get(service)
-                .map(|s| s.windows_at(now, from, to, cfg.max_hours_per_week))
-                .unwrap_or_default()
-        })
+        match self.store.as_ref() {
+            Some(store) => store.read(|h| learned_in(h, service, cfg, now, from, span)),
+            None => Vec::new(),
+        }
     }
+}
+
+/// `service`'s learned windows in `history` overlapping `[from, from + span)`, as of `now`
+/// (none unless it learns).
+pub(crate) fn learned_in(
+    history: &learn::History,
+    service: &str,
+    cfg: &Prewarm,
+    now: Timestamp,
+    from: Timestamp,
+    span: Duration,
+) -> Vec<Planned> {
+    if !cfg.learn {
+        return Vec::new();
+    }
+    let to = from
+        .checked_add(jiff::SignedDuration::try_from(span).unwrap_or_default())
+        .unwrap_or(Timestamp::MAX);
+    history
+        .services
+        .get(service)
+        .map(|s| s.windows_at(now, from, to, cfg.max_hours_per_week))
+        .unwrap_or_default()
 }
 
 /// Whether any service learns its windows.

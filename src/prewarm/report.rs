@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use super::learn::History;
 use super::plan::{plan, Planned};
 use super::{lead, HORIZON};
-use crate::config::{describe_lead, Config, Prewarm};
+use crate::config::{describe_lead, Config, Prewarm, Service};
 use crate::gate::Gate;
 
 /// One service's plan.
@@ -44,18 +44,24 @@ pub struct PlannedWindow {
 /// `history`. The lead is the configured one (`auto`: the least, 30 s; the observed cold
 /// starts are only known to a running Reveille).
 pub fn plan_config(cfg: &Config, now: Timestamp, history: &History) -> Vec<ServicePlan> {
-    let to = now
-        .checked_add(jiff::SignedDuration::try_from(HORIZON).unwrap_or_default())
-        .unwrap_or(Timestamp::MAX);
-    cfg.services
-        .iter()
-        .filter_map(|s| {
+    plans(cfg.services.iter().map(|s| (s, None)), now, |s, p| {
+        super::learned_in(history, &s.name, p, now, now, HORIZON)
+    })
+}
+
+/// Each pre-warmed service's plan over the next 7 days from `now`: `services` with their gate
+/// when running (for the lead in force), `learned` giving a service's learned windows.
+pub fn plans<'a>(
+    services: impl IntoIterator<Item = (&'a Service, Option<&'a Gate>)>,
+    now: Timestamp,
+    learned: impl Fn(&Service, &Prewarm) -> Vec<Planned>,
+) -> Vec<ServicePlan> {
+    services
+        .into_iter()
+        .filter_map(|(s, gate)| {
             let p = s.prewarm.as_ref()?;
-            let learned = match history.services.get(&s.name) {
-                Some(h) if p.learn => h.windows_at(now, now, to, p.max_hours_per_week),
-                _ => Vec::new(),
-            };
-            Some(service_plan(&s.name, p, &s.depends_on, None, now, &learned))
+            let windows = learned(s, p);
+            Some(service_plan(&s.name, p, &s.depends_on, gate, now, &windows))
         })
         .collect()
 }
@@ -63,7 +69,7 @@ pub fn plan_config(cfg: &Config, now: Timestamp, history: &History) -> Vec<Servi
 /// One service's windows over the next 7 days from `now`, woken `lead` before each: the
 /// configured lead, or with `gate` (a running Reveille) the lead in force (`auto`: the observed
 /// p90 cold start).
-pub fn service_plan(
+fn service_plan(
     name: &str,
     p: &Prewarm,
     depends_on: &[String],
