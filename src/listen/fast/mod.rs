@@ -128,7 +128,13 @@ pub(crate) fn serve<S: ClientIo>(
         // request.
         let mut close = close;
         let shutting = close.is_fired();
+        // The in-flight cut, waited on across the connection's requests: registered once and
+        // polled only when it fires, not per request (as `stop` above); `cut` itself answers
+        // whether it has fired (a request after the cut is cut at once).
         let cut = proxy.shared.in_flight_signal();
+        let mut cut_rx = cut.clone();
+        let cut_wait = OnlyWhenWoken::new(cut_rx.fired());
+        tokio::pin!(cut_wait);
         let mut c = Client {
             stream,
             buf: Vec::with_capacity(READ_BUF),
@@ -181,7 +187,7 @@ pub(crate) fn serve<S: ClientIo>(
             };
             // A response sent while shutting down said `Connection: close`; otherwise the
             // client may still send a last request (the next wait is shortened to the grace).
-            match c.request(fwd).await {
+            match c.request(fwd, cut_wait.as_mut()).await {
                 Next::KeepAlive => {}
                 Next::Close => return,
                 Next::Handoff(head) => {
@@ -259,7 +265,8 @@ struct Client<S> {
     last_host: Option<(SocketAddr, Arc<crate::upstream::raw::Host>)>,
     proxy: Proxy,
     close: crate::shutdown::Signal,
-    /// The shutdown grace ran out: requests in flight are answered `503`.
+    /// The shutdown grace ran out: requests in flight are answered `503` (this tells whether it
+    /// has; `serve` waits on it).
     cut: crate::shutdown::Signal,
     /// Shutting down: answer the request in progress with `Connection: close`.
     shutting: bool,
@@ -313,7 +320,11 @@ impl<S: ClientIo> Client<S> {
     }
 
     /// Holds and forwards one request (its head first in `buf`) and writes its response.
-    async fn request(&mut self, fwd: Forward) -> Next {
+    async fn request<F: Future<Output = ()>>(
+        &mut self,
+        fwd: Forward,
+        cut: Pin<&mut OnlyWhenWoken<F>>,
+    ) -> Next {
         let arrived = Instant::now();
         let Forward {
             gate,
@@ -383,8 +394,17 @@ impl<S: ClientIo> Client<S> {
         let close = close || (acquired.is_err() && body > 0);
         let result = match acquired {
             Ok(a) => {
-                self.forward(&gate, a, deadline, idempotent, head_method, close, arrived)
-                    .await
+                self.forward(
+                    &gate,
+                    a,
+                    deadline,
+                    idempotent,
+                    head_method,
+                    close,
+                    arrived,
+                    cut,
+                )
+                .await
             }
             Err(e) => Err(e),
         };
@@ -453,7 +473,7 @@ impl<S: ClientIo> Client<S> {
     /// response. `Ok(keep_alive)` once a response was written (or writing it failed midway:
     /// `false`).
     #[allow(clippy::too_many_arguments)]
-    async fn forward(
+    async fn forward<F: Future<Output = ()>>(
         &mut self,
         gate: &Arc<Gate>,
         acquired: Acquired,
@@ -462,7 +482,13 @@ impl<S: ClientIo> Client<S> {
         head_method: bool,
         close: bool,
         arrived: Instant,
+        cut: Pin<&mut OnlyWhenWoken<F>>,
     ) -> Result<bool, ProxyError> {
+        if self.cut.is_fired() {
+            return Err(ProxyError::ShuttingDown {
+                service: gate.name().clone(),
+            });
+        }
         let cold = acquired.cold && acquired.held_for.is_some();
         let timeout = self.proxy.shared.response_timeout;
         let close = close || self.shutting_down();
@@ -488,7 +514,7 @@ impl<S: ClientIo> Client<S> {
             // (as hyper's path does when its read sees the end).
             () = client_gone(&mut self.stream, &mut self.buf) => return Ok(false),
             // The shutdown grace ran out: an answer rather than a cut connection.
-            () = self.cut.fired() => {
+            () = cut => {
                 return Err(ProxyError::ShuttingDown {
                     service: gate.name().clone(),
                 })

@@ -433,7 +433,9 @@ async fn an_idle_connection_keeps_no_large_buffers_after_large_transfers() {
             peer.write_all(&vec![b'u'; body]).await.unwrap();
         }
         c.buf.splice(0..0, head.bytes());
-        let (kept, ()) = tokio::join!(c.request(f), drain_response(&mut peer, len));
+        let mut cut = c.cut.clone();
+        let cut = std::pin::pin!(OnlyWhenWoken::new(cut.fired()));
+        let (kept, ()) = tokio::join!(c.request(f, cut), drain_response(&mut peer, len));
         assert!(matches!(kept, Next::KeepAlive));
         let (buf, out, resp) = (c.buf.capacity(), c.out.capacity(), c.resp.capacity());
         assert!(
@@ -452,7 +454,9 @@ async fn a_connection_handed_to_hyper_keeps_nothing_of_the_fast_path() {
         panic!("not forwarded");
     };
     c.buf.extend_from_slice(head.as_bytes());
-    let (kept, ()) = tokio::join!(c.request(f), drain_response(&mut peer, 5));
+    let mut cut = c.cut.clone();
+    let cut = std::pin::pin!(OnlyWhenWoken::new(cut.fired()));
+    let (kept, ()) = tokio::join!(c.request(f, cut), drain_response(&mut peer, 5));
     assert!(matches!(kept, Next::KeepAlive));
     let host = c.last_host.as_ref().expect("a backend was used").1.clone();
     let timeouts = crate::Config::parse(CONFIG).unwrap().timeouts;
