@@ -22,9 +22,10 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::activate;
+use crate::cluster::peers::{PeerSource, StaticPeers};
 use crate::config::{Backend, Config};
 use crate::gate::Gate;
-use crate::keda::{Local, PeerSource, Scaler, ServiceTargets, StaticPeers};
+use crate::keda::{Local, Scaler, ServiceTargets};
 use crate::route::services::{Changes, Services};
 
 /// Extra time after the grace for the 503s of still-held requests to be written.

@@ -34,7 +34,6 @@ use tokio::net::TcpListener;
 use crate::listen::accept::AcceptBackoff;
 use crate::telemetry::metrics::Metrics;
 
-pub use crate::cluster::peers::{LocalCounts, PeerClient, PeerSource, ServiceCounts, StaticPeers};
 pub use cluster::{Cluster, Totals};
 pub use local::Local;
 pub use resolve::ServiceTargets;
