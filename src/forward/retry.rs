@@ -124,7 +124,9 @@ async fn next_attempt(
     attempt: u32,
     deadline: Instant,
 ) -> Result<Permit, ProxyError> {
-    tokio::time::sleep(RETRY_BACKOFF * 2u32.pow(attempt - 1)).await;
+    // Not past the request's deadline: the wait for an endpoint then answers at once.
+    let backoff = Instant::now() + RETRY_BACKOFF * 2u32.pow(attempt - 1);
+    tokio::time::sleep_until(backoff.min(deadline)).await;
     Ok(gate.acquire_again(deadline).await?.permit)
 }
 
