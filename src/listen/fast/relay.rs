@@ -251,7 +251,8 @@ pub(super) fn put_chunk(out: &mut Vec<u8>, data: &[u8]) {
     if data.is_empty() {
         return;
     }
-    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    use std::io::Write as _;
+    let _ = write!(out, "{:x}\r\n", data.len()); // into a Vec: cannot fail, allocates nothing
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
 }
