@@ -410,21 +410,7 @@ impl<S: ClientIo> Client<S> {
         };
         let keep = match result {
             Ok(keep) => keep,
-            Err(e) => {
-                answer::rejected(&gate, &e, arrived);
-                let close = close || e.closes_connection() || self.shutting_down();
-                answer::error_head(&mut self.out, &e, close);
-                let written = Writer::of(&self.proxy.shared)
-                    .put(&mut self.stream, &self.out)
-                    .await
-                    .is_ok();
-                if written && close && body > 0 {
-                    // The body is still coming: closing with it unread would reset the
-                    // connection, and the client could lose the answer. Linger briefly.
-                    linger(&mut self.stream).await;
-                }
-                written && !close
-            }
+            Err(e) => self.refuse(&gate, &e, arrived, close, body > 0).await,
         };
         self.trim();
         if keep {
@@ -432,6 +418,31 @@ impl<S: ClientIo> Client<S> {
         } else {
             Next::Close
         }
+    }
+
+    /// Writes Reveille's answer for `e` (counted and logged); whether the connection stays open.
+    /// `body_unread`: the request's body is still coming.
+    async fn refuse(
+        &mut self,
+        gate: &Gate,
+        e: &ProxyError,
+        arrived: Instant,
+        close: bool,
+        body_unread: bool,
+    ) -> bool {
+        answer::rejected(gate, e, arrived);
+        let close = close || e.closes_connection() || self.shutting_down();
+        answer::error_head(&mut self.out, e, close);
+        let written = Writer::of(&self.proxy.shared)
+            .put(&mut self.stream, &self.out)
+            .await
+            .is_ok();
+        if written && close && body_unread {
+            // The body is still coming: closing with it unread would reset the connection,
+            // and the client could lose the answer. Linger briefly.
+            linger(&mut self.stream).await;
+        }
+        written && !close
     }
 
     /// Gives back what a large head, body or response grew the buffers to, so an idle
